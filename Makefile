@@ -1,0 +1,24 @@
+# The two commands of the README. Each one sets up what it needs on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/testpress-sync: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/testpress-sync          ## sync the bundled simulator into ./testpress-demo.db
+	$(BIN)/testpress-sync demo
+
+test: $(BIN)/testpress-sync          ## the whole test suite, SQLite and PostgreSQL
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/testpress-sync         ## the performance benchmark (issue #4 targets)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) *.egg-info testpress-demo.db

@@ -1,0 +1,161 @@
+"""Table definitions: the one MetaData that the sync writes through and Alembic mirrors."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+)
+
+from schema.types import ExactDecimal, RawJSON, UTCDateTime
+
+# Named constraints, so that migrations can refer to them on both dialects.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+exams = Table(
+    "exams",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("slug", Text, nullable=False, unique=True),
+    Column("title", Text),
+    Column("description", Text),
+    Column("course", Text),
+    Column("start_date", UTCDateTime),
+    Column("end_date", UTCDateTime),
+    Column("rank_publishing_date", UTCDateTime),
+    Column("created", UTCDateTime),
+    Column("duration_seconds", Integer),
+    Column("number_of_questions", Integer),
+    Column("template_type", Integer),
+    Column("comments_count", Integer),
+    Column("negative_marks", ExactDecimal),
+    Column("mark_per_question", ExactDecimal),
+    Column("allow_retake", Boolean),
+    Column("enable_ranks", Boolean),
+    Column("allow_pdf", Boolean),
+    Column("variable_mark_per_question", Boolean),
+    Column("show_answers", Boolean),
+    Column("max_retakes", Integer),
+    Column("url", Text),
+    Column("attempts_url", Text),
+    Column("raw", RawJSON, nullable=False),
+    Column("first_seen_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime),
+    Column("attempts_status", Text),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("exam_id", BigInteger, ForeignKey("exams.id"), nullable=False),
+    Column("username", Text),
+    Column("user_id", BigInteger),
+    Column("date", UTCDateTime),
+    Column("last_started_time", UTCDateTime),
+    Column("total_questions", Integer),
+    Column("correct_count", Integer),
+    Column("incorrect_count", Integer),
+    Column("unanswered_count", Integer),
+    Column("score", ExactDecimal),
+    Column("percentage", ExactDecimal),
+    Column("percentile", ExactDecimal),
+    Column("time_taken_seconds", ExactDecimal),
+    Column("remaining_time_seconds", ExactDecimal),
+    Column("state", Text),
+    Column("rank", Integer),
+    Column("max_rank", Integer),
+    Column("url", Text),
+    Column("review_url", Text),
+    Column("questions_url", Text),
+    Column("raw", RawJSON, nullable=False),
+    Column("first_seen_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime),
+    Index(None, "exam_id"),
+    Index(None, "username"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", Text, nullable=False, unique=True),
+    Column("user_id", BigInteger),
+    Column("display_name", Text),
+    Column("first_name", Text),
+    Column("last_name", Text),
+    Column("first_seen_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+)
+
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mode", Text, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("status", Text, nullable=False),
+    Column("requests", Integer, nullable=False, default=0),
+    Column("retries", Integer, nullable=False, default=0),
+    Column("exams_seen", Integer, nullable=False, default=0),
+    Column("attempts_seen", Integer, nullable=False, default=0),
+    Column("rows_inserted", Integer, nullable=False, default=0),
+    Column("rows_updated", Integer, nullable=False, default=0),
+    Column("rows_unchanged", Integer, nullable=False, default=0),
+    Column("rows_deleted", Integer, nullable=False, default=0),
+    Column("errors", Integer, nullable=False, default=0),
+    Column("exams_skipped", Integer, nullable=False, default=0),
+    Column("resumed_from", Integer, ForeignKey("sync_runs.id")),
+    Column("error", Text),
+)
+
+sync_errors = Table(
+    "sync_errors",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("sync_runs.id"), nullable=False),
+    Column("entity", Text, nullable=False),
+    Column("key", Text),
+    Column("http_status", Integer),
+    Column("message", Text, nullable=False),
+    Column("payload", RawJSON),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "run_id"),
+)
+
+# Which exams a run has stored completely (listing row and every attempt page), so that
+# `backfill --resume` can skip them. Bookkeeping, not part of the reporting contract.
+sync_progress = Table(
+    "sync_progress",
+    metadata,
+    Column("run_id", Integer, ForeignKey("sync_runs.id"), primary_key=True),
+    Column("exam_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("completed_at", UTCDateTime, nullable=False),
+)
+
+# Columns that come from the payload: a row is rewritten only when one of these differs.
+_BOOKKEEPING = {"id", "first_seen_at", "last_seen_at", "deleted_at", "attempts_status"}
+EXAM_CONTENT_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in exams.columns if c.name not in _BOOKKEEPING
+)
+ATTEMPT_CONTENT_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in attempts.columns if c.name not in _BOOKKEEPING
+)

@@ -1,0 +1,222 @@
+"""The Testpress API client: one aiohttp session, JWT auth, bounded retries.
+
+Sending is layered, each layer doing one job:
+
+    get_json          retry (tenacity) — only RetriableError, with backoff or Retry-After
+      _authorized     JWT header; a 401 triggers one shared re-login, then a retry
+        _send         one HTTP exchange under the in-flight semaphore; network errors
+                      become RetriableError; sync.responses decides what the answer means
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from sync import __version__
+from sync.config import ApiSettings, HttpSettings
+from sync.errors import ApiError, AuthError, RetriableError, TokenExpiredError
+from sync.logs import Redactor
+from sync.responses import error_message, parse_response
+
+log = structlog.get_logger("testpress_sync.client")
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class RequestStats:
+    """Counters of one client, read by the run summary and the progress line."""
+
+    requests: int = 0
+    retries: int = 0
+    logins: int = 0
+
+
+class TokenAuth:
+    """The JWT and the lock around logging in: concurrent 401s cause one login."""
+
+    def __init__(self, login: Callable[[], Awaitable[str]], redactor: Redactor) -> None:
+        self._login = login
+        self._redactor = redactor
+        self._token: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def token(self) -> str:
+        if self._token is None:
+            async with self._lock:
+                if self._token is None:
+                    self._token = await self._new_token()
+        return self._token
+
+    async def refresh(self, stale: str) -> str:
+        """A new token, unless another request already replaced `stale`."""
+        async with self._lock:
+            if self._token == stale or self._token is None:
+                self._token = await self._new_token()
+            return self._token
+
+    async def _new_token(self) -> str:
+        token = await self._login()
+        self._redactor.add(token)
+        return token
+
+
+def ssl_context(settings: ApiSettings) -> ssl.SSLContext:
+    """Certificate checks always on; a custom CA bundle adds to the system's trust."""
+    context = ssl.create_default_context()
+    if settings.ca_bundle:
+        context.load_verify_locations(cafile=settings.ca_bundle)
+    return context
+
+
+def open_session(settings: ApiSettings, http: HttpSettings) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=http.concurrency, ssl=ssl_context(settings), enable_cleanup_closed=True
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=http.timeout),
+        headers={"User-Agent": f"testpress-sync/{__version__}", "Accept": "application/json"},
+        raise_for_status=False,
+    )
+
+
+class TestpressClient:
+    """GETs JSON documents from the Testpress API, logged in, retried, bounded."""
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        api: ApiSettings,
+        http: HttpSettings,
+        redactor: Redactor,
+        *,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._session = session
+        self._api = api
+        self._http = http
+        self._sleep = sleep
+        self._in_flight = asyncio.Semaphore(http.concurrency)
+        self.stats = RequestStats()
+        redactor.add(api.password)
+        self.auth = TokenAuth(self._login_once, redactor)
+
+    @property
+    def api_root(self) -> str:
+        return f"{self._api.base_url}/api/{self._api.api_version}"
+
+    async def login(self) -> None:
+        """Log in now (the first request would otherwise); raises AuthError if refused."""
+        await self.auth.token()
+
+    async def get_json(self, url: str) -> Any:
+        """The JSON document at `url`. Raises SkippableError (403/404) or ApiError."""
+        return await self._retrying(lambda: self._authorized(url))
+
+    # --- layers ----------------------------------------------------------------------
+
+    async def _retrying(self, send: Callable[[], Awaitable[Any]]) -> Any:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RetriableError),
+            stop=stop_after_attempt(self._http.max_attempts)
+            | stop_before_delay(self._http.max_retry_wait),
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await send()
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _authorized(self, url: str) -> Any:
+        token = await self.auth.token()
+        try:
+            return await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
+        except TokenExpiredError:
+            await self.auth.refresh(token)
+            raise
+
+    async def _send(
+        self, method: str, url: str, *, headers: dict[str, str] | None = None, json: Any = None
+    ) -> Any:
+        async with self._in_flight:
+            self.stats.requests += 1
+            try:
+                async with self._session.request(method, url, headers=headers, json=json) as response:
+                    body = await response.read()
+                    status, response_headers = response.status, response.headers
+            except TimeoutError:
+                raise RetriableError(f"timed out after {self._http.timeout:g}s", url=url) from None
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                raise RetriableError(
+                    f"connection failed: {type(exc).__name__}: {exc}", url=url
+                ) from None
+        return parse_response(status, response_headers, body, url)
+
+    async def _login_once(self) -> str:
+        url = f"{self.api_root}/auth-token/"
+        credentials = {"username": self._api.username, "password": self._api.password}
+
+        async def post() -> Any:
+            return await self._send("POST", url, json=credentials)
+
+        try:
+            document = await self._retrying(post)
+        except ApiError as exc:
+            if exc.status in (400, 401, 403):
+                raise AuthError(
+                    f"Testpress at {self._api.base_url} refused the login of "
+                    f"{self._api.username!r}: {str(exc).removeprefix(f'HTTP {exc.status}: ')}"
+                ) from None
+            raise
+        token = document.get("token") if isinstance(document, dict) else None
+        if not isinstance(token, str) or not token:
+            raise AuthError(f"the login answer of {url} holds no token: {error_message(document, b'')}")
+        self.stats.logins += 1
+        log.info("logged_in", username=self._api.username)
+        return token
+
+    # --- retry policy ----------------------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, TokenExpiredError):
+            return 0.0  # the token was just renewed; nothing to wait for
+        if isinstance(error, RetriableError) and error.retry_after is not None:
+            return min(error.retry_after, self._http.backoff_max)
+        backoff = wait_exponential_jitter(
+            initial=self._http.backoff_initial,
+            max=self._http.backoff_max,
+            jitter=self._http.backoff_initial,
+        )
+        return backoff(state)
+
+    async def _count_retry(self, state: RetryCallState) -> None:
+        self.stats.retries += 1
+        error = state.outcome.exception() if state.outcome else None
+        log.debug(
+            "retrying",
+            url=getattr(error, "url", None),
+            error=str(error),
+            attempt=state.attempt_number,
+            wait=round(state.upcoming_sleep, 3),
+        )

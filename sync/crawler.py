@@ -1,0 +1,319 @@
+"""The walk: the exam listing and every exam's attempts, concurrently, as row batches.
+
+    listing walker ──ExamRef──▶ exam queue ──▶ N attempt workers
+          │                                         │
+          └──────── batches and markers ──▶ out queue (bounded) ──▶ the writer
+
+Requests in flight are bounded by the client's semaphore; pages waiting for the writer
+by the out queue, so memory does not grow with the data. Every page's items are
+normalized here (pure functions), so the writer receives rows.
+
+A listing can shift while it is walked (new items push later ones down a page), which
+can show an item twice or hide one. A walk is *consistent* when every page reported the
+same `count` and the walk saw exactly that many distinct ids; otherwise it is walked
+again, up to `max_passes`. Only a consistent walk counts as complete, and only a complete
+walk may mark rows deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from urllib.parse import urlencode
+
+import structlog
+
+from sync.client import TestpressClient
+from sync.errors import ApiError, RecordError, SkippableError
+from sync.normalize import AttemptRow, ExamRow, UserRow, attempt_row, exam_row, require_id
+from sync.pagination import Page, later_page_urls, read_page
+
+log = structlog.get_logger("testpress_sync.crawler")
+
+
+# --- what the crawler hands to the writer --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExamBatch:
+    rows: list[ExamRow]
+
+
+@dataclass(frozen=True)
+class AttemptBatch:
+    exam_id: int
+    rows: list[AttemptRow]
+    users: list[UserRow]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Something that could not be stored: a malformed item or a page that kept failing."""
+
+    entity: str  # exam, attempt, page
+    key: str | None
+    message: str
+    http_status: int | None = None
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class AttemptsDone:
+    """Every attempt page of one exam has been handed over (or could not be)."""
+
+    exam_id: int
+    status: str  # ok, forbidden, not_found, error
+    complete: bool
+    seen_ids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class ListingDone:
+    complete: bool
+    seen_ids: frozenset[int]
+    course: str | None
+
+
+CrawlItem = ExamBatch | AttemptBatch | Failure | AttemptsDone | ListingDone
+
+
+@dataclass(frozen=True)
+class ExamRef:
+    id: int
+    attempts_url: str
+
+
+@dataclass
+class _Walk:
+    """What one pass over a paginated listing saw."""
+
+    counts: set[int] = field(default_factory=set)
+    ids: set[int] = field(default_factory=set)
+    failed: bool = False
+    past_end: bool = False
+
+    @property
+    def consistent(self) -> bool:
+        return (
+            not self.failed
+            and not self.past_end
+            and len(self.counts) == 1
+            and len(self.ids) == next(iter(self.counts))
+        )
+
+
+# --- the crawler ---------------------------------------------------------------------------
+
+
+class Crawler:
+    def __init__(
+        self,
+        client: TestpressClient,
+        out: asyncio.Queue[CrawlItem],
+        *,
+        workers: int,
+        course: str | None = None,
+        skip_attempts_of: frozenset[int] = frozenset(),
+        max_passes: int = 3,
+    ) -> None:
+        self._client = client
+        self._out = out
+        self._workers = workers
+        self._course = course
+        self._skip = skip_attempts_of
+        self._max_passes = max_passes
+        self._exams: asyncio.Queue[ExamRef | None] = asyncio.Queue(maxsize=workers * 4)
+        self.exams_skipped = 0
+
+    def listing_url(self) -> str:
+        url = f"{self._client.api_root}/exams/"
+        if self._course:
+            url += "?" + urlencode({"course": self._course})
+        return url
+
+    async def crawl(self) -> None:
+        """Walk everything; returns when every batch and marker is in the out queue."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._walk_listing())
+            for _ in range(self._workers):
+                group.create_task(self._attempt_worker())
+
+    # --- the exam listing ------------------------------------------------------------
+
+    async def _walk_listing(self) -> None:
+        seen: set[int] = set()  # exams handed to the writer
+        present: set[int] = set()  # every exam id the listing showed, malformed ones included
+        complete = False
+        try:
+            for number in range(1, self._max_passes + 1):
+                walk = await self._walk(self.listing_url(), self._exam_page_handler(seen))
+                present |= walk.ids
+                if walk.failed:
+                    break
+                if walk.consistent:
+                    complete = True
+                    break
+                log.info("listing_shifted_walking_again", entity="exam", walk=number)
+        finally:
+            for _ in range(self._workers):
+                await self._exams.put(None)
+        await self._out.put(ListingDone(complete, frozenset(present), self._course))
+
+    def _exam_page_handler(self, seen: set[int]) -> Callable[[list[Any], _Walk], Any]:
+        async def handle(items: list[Any], walk: _Walk) -> None:
+            rows: list[ExamRow] = []
+            for payload in items:
+                row = await self._normalized(payload, "exam", exam_row, walk)
+                if row is None or row["id"] in seen:
+                    continue
+                seen.add(row["id"])
+                rows.append(row)
+            if rows:
+                await self._out.put(ExamBatch(rows))
+            for row in rows:
+                if row["id"] in self._skip:
+                    self.exams_skipped += 1
+                elif row["attempts_url"]:
+                    await self._exams.put(ExamRef(row["id"], row["attempts_url"]))
+                else:
+                    await self._out.put(Failure("exam", row["slug"], "exam has no attempts_url"))
+
+        return handle
+
+    # --- attempts of each exam -------------------------------------------------------
+
+    async def _attempt_worker(self) -> None:
+        while (ref := await self._exams.get()) is not None:
+            await self._crawl_attempts(ref)
+
+    async def _crawl_attempts(self, exam: ExamRef) -> None:
+        seen: set[int] = set()  # attempts handed to the writer
+        present: set[int] = set()  # every attempt id the pages showed
+        status, complete = "ok", False
+        handle = self._attempt_page_handler(exam.id, seen)
+        for number in range(1, self._max_passes + 1):
+            try:
+                walk = await self._walk(exam.attempts_url, handle)
+            except SkippableError as exc:
+                status = "forbidden" if exc.status == 403 else "not_found"
+                break
+            present |= walk.ids
+            if walk.failed:
+                status = "error"
+                break
+            if walk.consistent:
+                complete = True
+                break
+            log.info("listing_shifted_walking_again", entity="attempt", exam_id=exam.id, walk=number)
+        await self._out.put(AttemptsDone(exam.id, status, complete, frozenset(present)))
+
+    def _attempt_page_handler(
+        self, exam_id: int, seen: set[int]
+    ) -> Callable[[list[Any], _Walk], Any]:
+        def normalize(payload: Any) -> tuple[AttemptRow, UserRow]:
+            return attempt_row(payload, exam_id)
+
+        async def handle(items: list[Any], walk: _Walk) -> None:
+            rows: list[AttemptRow] = []
+            users: list[UserRow] = []
+            for payload in items:
+                result = await self._normalized(payload, "attempt", normalize, walk)
+                if result is None or result[0]["id"] in seen:
+                    continue
+                seen.add(result[0]["id"])
+                rows.append(result[0])
+                users.append(result[1])
+            if rows:
+                await self._out.put(AttemptBatch(exam_id, rows, users))
+
+        return handle
+
+    # --- shared: one pass over a paginated listing -----------------------------------
+
+    async def _walk(self, first_url: str, handle: Callable[[list[Any], _Walk], Any]) -> _Walk:
+        """Fetch every page of a listing, page 1 first, the rest concurrently.
+
+        Raises SkippableError when page 1 is forbidden or gone; a later page that fails
+        is recorded as a Failure and marks the walk failed."""
+        walk = _Walk()
+        try:
+            first = read_page(await self._client.get_json(first_url), first_url)
+        except SkippableError:
+            raise
+        except ApiError as exc:
+            await self._page_failed(exc)
+            walk.failed = True
+            return walk
+        walk.counts.add(first.count)
+        await handle(first.results, walk)
+        async for url, outcome in fetch_concurrently(
+            self._client, later_page_urls(first), window=self._workers
+        ):
+            if isinstance(outcome, Page):
+                walk.counts.add(outcome.count)
+                await handle(outcome.results, walk)
+            elif isinstance(outcome, SkippableError) and outcome.status == 404:
+                walk.past_end = True  # the listing shrank while we walked it
+            else:
+                await self._page_failed(outcome)
+                walk.failed = True
+        return walk
+
+    async def _normalized(
+        self, payload: Any, entity: str, normalize: Callable[[Any], Any], walk: _Walk
+    ) -> Any:
+        """`normalize(payload)`, or None after handing the writer a Failure for it."""
+        try:
+            ident = require_id(payload, entity)
+        except RecordError as exc:
+            await self._out.put(Failure(entity, None, str(exc), payload=payload))
+            return None
+        walk.ids.add(ident)
+        try:
+            return normalize(payload)
+        except RecordError as exc:
+            await self._out.put(Failure(entity, str(ident), str(exc), payload=payload))
+            return None
+
+    async def _page_failed(self, error: ApiError) -> None:
+        log.warning("page_failed", url=error.url, status=error.status, error=str(error))
+        await self._out.put(Failure("page", error.url, str(error), http_status=error.status))
+
+
+async def fetch_concurrently(
+    client: TestpressClient, urls: Iterable[str], *, window: int
+) -> AsyncIterator[tuple[str, Page | ApiError]]:
+    """Pages in the order they arrive, at most `window` requested at once.
+
+    The window keeps a huge listing from becoming thousands of tasks holding pages that
+    the writer has not taken yet."""
+
+    async def fetch(url: str) -> tuple[str, Page | ApiError]:
+        try:
+            return url, read_page(await client.get_json(url), url)
+        except ApiError as exc:
+            return url, exc
+
+    pending: set[asyncio.Task[tuple[str, Page | ApiError]]] = set()
+    queue = iter(urls)
+    try:
+        for url in queue:
+            pending.add(asyncio.create_task(fetch(url)))
+            if len(pending) >= window:
+                break
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for url in queue:
+                pending.add(asyncio.create_task(fetch(url)))
+                if len(pending) >= window:
+                    break
+            for task in done:
+                yield task.result()
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

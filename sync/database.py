@@ -1,0 +1,261 @@
+"""The database: URLs, engines, migrations and the one-run-at-a-time lock.
+
+Users write the URLs they know (`sqlite:///sync.db`, `postgresql://user@host/db`); we
+pick the async driver. The schema is Alembic's: a run on an empty database creates it,
+on one that is behind migrates it, and refuses anything it does not recognise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+import schema
+from sync.errors import ConfigError, DatabaseError, LockHeldError
+
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+pysqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+psycopg2": "postgresql+asyncpg",
+    "postgresql+psycopg": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+# Any number that is ours alone: the key of the PostgreSQL advisory lock.
+_PG_LOCK_KEY = 0x7E57_5915
+
+
+def database_url_from(text_url: str) -> URL:
+    """A user's database URL with the async driver this tool uses."""
+    try:
+        url = make_url(text_url)
+    except ArgumentError:
+        raise ConfigError(
+            f"TESTPRESS_DATABASE_URL {text_url!r} is not a database URL; "
+            "use sqlite:///path.db or postgresql://user@host/db"
+        ) from None
+    driver = _DRIVERS.get(url.drivername)
+    if driver is None:
+        raise ConfigError(
+            f"TESTPRESS_DATABASE_URL: {url.drivername!r} is not supported; "
+            "use sqlite:///path.db or postgresql://user@host/db"
+        )
+    return url.set(drivername=driver)
+
+
+def describe(url: URL) -> str:
+    """The URL for messages and logs: the password hidden."""
+    return url.render_as_string(hide_password=True)
+
+
+def _orjson_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def create_engine(url: URL) -> AsyncEngine:
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(
+            url,
+            json_serializer=_orjson_text,
+            json_deserializer=orjson.loads,
+            connect_args={"timeout": 30},
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        url,
+        json_serializer=_orjson_text,
+        json_deserializer=orjson.loads,
+        pool_size=4,
+        pool_pre_ping=True,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL: dashboards can read while a sync writes. Foreign keys are off by default.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+# --- migrations --------------------------------------------------------------------------
+
+
+def migrations_dir() -> Path:
+    """The Alembic folder: beside the package in a checkout, inside it in a wheel."""
+    here = Path(schema.__file__).resolve().parent
+    for candidate in (here.parent / "alembic", here / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise DatabaseError(f"the Alembic migrations are missing (looked beside {here})")
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    current: str | None  # the database's Alembic revision, None if it has none
+    head: str  # the newest revision this version of the tool knows
+    has_tables: bool  # any table at all, ours or not
+    known: bool  # the current revision is one of ours
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+    @property
+    def empty(self) -> bool:
+        return self.current is None and not self.has_tables
+
+
+def _read_schema_state(connection: Connection) -> SchemaState:
+    current = MigrationContext.configure(connection).get_current_revision()
+    scripts = ScriptDirectory.from_config(_alembic_config())
+    known = current is None or _is_our_revision(scripts, current)
+    return SchemaState(
+        current=current,
+        head=scripts.get_current_head() or "",
+        has_tables=bool(inspect(connection).get_table_names()),
+        known=known,
+    )
+
+
+def _is_our_revision(scripts: ScriptDirectory, revision: str) -> bool:
+    try:
+        return scripts.get_revision(revision) is not None
+    except Exception:  # alembic raises several kinds for a revision it has never heard of
+        return False
+
+
+def _upgrade(connection: Connection) -> None:
+    config = _alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+async def schema_state(engine: AsyncEngine) -> SchemaState:
+    async with _connected(engine) as connection:
+        return await connection.run_sync(_read_schema_state)
+
+
+async def migrate(engine: AsyncEngine) -> tuple[str | None, str]:
+    """Bring the schema to head; returns (revision before, revision after)."""
+    state = await schema_state(engine)
+    _refuse_foreign(state)
+    if not state.up_to_date:
+        async with _connected(engine) as connection:
+            await connection.run_sync(_upgrade)
+            await connection.commit()
+    return state.current, state.head
+
+
+async def ensure_schema(engine: AsyncEngine, *, auto_migrate: bool = True) -> SchemaState:
+    """Make sure the run writes to the schema it was built for."""
+    state = await schema_state(engine)
+    _refuse_foreign(state)
+    if not state.up_to_date:
+        if not auto_migrate:
+            raise DatabaseError(
+                f"the database schema is at revision {state.current}, this tool needs "
+                f"{state.head}: run `testpress-sync migrate`"
+            )
+        await migrate(engine)
+    return state
+
+
+def _refuse_foreign(state: SchemaState) -> None:
+    if not state.known:
+        raise DatabaseError(
+            f"the database schema is at revision {state.current!r}, which this version of "
+            "testpress-sync does not know (a newer version migrated it): upgrade testpress-sync"
+        )
+    if state.current is None and state.has_tables:
+        raise DatabaseError(
+            "the database already holds tables that testpress-sync did not create; "
+            "point TESTPRESS_DATABASE_URL at an empty database or one made by testpress-sync"
+        )
+
+
+@asynccontextmanager
+async def _connected(engine: AsyncEngine) -> AsyncIterator[Any]:
+    try:
+        async with engine.connect() as connection:
+            yield connection
+    except (OperationalError, DBAPIError, OSError) as exc:
+        raise DatabaseError(f"database {describe(engine.url)}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    original = getattr(exc, "orig", None) or exc
+    return (str(original).strip().splitlines() or [type(original).__name__])[0]
+
+
+# --- one run at a time -------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def run_lock(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Hold the database's run lock, or raise LockHeldError at once.
+
+    PostgreSQL: a session advisory lock on a connection held for the run. SQLite: flock
+    on a file beside the database. Both die with the process, so a killed run never
+    leaves a lock behind.
+    """
+    if engine.url.get_backend_name() == "postgresql":
+        async with _connected(engine) as connection:
+            got = (await connection.execute(text(f"SELECT pg_try_advisory_lock({_PG_LOCK_KEY})"))).scalar()
+            await connection.commit()
+            if not got:
+                raise LockHeldError(f"another testpress-sync run is writing to {describe(engine.url)}")
+            try:
+                yield
+            finally:
+                await connection.execute(text(f"SELECT pg_advisory_unlock({_PG_LOCK_KEY})"))
+                await connection.commit()
+        return
+    database = engine.url.database
+    if not database or database == ":memory:":
+        yield
+        return
+    lock_path = Path(database).with_name(Path(database).name + ".lock")
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeldError(f"another testpress-sync run is writing to {database}") from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,74 @@
+"""One exception root, split by what the caller should do next.
+
+    SyncError                      anything testpress-sync raises on purpose
+    ├── ConfigError                a setting is missing or invalid        → exit 2
+    ├── AuthError                  the login was refused                  → exit 3
+    ├── DatabaseError              unreachable, or schema not usable      → exit 4
+    ├── LockHeldError              another run holds this database        → exit 5
+    ├── ApiError                   an HTTP exchange that did not give data
+    │   ├── RetriableError         429, 5xx, timeout, reset, bad body     → retry
+    │   │   └── TokenExpiredError  401: log in again, then retry
+    │   └── SkippableError         403 / 404 on a resource                → record, go on
+    │       (other ApiError)       a response we cannot use               → record, go on
+    └── RecordError                one item failed to normalize           → sync_errors
+
+Exit codes are mapped from these in sync.cli only.
+"""
+
+from __future__ import annotations
+
+
+class SyncError(Exception):
+    """Root of every error testpress-sync raises on purpose."""
+
+
+class ConfigError(SyncError):
+    """A setting is missing or invalid. The message names it."""
+
+
+class AuthError(SyncError):
+    """The server refused the username and password."""
+
+
+class DatabaseError(SyncError):
+    """The database cannot be reached, or its schema is not one we can write to."""
+
+
+class LockHeldError(SyncError):
+    """Another testpress-sync run holds the lock on this database."""
+
+
+class ApiError(SyncError):
+    """An HTTP exchange that did not produce usable data."""
+
+    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class RetriableError(ApiError):
+    """Worth trying again: throttling, server errors, network trouble, a garbled body."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status)
+        self.retry_after = retry_after
+
+
+class TokenExpiredError(RetriableError):
+    """401: the token is missing, invalid or expired; log in again and retry."""
+
+
+class SkippableError(ApiError):
+    """403 / 404: the resource is not ours to read; normal, not a failure of the run."""
+
+
+class RecordError(SyncError):
+    """One item of a page could not be turned into a row."""

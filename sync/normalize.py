@@ -1,0 +1,291 @@
+"""Payloads in, rows out: pure functions with no I/O.
+
+Every wire format of testpress-api.md is parsed here, and only here. A value that cannot
+be parsed raises RecordError naming the field; the caller records the item in
+sync_errors and stores the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypedDict
+
+from sync.errors import RecordError
+
+Payload = dict[str, Any]
+
+
+class ExamRow(TypedDict):
+    id: int
+    slug: str
+    title: str | None
+    description: str | None
+    course: str | None
+    start_date: datetime | None
+    end_date: datetime | None
+    rank_publishing_date: datetime | None
+    created: datetime | None
+    duration_seconds: int | None
+    number_of_questions: int | None
+    template_type: int | None
+    comments_count: int | None
+    negative_marks: Decimal | None
+    mark_per_question: Decimal | None
+    allow_retake: bool | None
+    enable_ranks: bool | None
+    allow_pdf: bool | None
+    variable_mark_per_question: bool | None
+    show_answers: bool | None
+    max_retakes: int | None
+    url: str | None
+    attempts_url: str | None
+    raw: Payload
+
+
+class AttemptRow(TypedDict):
+    id: int
+    exam_id: int
+    username: str
+    user_id: int | None
+    date: datetime | None
+    last_started_time: datetime | None
+    total_questions: int | None
+    correct_count: int | None
+    incorrect_count: int | None
+    unanswered_count: int | None
+    score: Decimal | None
+    percentage: Decimal | None
+    percentile: Decimal | None
+    time_taken_seconds: Decimal | None
+    remaining_time_seconds: Decimal | None
+    state: str | None
+    rank: int | None
+    max_rank: int | None
+    url: str | None
+    review_url: str | None
+    questions_url: str | None
+    raw: Payload
+
+
+class UserRow(TypedDict):
+    username: str
+    user_id: int | None
+    display_name: str | None
+    first_name: str | None
+    last_name: str | None
+
+
+# --- single values -----------------------------------------------------------------------
+
+# Python's timedelta text: "1:00:00", "2:47:53.076906", "20 days, 3:58:48", "-1 day, 23:59:59".
+_TIMEDELTA = re.compile(
+    r"^\s*(?:(?P<days>[-+]?\d+)\s+days?,\s*)?"
+    r"(?P<hours>\d+):(?P<minutes>[0-5]?\d):(?P<seconds>[0-5]?\d(?:\.\d{1,6})?)\s*$"
+)
+
+
+def parse_timedelta_seconds(value: Any, field: str) -> Decimal | None:
+    """Timedelta text (or a plain number of seconds) to exact seconds."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return parse_decimal(value, field)
+    if not isinstance(value, str):
+        raise RecordError(f"{field}: expected duration text like '1:30:00', got {value!r}")
+    match = _TIMEDELTA.match(value)
+    if match is None:
+        raise RecordError(f"{field}: {value!r} is not a duration like '1:30:00'")
+    days = int(match["days"] or 0)
+    clock = int(match["hours"]) * 3600 + int(match["minutes"]) * 60
+    return Decimal(days * 86400 + clock) + Decimal(match["seconds"])
+
+
+def parse_duration_seconds(value: Any, field: str) -> int | None:
+    """Timedelta text to whole seconds (the exam's duration column is an integer)."""
+    seconds = parse_timedelta_seconds(value, field)
+    return None if seconds is None else int(seconds.to_integral_value())
+
+
+def parse_timestamp(value: Any, field: str) -> datetime | None:
+    """ISO 8601 with offset or Z (0-6 fractional digits) to aware UTC; naive means UTC."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"{field}: expected an ISO timestamp, got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise RecordError(f"{field}: {value!r} is not an ISO timestamp") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def parse_decimal(value: Any, field: str) -> Decimal | None:
+    """A decimal string, int or float to an exact Decimal (floats through their repr)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise RecordError(f"{field}: expected a number, got {value!r}")
+    if isinstance(value, float):
+        value = repr(value)
+    elif not isinstance(value, (str, int)):
+        raise RecordError(f"{field}: expected a number, got {value!r}")
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise RecordError(f"{field}: {value!r} is not a number") from None
+    if not number.is_finite():
+        raise RecordError(f"{field}: {value!r} is not a finite number")
+    return number
+
+
+def parse_int(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise RecordError(f"{field}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise RecordError(f"{field}: expected an integer, got {value!r}")
+
+
+def parse_count(value: Any, field: str) -> int | None:
+    """A count of questions or answers: an integer that cannot be negative."""
+    number = parse_int(value, field)
+    if number is not None and number < 0:
+        raise RecordError(f"{field}: {number} is negative")
+    return number
+
+
+def parse_rank(value: Any, field: str) -> int | None:
+    """An int, or "NA" (not ranked yet) which becomes null."""
+    if isinstance(value, str) and value.strip().upper() in ("NA", "N/A", ""):
+        return None
+    return parse_int(value, field)
+
+
+def parse_max_retakes(value: Any) -> int | None:
+    """null and negative numbers both mean unlimited, stored as null."""
+    number = parse_int(value, "max_retakes")
+    return None if number is None or number < 0 else number
+
+
+def parse_bool(value: Any, field: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise RecordError(f"{field}: expected true or false, got {value!r}")
+
+
+def parse_text(value: Any, field: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise RecordError(f"{field}: expected text, got {value!r}")
+
+
+def require_id(payload: Any, what: str) -> int:
+    """The item's id; an item without a usable one cannot be stored at all."""
+    if not isinstance(payload, dict):
+        raise RecordError(f"{what}: expected an object, got {type(payload).__name__}")
+    ident = parse_int(payload.get("id"), "id")
+    if ident is None:
+        raise RecordError(f"{what}: missing id")
+    return ident
+
+
+# --- records -----------------------------------------------------------------------------
+
+
+def exam_row(payload: Payload) -> ExamRow:
+    """One exam of the listing to its `exams` row."""
+    exam_id = require_id(payload, "exam")
+    slug = parse_text(payload.get("slug"), "slug")
+    if not slug:
+        raise RecordError("exam: missing slug")
+    get = payload.get
+    return ExamRow(
+        id=exam_id,
+        slug=slug,
+        title=parse_text(get("title"), "title"),
+        description=parse_text(get("description"), "description"),
+        course=parse_text(get("course"), "course"),
+        start_date=parse_timestamp(get("start_date"), "start_date"),
+        end_date=parse_timestamp(get("end_date"), "end_date"),
+        rank_publishing_date=parse_timestamp(get("rank_publishing_date"), "rank_publishing_date"),
+        created=parse_timestamp(get("created"), "created"),
+        duration_seconds=parse_duration_seconds(get("duration"), "duration"),
+        number_of_questions=parse_count(get("number_of_questions"), "number_of_questions"),
+        template_type=parse_int(get("template_type"), "template_type"),
+        comments_count=parse_count(get("comments_count"), "comments_count"),
+        negative_marks=parse_decimal(get("negative_marks"), "negative_marks"),
+        mark_per_question=parse_decimal(get("mark_per_question"), "mark_per_question"),
+        allow_retake=parse_bool(get("allow_retake"), "allow_retake"),
+        enable_ranks=parse_bool(get("enable_ranks"), "enable_ranks"),
+        allow_pdf=parse_bool(get("allow_pdf"), "allow_pdf"),
+        variable_mark_per_question=parse_bool(
+            get("variable_mark_per_question"), "variable_mark_per_question"
+        ),
+        show_answers=parse_bool(get("show_answers"), "show_answers"),
+        max_retakes=parse_max_retakes(get("max_retakes")),
+        url=parse_text(get("url"), "url"),
+        attempts_url=parse_text(get("attempts_url"), "attempts_url"),
+        raw=payload,
+    )
+
+
+def user_of(value: Any) -> UserRow:
+    """`user` as a plain username string or as the nested user object."""
+    if isinstance(value, str) and value:
+        return UserRow(
+            username=value, user_id=None, display_name=None, first_name=None, last_name=None
+        )
+    if isinstance(value, dict):
+        username = parse_text(value.get("username"), "user.username")
+        if not username:
+            raise RecordError("user: nested user without a username")
+        return UserRow(
+            username=username,
+            user_id=parse_int(value.get("id"), "user.id"),
+            display_name=parse_text(value.get("display_name"), "user.display_name"),
+            first_name=parse_text(value.get("first_name"), "user.first_name"),
+            last_name=parse_text(value.get("last_name"), "user.last_name"),
+        )
+    raise RecordError(f"user: expected a username or a user object, got {value!r}")
+
+
+def attempt_row(payload: Payload, exam_id: int) -> tuple[AttemptRow, UserRow]:
+    """One attempt of an exam to its `attempts` row and the `users` row of its user."""
+    attempt_id = require_id(payload, "attempt")
+    user = user_of(payload.get("user"))
+    get = payload.get
+    row = AttemptRow(
+        id=attempt_id,
+        exam_id=exam_id,
+        username=user["username"],
+        user_id=user["user_id"],
+        date=parse_timestamp(get("date"), "date"),
+        last_started_time=parse_timestamp(get("last_started_time"), "last_started_time"),
+        total_questions=parse_count(get("total_questions"), "total_questions"),
+        correct_count=parse_count(get("correct_count"), "correct_count"),
+        incorrect_count=parse_count(get("incorrect_count"), "incorrect_count"),
+        unanswered_count=parse_count(get("unanswered_count"), "unanswered_count"),
+        score=parse_decimal(get("score"), "score"),
+        percentage=parse_decimal(get("percentage"), "percentage"),
+        percentile=parse_decimal(get("percentile"), "percentile"),
+        time_taken_seconds=parse_timedelta_seconds(get("time_taken"), "time_taken"),
+        remaining_time_seconds=parse_timedelta_seconds(get("remaining_time"), "remaining_time"),
+        state=parse_text(get("state"), "state"),
+        rank=parse_rank(get("rank"), "rank"),
+        max_rank=parse_rank(get("max_rank"), "max_rank"),
+        url=parse_text(get("url"), "url"),
+        review_url=parse_text(get("review_url"), "review_url"),
+        questions_url=parse_text(get("questions_url"), "questions_url"),
+        raw=payload,
+    )
+    return row, user

@@ -1,0 +1,60 @@
+"""The Testpress page envelope, as pure functions: no I/O, no parsing of `next` links.
+
+Page 1 tells `count` and `per_page`, so every other page's URL is known at once and the
+pages can be fetched concurrently instead of following `next` one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sync.errors import ApiError
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing, checked for the envelope's shape."""
+
+    url: str
+    count: int
+    per_page: int | None
+    has_next: bool
+    results: list[Any]
+
+
+def read_page(document: Any, url: str) -> Page:
+    """The envelope of `document`; ApiError if it is not one."""
+    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+        raise ApiError("the answer is not a page of results (no `results` list)", url=url)
+    count = document.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        count = len(document["results"])
+    per_page = document.get("per_page")
+    if not isinstance(per_page, int) or isinstance(per_page, bool) or per_page < 1:
+        per_page = None
+    return Page(url, count, per_page, document.get("next") is not None, document["results"])
+
+
+def page_count(first: Page) -> int:
+    """How many pages the listing has, from its first page."""
+    if not first.has_next:
+        return 1
+    per_page = first.per_page or len(first.results)
+    if per_page < 1:
+        return 1
+    return max(1, -(-first.count // per_page))
+
+
+def page_url(first_url: str, number: int) -> str:
+    """The URL of page `number`: the first page's URL with `page` set, other params kept."""
+    parts = urlsplit(first_url)
+    query = [(key, value) for key, value in parse_qsl(parts.query) if key != "page"]
+    if number > 1:
+        query.append(("page", str(number)))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def later_page_urls(first: Page) -> list[str]:
+    return [page_url(first.url, number) for number in range(2, page_count(first) + 1)]

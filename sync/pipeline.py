@@ -1,0 +1,357 @@
+"""One run, start to finish: run record, crawl, write, summary.
+
+    crawler ──(bounded queue of row batches and markers)──▶ writer ──▶ database
+
+The writer is the only task that touches the database. It buffers rows and commits a
+batch (exams, then users, then attempts, then the markers that depend on them) in one
+transaction, so a crash leaves whole batches only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from schema import sync_progress, sync_runs
+from sync import store
+from sync.client import TestpressClient
+from sync.crawler import (
+    AttemptBatch,
+    AttemptsDone,
+    CrawlItem,
+    Crawler,
+    ExamBatch,
+    Failure,
+    ListingDone,
+)
+from sync.config import Settings
+from sync.logs import Redactor
+from sync.normalize import AttemptRow, ExamRow, UserRow
+from sync.store import RowCounts
+
+log = structlog.get_logger("testpress_sync.pipeline")
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class RunSummary:
+    run_id: int
+    mode: str
+    status: str = "running"  # succeeded, partial, failed, interrupted
+    duration_seconds: float = 0.0
+    requests: int = 0
+    retries: int = 0
+    exams_seen: int = 0
+    attempts_seen: int = 0
+    exams_skipped: int = 0
+    errors: int = 0
+    rows: RowCounts = field(default_factory=RowCounts)
+    by_table: dict[str, RowCounts] = field(default_factory=dict)
+    listing_complete: bool = False
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Pending:
+    """Rows and markers waiting for the next commit."""
+
+    exams: list[ExamRow] = field(default_factory=list)
+    attempts: list[AttemptRow] = field(default_factory=list)
+    users: list[UserRow] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    done: list[AttemptsDone] = field(default_factory=list)
+
+    def size(self) -> int:
+        return len(self.exams) + len(self.attempts) + len(self.failures) + len(self.done)
+
+
+class Writer:
+    """Consumes the crawler's queue and commits it to the database in batches."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        summary: RunSummary,
+        redactor: Redactor,
+        *,
+        batch_size: int,
+        record_progress: bool,
+        flush_interval: float = 1.0,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._engine = engine
+        self._summary = summary
+        self._redactor = redactor
+        self._batch_size = batch_size
+        self._record_progress = record_progress
+        self._flush_interval = flush_interval
+        self._clock = clock
+        self._pending = _Pending()
+        self._listing: ListingDone | None = None
+
+    async def consume(self, queue: asyncio.Queue[CrawlItem | None]) -> None:
+        """Take items until the None that ends the crawl, committing batch by batch.
+
+        A batch is committed when it is full, or when nothing new arrived for
+        `flush_interval` seconds (a slow API should not keep rows waiting)."""
+        async with self._engine.connect() as connection:
+            while True:
+                try:
+                    if self._pending.size():
+                        item = await asyncio.wait_for(queue.get(), self._flush_interval)
+                    else:
+                        item = await queue.get()
+                except TimeoutError:
+                    await self._commit(connection)
+                    continue
+                if item is None:
+                    break
+                self._take(item)
+                if self._pending.size() >= self._batch_size:
+                    await self._commit(connection)
+            await self._commit(connection)
+            if self._listing is not None:
+                await self._finish_listing(connection, self._listing)
+
+    def _take(self, item: CrawlItem) -> None:
+        pending = self._pending
+        if isinstance(item, ExamBatch):
+            pending.exams.extend(item.rows)
+            self._summary.exams_seen += len(item.rows)
+        elif isinstance(item, AttemptBatch):
+            pending.attempts.extend(item.rows)
+            pending.users.extend(item.users)
+            self._summary.attempts_seen += len(item.rows)
+        elif isinstance(item, Failure):
+            pending.failures.append(item)
+        elif isinstance(item, AttemptsDone):
+            pending.done.append(item)
+        else:
+            self._listing = item
+
+    async def _commit(self, connection: AsyncConnection) -> None:
+        pending, self._pending = self._pending, _Pending()
+        if not pending.size():
+            return
+        now = self._clock()
+        async with connection.begin():
+            # Order matters: attempts reference exams; deletion marks need the rows stored.
+            self._count("exams", await store.upsert_exams(connection, pending.exams, now))
+            self._count("users", await store.upsert_users(connection, pending.users, now))
+            self._count("attempts", await store.upsert_attempts(connection, pending.attempts, now))
+            for failure in pending.failures:
+                await self._record_failure(connection, failure, now)
+            for done in pending.done:
+                await self._finish_exam(connection, done, now)
+
+    async def _finish_exam(self, connection: AsyncConnection, done: AttemptsDone, now: datetime) -> None:
+        await store.set_attempts_status(connection, done.exam_id, done.status)
+        if done.status == "ok" and done.complete:
+            deleted = await store.mark_attempts_deleted(connection, done.exam_id, done.seen_ids, now)
+            self._count("attempts", RowCounts(deleted=deleted))
+            if self._record_progress:
+                await store.record_progress(connection, self._summary.run_id, done.exam_id, now)
+        elif done.status == "ok":
+            log.warning("attempts_incomplete", exam_id=done.exam_id,
+                        hint="the attempt listing kept shifting; deletions not checked this run")
+
+    async def _finish_listing(self, connection: AsyncConnection, listing: ListingDone) -> None:
+        self._summary.listing_complete = listing.complete
+        if not listing.complete:
+            log.warning("listing_incomplete", hint="no exam is marked deleted this run")
+            return
+        async with connection.begin():
+            deleted = await store.mark_exams_deleted(
+                connection, listing.seen_ids, self._clock(), listing.course
+            )
+        self._count("exams", RowCounts(deleted=deleted))
+
+    async def _record_failure(self, connection: AsyncConnection, failure: Failure, now: datetime) -> None:
+        self._summary.errors += 1
+        message = self._redactor.redact(failure.message)
+        log.warning("record_failed", entity=failure.entity, key=failure.key, error=message)
+        await store.record_error(
+            connection,
+            self._summary.run_id,
+            entity=failure.entity,
+            key=failure.key,
+            message=message,
+            http_status=failure.http_status,
+            payload=self._redactor.redact_value(failure.payload),
+            now=now,
+        )
+
+    def _count(self, table: str, counts: RowCounts) -> None:
+        # The run's totals are of the data rows (exams, attempts); a user re-seen on
+        # every page would swamp them, so users are counted in by_table only.
+        if table != "users":
+            self._summary.rows.add(counts)
+        self._summary.by_table.setdefault(table, RowCounts()).add(counts)
+
+
+async def run_sync(
+    engine: AsyncEngine,
+    client: TestpressClient,
+    settings: Settings,
+    redactor: Redactor,
+    *,
+    mode: str = "run",
+    resume: bool = False,
+    clock: Clock = utc_now,
+) -> RunSummary:
+    """One sync run; returns its summary. The database schema must be current."""
+    started = time.monotonic()
+    resumed_from, skip = (await _resume_point(engine)) if resume else (None, frozenset[int]())
+    async with engine.begin() as connection:
+        run_id = await store.start_run(connection, mode, clock(), resumed_from=resumed_from)
+    summary = RunSummary(run_id=run_id, mode=mode)
+    structlog.contextvars.bind_contextvars(run_id=run_id)
+    log.info("run_started", mode=mode, resumed_from=resumed_from, exams_to_skip=len(skip))
+    try:
+        await _crawl_and_write(engine, client, settings, redactor, summary, skip, clock)
+        summary.status = "partial" if summary.errors else "succeeded"
+    except asyncio.CancelledError:
+        summary.status = "interrupted"
+        raise
+    except BaseException as exc:
+        summary.status = "failed"
+        summary.error = redactor.redact(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        summary.duration_seconds = round(time.monotonic() - started, 3)
+        summary.requests = client.stats.requests
+        summary.retries = client.stats.retries
+        # Shielded: an interrupt must not cancel the bookkeeping that says it happened.
+        await asyncio.shield(_finish(engine, summary, clock))
+        _log_summary(summary)
+        structlog.contextvars.unbind_contextvars("run_id")
+    return summary
+
+
+async def _crawl_and_write(
+    engine: AsyncEngine,
+    client: TestpressClient,
+    settings: Settings,
+    redactor: Redactor,
+    summary: RunSummary,
+    skip: frozenset[int],
+    clock: Clock,
+) -> None:
+    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue(maxsize=settings.sync.queue_pages)
+    crawler = Crawler(
+        client,
+        queue,  # type: ignore[arg-type]  # the crawler never puts the closing None
+        workers=settings.http.concurrency,
+        course=settings.sync.course,
+        skip_attempts_of=skip,
+    )
+    writer = Writer(
+        engine,
+        summary,
+        redactor,
+        batch_size=settings.sync.batch_size,
+        record_progress=summary.mode == "backfill",
+        clock=clock,
+    )
+
+    async def crawl_then_close() -> None:
+        await client.login()
+        await crawler.crawl()
+        await queue.put(None)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(crawl_then_close())
+            group.create_task(writer.consume(queue))
+    except BaseExceptionGroup as group_error:
+        # One failure cancels the other task; report the failure, not the cancellation.
+        raise group_error.exceptions[0] from None
+    summary.exams_skipped = crawler.exams_skipped
+
+
+async def _resume_point(engine: AsyncEngine) -> tuple[int | None, frozenset[int]]:
+    """The last unfinished backfill, and the exams whose attempts it (and the backfills
+    that resumed it) stored completely."""
+    async with engine.connect() as connection:
+        last = (
+            await connection.execute(
+                select(sync_runs.c.id, sync_runs.c.status, sync_runs.c.resumed_from)
+                .where(sync_runs.c.mode == "backfill")
+                .order_by(sync_runs.c.id.desc())
+                .limit(1)
+            )
+        ).first()
+        if last is None or last.status == "succeeded":
+            return None, frozenset()
+        chain = [last.id]
+        parent = last.resumed_from
+        while parent is not None:
+            chain.append(parent)
+            parent = (
+                await connection.execute(
+                    select(sync_runs.c.resumed_from).where(sync_runs.c.id == parent)
+                )
+            ).scalar()
+        done = await connection.execute(
+            select(sync_progress.c.exam_id).where(sync_progress.c.run_id.in_(chain))
+        )
+        return last.id, frozenset(done.scalars())
+
+
+async def _finish(engine: AsyncEngine, summary: RunSummary, clock: Clock) -> None:
+    try:
+        async with engine.begin() as connection:
+            await store.finish_run(
+                connection,
+                summary.run_id,
+                status=summary.status,
+                now=clock(),
+                requests=summary.requests,
+                retries=summary.retries,
+                exams_seen=summary.exams_seen,
+                attempts_seen=summary.attempts_seen,
+                exams_skipped=summary.exams_skipped,
+                rows_inserted=summary.rows.inserted,
+                rows_updated=summary.rows.updated,
+                rows_unchanged=summary.rows.unchanged,
+                rows_deleted=summary.rows.deleted,
+                errors=summary.errors,
+                error=summary.error,
+            )
+    except Exception as exc:  # the database may be the reason the run failed
+        log.error("run_record_not_updated", error=str(exc))
+
+
+def _log_summary(summary: RunSummary) -> None:
+    level = {"succeeded": log.info, "partial": log.warning}.get(summary.status, log.error)
+    level(
+        "run_finished",
+        status=summary.status,
+        duration_s=summary.duration_seconds,
+        requests=summary.requests,
+        retries=summary.retries,
+        exams=summary.exams_seen,
+        attempts=summary.attempts_seen,
+        inserted=summary.rows.inserted,
+        updated=summary.rows.updated,
+        unchanged=summary.rows.unchanged,
+        deleted=summary.rows.deleted,
+        errors=summary.errors,
+        skipped_exams=summary.exams_skipped,
+        error=summary.error,
+    )
