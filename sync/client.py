@@ -24,7 +24,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from sync import __version__
@@ -114,6 +114,8 @@ class TestpressClient:
         self._http = http
         self._sleep = sleep
         self._in_flight = asyncio.Semaphore(http.concurrency)
+        # "Full jitter" exponential backoff: many clients retrying at once spread out.
+        self._backoff = wait_random_exponential(multiplier=http.backoff_initial, max=http.backoff_max)
         self.stats = RequestStats()
         redactor.add(api.password)
         self.auth = TokenAuth(self._login_once, redactor)
@@ -181,6 +183,9 @@ class TestpressClient:
 
         try:
             document = await self._retrying(post)
+        except RetriableError as exc:
+            # The login had its own retries; a request waiting on it must not retry it again.
+            raise ApiError(f"login failed: {exc}", url=url, status=exc.status) from None
         except ApiError as exc:
             if exc.status in (400, 401, 403):
                 raise AuthError(
@@ -203,12 +208,7 @@ class TestpressClient:
             return 0.0  # the token was just renewed; nothing to wait for
         if isinstance(error, RetriableError) and error.retry_after is not None:
             return min(error.retry_after, self._http.backoff_max)
-        backoff = wait_exponential_jitter(
-            initial=self._http.backoff_initial,
-            max=self._http.backoff_max,
-            jitter=self._http.backoff_initial,
-        )
-        return backoff(state)
+        return self._backoff(state)
 
     async def _count_retry(self, state: RetryCallState) -> None:
         self.stats.retries += 1

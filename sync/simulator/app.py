@@ -323,6 +323,8 @@ async def attempt_list(request: web.Request) -> web.Response:
     dataset = request.app[DATASET_KEY]
     per_page = state.per_page
     page_number = request.query.get("page", "1")
+    if exam.broken_page is not None and page_number == str(exam.broken_page):
+        return json_response({"detail": "A server error occurred."}, 500)
     start = (int(page_number) - 1) * per_page if page_number.isdigit() else 0
     base = base_url(request)
     # Render only the requested page: the envelope needs the count, not every payload.

@@ -66,6 +66,7 @@ class SimExam:
     attempts: list[SimAttempt] = field(default_factory=list)  # newest first
     forbidden: bool = False  # attempts answer 403
     vanished: bool = False  # attempts answer 404
+    broken_page: int | None = None  # this attempts page always answers 500
     extra_fields: bool = False  # a newer server's fields
 
 

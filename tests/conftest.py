@@ -1,0 +1,148 @@
+"""Fixtures: both databases, the simulator on loopback, fast-retry settings.
+
+Every storage test runs against SQLite and PostgreSQL. Without a reachable PostgreSQL the
+Postgres half skips with the reason, except in CI (CI=true), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sync.config import ApiSettings, HttpSettings, Settings, SyncSettings
+from sync.database import create_engine, database_url_from, migrate
+from sync.simulator import Dataset, Faults, SimulatorServer
+
+PG_URL = os.environ.get("TESTPRESS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+USERNAME, PASSWORD = "teacher", "pa55-w0rd-sekret"
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+_pg_problem: list[str | None] = []
+
+
+def postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used, or None; asked once per session."""
+    if not _pg_problem:
+
+        async def probe() -> None:
+            connection = await asyncpg.connect(_asyncpg_dsn(PG_URL), timeout=5)
+            await connection.close()
+
+        try:
+            asyncio.run(probe())
+            _pg_problem.append(None)
+        except Exception as exc:  # any reason at all: report it
+            _pg_problem.append(f"PostgreSQL at {PG_URL} unreachable: {exc}")
+    return _pg_problem[0]
+
+
+def require_postgres() -> None:
+    problem = postgres_problem()
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{problem} (in CI the PostgreSQL tests must run)")
+        pytest.skip(problem)
+
+
+def _admin(statement: str) -> None:
+    async def execute() -> None:
+        connection = await asyncpg.connect(_asyncpg_dsn(PG_URL), timeout=10)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(execute())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each kind, as a user would write its URL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sync.db'}"
+        return
+    require_postgres()
+    name = f"tps_{uuid.uuid4().hex[:12]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on a fresh database with the schema migrated to head."""
+    engine = create_engine(database_url_from(database_url))
+    await migrate(engine)
+    yield engine
+    await engine.dispose()
+
+
+def fast_settings(base_url: str, database_url: str, **http: Any) -> Settings:
+    """Settings for tests: the simulator's login and retries that do not wait long."""
+    http_settings = HttpSettings(
+        concurrency=8, timeout=5.0, max_attempts=12, max_retry_wait=30.0,
+        backoff_initial=0.001, backoff_max=0.01,
+    )  # fmt: skip
+    return Settings(
+        api=ApiSettings(base_url=base_url, username=USERNAME, password=PASSWORD),
+        http=replace(http_settings, **http),
+        sync=SyncSettings(batch_size=100),
+        database_url=database_url,
+    )
+
+
+def small_dataset(**overrides: Any) -> Dataset:
+    options: dict[str, Any] = dict(
+        exams=12, attempts_per_exam=45, users=40, forbidden_every=5, vanished_every=0
+    )
+    options.update(overrides)
+    return Dataset(**options)
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[SimulatorServer]:
+    async with SimulatorServer(small_dataset(), username=USERNAME, password=PASSWORD) as server:
+        yield server
+
+
+class SimulatorThread:
+    """The simulator on its own event loop in a thread, for tests that call the CLI."""
+
+    def __init__(self, dataset: Dataset, faults: Faults | None = None) -> None:
+        self.server = SimulatorServer(dataset, faults=faults, username=USERNAME, password=PASSWORD)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> SimulatorServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(10)
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.fixture
+def simulator_thread() -> Iterator[SimulatorServer]:
+    with SimulatorThread(small_dataset()) as server:
+        yield server

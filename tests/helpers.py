@@ -1,0 +1,96 @@
+"""Shared test helpers: one sync run in-process, and what the server says should be stored."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schema import attempts, exams, sync_errors
+from sync.client import TestpressClient, open_session
+from sync.config import Settings
+from sync.database import create_engine, database_url_from, ensure_schema
+from sync.logs import Redactor
+from sync.pipeline import RunSummary, run_sync
+from sync.simulator import SimulatorServer
+from tests.conftest import fast_settings
+
+
+async def sync_once(
+    simulator: SimulatorServer, database_url: str, *, mode: str = "run", resume: bool = False, **http: Any
+) -> RunSummary:
+    settings = fast_settings(simulator.base_url, database_url, **http)
+    return await sync_with(settings, mode=mode, resume=resume)
+
+
+async def sync_with(settings: Settings, *, mode: str = "run", resume: bool = False) -> RunSummary:
+    engine = create_engine(database_url_from(settings.database_url))
+    try:
+        await ensure_schema(engine)
+        async with open_session(settings.api, settings.http) as session:
+            client = TestpressClient(session, settings.api, settings.http, Redactor())
+            return await run_sync(engine, client, settings, Redactor(), mode=mode, resume=resume)
+    finally:
+        await engine.dispose()
+
+
+def with_batch_size(settings: Settings, size: int) -> Settings:
+    return replace(settings, sync=replace(settings.sync, batch_size=size))
+
+
+def _utc(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text).astimezone(UTC)
+
+
+async def stored_rows(engine: AsyncEngine) -> tuple[dict[int, Any], dict[int, Any]]:
+    async with engine.connect() as connection:
+        exam_rows = {row.id: row for row in (await connection.execute(select(exams))).all()}
+        attempt_rows = {row.id: row for row in (await connection.execute(select(attempts))).all()}
+    return exam_rows, attempt_rows
+
+
+async def assert_matches_server(engine: AsyncEngine, simulator: SimulatorServer) -> None:
+    """Every live exam and attempt the server serves is stored, with the served values;
+    nothing else is live."""
+    dataset, base = simulator.dataset, simulator.base_url
+    exam_rows, attempt_rows = await stored_rows(engine)
+    live_exams = {exam_id for exam_id, row in exam_rows.items() if row.deleted_at is None}
+    assert live_exams == {exam.id for exam in dataset.exams}
+    expected_attempts: set[int] = set()
+    for exam in dataset.exams:
+        payload = dataset.exam_payload(exam, base)
+        row = exam_rows[exam.id]
+        assert row.raw == payload
+        assert (row.slug, row.title, row.course) == (payload["slug"], payload["title"], payload["course"])
+        assert row.start_date == _utc(payload["start_date"]) and row.end_date == _utc(payload["end_date"])
+        assert row.created == _utc(payload["created"])
+        assert row.negative_marks == Decimal(payload["negative_marks"])
+        assert row.attempts_status == ("forbidden" if exam.forbidden else "not_found" if exam.vanished else "ok")
+        if exam.forbidden or exam.vanished:
+            continue
+        for attempt in exam.attempts:
+            served = dataset.attempt_payload(exam, attempt, base)
+            stored = attempt_rows[attempt.id]
+            expected_attempts.add(attempt.id)
+            assert stored.raw == served
+            assert stored.exam_id == exam.id and stored.deleted_at is None
+            assert stored.username == served["user"]["username"] and stored.user_id == served["user"]["id"]
+            assert stored.state == served["state"] and stored.date == _utc(served["date"])
+            assert stored.score == Decimal(str(served["score"]))
+            assert stored.percentile == Decimal(str(served["percentile"]))
+            assert stored.rank == (None if served["rank"] == "NA" else served["rank"])
+    live_attempts = {
+        attempt_id
+        for attempt_id, row in attempt_rows.items()
+        if row.deleted_at is None and row.exam_id in {e.id for e in dataset.exams if not (e.forbidden or e.vanished)}
+    }
+    assert live_attempts == expected_attempts
+
+
+async def error_rows(engine: AsyncEngine) -> list[Any]:
+    async with engine.connect() as connection:
+        return (await connection.execute(select(sync_errors).order_by(sync_errors.c.id))).all()

@@ -1,0 +1,129 @@
+"""What each HTTP answer means (retry, skip, fail, data), and the page envelope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from sync.errors import ApiError, RetriableError, SkippableError, TokenExpiredError
+from sync.pagination import later_page_urls, page_count, page_url, read_page
+from sync.responses import parse_response
+
+URL = "https://demo.testpress.in/api/v2.1/exams/"
+
+
+def answer(status: int, body: Any, headers: dict[str, str] | None = None) -> Any:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return parse_response(status, headers or {}, raw, URL)
+
+
+def test_ok_json_is_returned() -> None:
+    assert answer(200, {"count": 0, "results": []}) == {"count": 0, "results": []}
+
+
+def test_ok_with_broken_json_is_retriable() -> None:
+    with pytest.raises(RetriableError, match="not valid JSON"):
+        answer(200, b'{"count": 3, "resu')
+
+
+def test_401_means_log_in_again() -> None:
+    with pytest.raises(TokenExpiredError, match="Signature has expired"):
+        answer(401, {"detail": "Signature has expired."})
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        ({"detail": "You do not have permission to perform this action."}, "permission"),
+        ({"detail": {"error_code": "locked", "message": "Exam locked", "title": "x"}}, "Exam locked"),
+        ({"error_code": "not_purchased", "message": "Buy the course"}, "Buy the course"),
+    ],
+)
+def test_403_in_each_shape_is_skippable(body: Any, text: str) -> None:
+    with pytest.raises(SkippableError, match=text) as caught:
+        answer(403, body)
+    assert caught.value.status == 403
+
+
+def test_404_is_skippable() -> None:
+    with pytest.raises(SkippableError, match="Not found"):
+        answer(404, {"detail": "Not found."})
+
+
+def test_429_honours_retry_after_header() -> None:
+    with pytest.raises(RetriableError) as caught:
+        answer(429, {"detail": "Request was throttled. Expected available in 9 seconds."}, {"Retry-After": "3"})
+    assert caught.value.retry_after == 3.0
+
+
+def test_429_without_header_reads_the_detail_text() -> None:
+    with pytest.raises(RetriableError) as caught:
+        answer(429, {"detail": "Request was throttled. Expected available in 17 seconds."})
+    assert caught.value.retry_after == 17.0
+
+
+def test_429_with_nothing_to_go_on_uses_backoff() -> None:
+    with pytest.raises(RetriableError) as caught:
+        answer(429, b"")
+    assert caught.value.retry_after is None
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_server_errors_with_html_bodies_are_retriable(status: int) -> None:
+    with pytest.raises(RetriableError, match="HTML page") as caught:
+        answer(status, b"<html><body><h1>502 Bad Gateway</h1></body></html>")
+    assert caught.value.status == status and caught.value.retry_after is None
+
+
+def test_other_client_errors_are_not_retried() -> None:
+    with pytest.raises(ApiError) as caught:
+        answer(400, {"non_field_errors": ["Unable to log in with provided credentials."]})
+    assert not isinstance(caught.value, (RetriableError, SkippableError))
+    assert "Unable to log in" in str(caught.value)
+
+
+# --- pagination ---------------------------------------------------------------------------
+
+
+def envelope(count: int, results: int, *, per_page: int | None = 20, has_next: bool = True) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "count": count,
+        "next": f"{URL}?page=2" if has_next else None,
+        "previous": None,
+        "results": [{"id": n} for n in range(results)],
+    }
+    if per_page is not None:
+        document["per_page"] = per_page
+    return document
+
+
+@pytest.mark.parametrize(
+    ("count", "per_page", "pages"), [(0, 20, 1), (20, 20, 1), (21, 20, 2), (45, 20, 3), (401, 200, 3)]
+)
+def test_page_count_from_count_and_per_page(count: int, per_page: int, pages: int) -> None:
+    page = read_page(envelope(count, min(count, per_page), per_page=per_page, has_next=count > per_page), URL)
+    assert page_count(page) == pages
+
+
+def test_page_count_without_per_page_uses_the_first_page_size() -> None:
+    assert page_count(read_page(envelope(45, 20, per_page=None), URL)) == 3
+
+
+def test_later_page_urls_keep_other_parameters() -> None:
+    first = read_page(envelope(45, 20), f"{URL}?course=IBPS&state=history")
+    assert later_page_urls(first) == [
+        f"{URL}?course=IBPS&state=history&page=2",
+        f"{URL}?course=IBPS&state=history&page=3",
+    ]
+
+
+def test_page_url_replaces_an_existing_page_parameter() -> None:
+    assert page_url(f"{URL}?page=4&course=SSC", 2) == f"{URL}?course=SSC&page=2"
+
+
+@pytest.mark.parametrize("document", [[], {"detail": "x"}, {"results": "nope"}])
+def test_a_document_that_is_not_a_page_is_an_api_error(document: Any) -> None:
+    with pytest.raises(ApiError, match="not a page"):
+        read_page(document, URL)

@@ -1,0 +1,122 @@
+"""Upserts, deletion marks and exact round trips, on real SQLite and real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from schema import attempts, exams, users
+from sync import store
+from sync.normalize import attempt_row, exam_row
+from tests.test_normalize import attempt_payload, exam_payload
+
+NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+LATER = NOW + timedelta(days=1)
+
+
+async def rows_written(connection: AsyncConnection) -> Any:
+    """A fingerprint that changes whenever any row is physically rewritten."""
+    if connection.dialect.name == "postgresql":
+        result = await connection.execute(text("SELECT id, xmin::text FROM exams UNION ALL SELECT id, xmin::text FROM attempts ORDER BY 1"))
+        return result.all()
+    return (await connection.execute(text("SELECT total_changes()"))).scalar()
+
+
+async def test_first_upsert_inserts_and_second_changes_nothing(engine: AsyncEngine) -> None:
+    rows = [exam_row(exam_payload(id=n, slug=f"e{n}")) for n in range(1, 6)]
+    async with engine.begin() as connection:
+        first = await store.upsert_exams(connection, rows, NOW)
+    async with engine.begin() as connection:
+        before = await rows_written(connection)
+        second = await store.upsert_exams(connection, rows, LATER)
+        after = await rows_written(connection)
+    assert (first.inserted, first.updated, first.unchanged) == (5, 0, 0)
+    assert (second.inserted, second.updated, second.unchanged) == (0, 0, 5)
+    assert before == after  # not one row rewritten
+    async with engine.connect() as connection:
+        seen = (await connection.execute(select(exams.c.first_seen_at, exams.c.last_seen_at))).all()
+    assert set(seen) == {(NOW, NOW)}
+
+
+async def test_a_changed_field_updates_only_that_row(engine: AsyncEngine) -> None:
+    rows = [exam_row(exam_payload(id=n, slug=f"e{n}")) for n in range(1, 4)]
+    async with engine.begin() as connection:
+        await store.upsert_exams(connection, rows, NOW)
+    rows[1] = exam_row(exam_payload(id=2, slug="e2", title="Renamed"))
+    async with engine.begin() as connection:
+        counts = await store.upsert_exams(connection, rows, LATER)
+    assert (counts.inserted, counts.updated, counts.unchanged) == (0, 1, 2)
+    async with engine.connect() as connection:
+        stored = (await connection.execute(select(exams.c.id, exams.c.title, exams.c.first_seen_at, exams.c.last_seen_at).order_by(exams.c.id))).all()
+    assert stored[1] == (2, "Renamed", NOW, LATER)
+    assert stored[0].last_seen_at == NOW
+
+
+async def test_values_round_trip_exactly(engine: AsyncEngine) -> None:
+    exam = exam_row(exam_payload(negative_marks="0.33", mark_per_question="1.25"))
+    attempt, user = attempt_row(attempt_payload(score="-1.75", percentile=83.64, time_taken="20 days, 3:58:48.000001"), 42)
+    async with engine.begin() as connection:
+        await store.upsert_exams(connection, [exam], NOW)
+        await store.upsert_users(connection, [user], NOW)
+        await store.upsert_attempts(connection, [attempt], NOW)
+    async with engine.connect() as connection:
+        stored_exam = (await connection.execute(select(exams))).one()._mapping
+        stored = (await connection.execute(select(attempts))).one()._mapping
+    assert stored_exam["negative_marks"] == Decimal("0.33") and stored_exam["mark_per_question"] == Decimal("1.25")
+    assert stored_exam["start_date"] == datetime(2013, 8, 2, 11, 55, 22, tzinfo=UTC)
+    assert stored_exam["created"].tzinfo is not None
+    assert stored_exam["raw"] == exam["raw"]
+    assert str(stored["score"]) == "-1.75" and stored["percentile"] == Decimal("83.64")
+    assert stored["time_taken_seconds"] == Decimal("1742328.000001")
+    assert stored["date"] == datetime(2014, 1, 20, 6, 42, 11, 72986, tzinfo=UTC)
+    assert stored["raw"] == attempt["raw"] and stored["max_rank"] is None
+
+
+async def test_users_keep_names_when_seen_again_as_a_bare_username(engine: AsyncEngine) -> None:
+    _, nested = attempt_row(attempt_payload(), 42)
+    _, bare = attempt_row(attempt_payload(user="asha"), 42)
+    async with engine.begin() as connection:
+        first = await store.upsert_users(connection, [nested], NOW)
+        again = await store.upsert_users(connection, [bare], LATER)
+    async with engine.connect() as connection:
+        row = (await connection.execute(select(users))).one()._mapping
+    assert (first.inserted, again.unchanged) == (1, 1)
+    assert (row["username"], row["user_id"], row["display_name"]) == ("asha", 77, "Asha K")
+
+
+async def test_missing_attempts_are_marked_deleted_and_restored(engine: AsyncEngine) -> None:
+    rows = [attempt_row(attempt_payload(id=n), 42)[0] for n in (1, 2, 3)]
+    async with engine.begin() as connection:
+        await store.upsert_exams(connection, [exam_row(exam_payload())], NOW)
+        await store.upsert_attempts(connection, rows, NOW)
+        deleted = await store.mark_attempts_deleted(connection, 42, frozenset({1, 3}), NOW)
+    assert deleted == 1
+    async with engine.begin() as connection:
+        restored = await store.upsert_attempts(connection, rows, LATER)
+        again = await store.mark_attempts_deleted(connection, 42, frozenset({1, 2, 3}), LATER)
+    async with engine.connect() as connection:
+        marks = (await connection.execute(select(attempts.c.id, attempts.c.deleted_at).order_by(attempts.c.id))).all()
+    assert (restored.updated, restored.unchanged, again) == (1, 2, 0)
+    assert marks == [(1, None), (2, None), (3, None)]
+
+
+async def test_exam_deletion_is_limited_to_the_course_walked(engine: AsyncEngine) -> None:
+    rows = [exam_row(exam_payload(id=n, slug=f"e{n}", course=course)) for n, course in ((1, "SSC"), (2, "SSC"), (3, "IBPS"))]
+    async with engine.begin() as connection:
+        await store.upsert_exams(connection, rows, NOW)
+        deleted = await store.mark_exams_deleted(connection, frozenset({1}), NOW, "SSC")
+    async with engine.connect() as connection:
+        marks = dict((await connection.execute(select(exams.c.id, exams.c.deleted_at))).all())
+    assert deleted == 1 and marks == {1: None, 2: NOW, 3: None}
+
+
+async def test_duplicates_in_one_batch_are_stored_once(engine: AsyncEngine) -> None:
+    row = exam_row(exam_payload())
+    async with engine.begin() as connection:
+        counts = await store.upsert_exams(connection, [row, row, row], NOW)
+        stored = (await connection.execute(select(exams.c.id))).scalars().all()
+    assert counts.inserted == 1 and stored == [42]

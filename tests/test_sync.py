@@ -1,0 +1,190 @@
+"""End to end: simulator → run → database, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schema import attempts, exams, sync_runs
+from sync.simulator import SimulatorServer
+from tests.helpers import assert_matches_server, error_rows, stored_rows, sync_once
+
+
+async def test_run_stores_every_exam_and_attempt_as_served(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    summary = await sync_once(simulator, database_url)
+    await assert_matches_server(engine, simulator)
+    forbidden = sum(exam.forbidden for exam in simulator.dataset.exams)
+    assert summary.status == "succeeded" and summary.errors == 0
+    assert summary.exams_seen == 12 and summary.attempts_seen == (12 - forbidden) * 45
+    assert summary.rows.inserted == summary.exams_seen + summary.attempts_seen
+    async with engine.connect() as connection:
+        run = (await connection.execute(select(sync_runs))).one()
+    assert (run.status, run.rows_inserted, run.errors) == ("succeeded", summary.rows.inserted, 0)
+    assert run.requests == simulator.state.requests and run.finished_at >= run.started_at
+
+
+async def test_second_run_over_unchanged_data_changes_nothing(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    await sync_once(simulator, database_url)
+    before = await stored_rows(engine)
+    second = await sync_once(simulator, database_url)
+    assert (second.rows.inserted, second.rows.updated, second.rows.deleted) == (0, 0, 0)
+    assert second.rows.unchanged == second.exams_seen + second.attempts_seen
+    assert await stored_rows(engine) == before
+
+
+async def test_upstream_changes_land(simulator: SimulatorServer, engine: AsyncEngine, database_url: str) -> None:
+    await sync_once(simulator, database_url)
+    dataset = simulator.dataset
+    open_exams = [exam for exam in dataset.exams if not exam.forbidden]
+    gone_exam, gone_attempt = open_exams[2], open_exams[3].attempts[5]
+    dataset.delete_exam(gone_exam.id)
+    dataset.delete_attempt(gone_attempt.id)
+    running = sum(
+        attempt.state == "Running"
+        for exam in dataset.exams
+        if not exam.forbidden
+        for attempt in exam.attempts
+    )
+    new_attempts = dataset.add_attempts(open_exams[0], 3)
+    dataset.complete_running()
+    dataset.rename_exam(open_exams[1].id, "Renamed — नया")
+    # Exams whose payload changed: the renamed one, and those whose attempts_count moved.
+    changed_exams = {open_exams[1].id} | {e.id for e in (open_exams[0], open_exams[3]) if e.extra_fields}
+
+    summary = await sync_once(simulator, database_url)
+    await assert_matches_server(engine, simulator)
+    exam_rows, attempt_rows = await stored_rows(engine)
+    assert summary.rows.inserted == 3
+    assert summary.by_table["attempts"].updated == running
+    assert summary.by_table["exams"].updated == len(changed_exams)
+    assert summary.rows.deleted == 2
+    assert exam_rows[gone_exam.id].deleted_at is not None
+    assert attempt_rows[gone_attempt.id].deleted_at is not None
+    assert all(attempt_rows[a.id].first_seen_at == attempt_rows[a.id].last_seen_at for a in new_attempts)
+
+
+async def test_a_deleted_exam_that_returns_is_restored(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    await sync_once(simulator, database_url)
+    exam = simulator.dataset.exams[0]
+    simulator.dataset.exams.remove(exam)
+    await sync_once(simulator, database_url)
+    simulator.dataset.exams.insert(0, exam)
+    await sync_once(simulator, database_url)
+    exam_rows, _ = await stored_rows(engine)
+    assert exam_rows[exam.id].deleted_at is None
+    await assert_matches_server(engine, simulator)
+
+
+async def test_faults_end_with_exactly_the_rows_of_a_clean_run(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    simulator.state.per_page = 7  # more pages, more chances for things to go wrong
+    faults = simulator.state.faults
+    faults.throttle_rate, faults.server_error_rate = 0.15, 0.15
+    faults.drop_rate, faults.truncate_rate = 0.1, 0.1
+    faults.token_lifetime = 0.05
+    faults.latency = 0.01
+    summary = await sync_once(simulator, database_url, max_attempts=20)
+    await assert_matches_server(engine, simulator)
+    assert summary.status == "succeeded" and summary.errors == 0
+    assert summary.retries >= simulator.state.faults_served > 20
+    assert simulator.state.logins >= 2
+
+
+async def test_listing_that_shifts_during_the_walk_still_stores_every_live_exam(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    await sync_once(simulator, database_url)
+    # Small pages so the listing has several; exams appear and vanish between pages.
+    simulator.state.per_page = 3
+    simulator.state.faults.listing_inserts = 2
+    simulator.state.faults.listing_deletes = 2
+    summary = await sync_once(simulator, database_url)
+    exam_rows, _ = await stored_rows(engine)
+    live = {exam.id for exam in simulator.dataset.exams}
+    assert live <= {exam_id for exam_id, row in exam_rows.items() if row.deleted_at is None}
+    assert summary.status == "succeeded"
+    await sync_once(simulator, database_url)  # settled: the removed exams get their marks
+    await assert_matches_server(engine, simulator)
+
+
+async def test_forbidden_and_vanished_exams_do_not_fail_the_run(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    simulator.dataset.exams[3].vanished = True
+    summary = await sync_once(simulator, database_url)
+    assert summary.status == "succeeded" and summary.errors == 0
+    await assert_matches_server(engine, simulator)
+
+
+async def test_malformed_items_go_to_sync_errors_and_the_rest_is_stored(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    await sync_once(simulator, database_url)
+    exam = next(exam for exam in simulator.dataset.exams if not exam.forbidden)
+    bad = exam.attempts[:2]
+    for attempt in bad:
+        attempt.malformed = True
+    summary = await sync_once(simulator, database_url)
+    assert summary.status == "partial" and summary.errors == 2
+    errors = await error_rows(engine)
+    assert {(row.entity, row.key) for row in errors} == {("attempt", str(a.id)) for a in bad}
+    assert all("score" in row.message and row.payload["score"] == "twelve" for row in errors)
+    _, attempt_rows = await stored_rows(engine)
+    # The earlier good versions stay, and are not marked deleted for being unparseable now.
+    assert all(attempt_rows[a.id].deleted_at is None for a in bad)
+    for attempt in bad:
+        attempt.malformed = False
+    await assert_matches_server(engine, simulator)
+
+
+async def test_a_page_that_keeps_failing_is_recorded_and_nothing_is_marked_deleted(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    await sync_once(simulator, database_url)
+    exam = next(exam for exam in simulator.dataset.exams if not exam.forbidden)
+    exam.broken_page = 2
+    summary = await sync_once(simulator, database_url, max_attempts=2)
+    assert summary.status == "partial" and summary.rows.deleted == 0
+    (error,) = await error_rows(engine)
+    assert (error.entity, error.http_status) == ("page", 500) and error.key.endswith("page=2")
+    exam_rows, attempt_rows = await stored_rows(engine)
+    assert exam_rows[exam.id].attempts_status == "error"
+    assert all(attempt_rows[a.id].deleted_at is None for a in exam.attempts)
+
+
+async def test_requests_in_flight_stay_within_the_configured_bound(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    simulator.state.faults.latency = 0.01
+    summary = await sync_once(simulator, database_url, concurrency=3)
+    assert summary.status == "succeeded"
+    assert simulator.state.max_in_flight == 3
+
+
+async def test_sync_runs_row_exists_while_the_run_is_going(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    simulator.state.faults.latency = 0.05
+    task = asyncio.create_task(sync_once(simulator, database_url))
+    status = None
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        async with engine.connect() as connection:
+            status = (await connection.execute(select(sync_runs.c.status))).scalar()
+        if status:
+            break
+    assert status == "running"
+    await task
+    async with engine.connect() as connection:
+        finished = (await connection.execute(select(sync_runs.c.status, sync_runs.c.finished_at))).one()
+    assert finished.status == "succeeded" and finished.finished_at <= datetime.now(UTC)
