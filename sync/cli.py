@@ -142,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings: list[tuple[str, dict[str, Any]]] = []
     try:
         settings = settings_from(args, lambda event, **kw: warnings.append((event, kw)))
+        database_url_from(settings.database_url)  # a bad URL is a usage error, said first
     except ConfigError as exc:
         print(f"testpress-sync: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -146,3 +146,13 @@ class SimulatorThread:
 def simulator_thread() -> Iterator[SimulatorServer]:
     with SimulatorThread(small_dataset()) as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """The CLI configures structlog globally; every test starts from the defaults."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()

@@ -44,6 +44,7 @@ class SimulatorState:
     in_flight: int = 0
     max_in_flight: int = 0
     faults_served: int = 0
+    issued_tokens: list[str] = field(default_factory=list)
     by_path: dict[str, int] = field(default_factory=dict)
 
     def stats(self) -> dict[str, Any]:
@@ -252,7 +253,9 @@ async def login(request: web.Request) -> web.Response:
             {"non_field_errors": ["Unable to log in with provided credentials."]}, 400
         )
     state.logins += 1
-    return json_response({"token": issue_token(state)})
+    token = issue_token(state)
+    state.issued_tokens.append(token)
+    return json_response({"token": token})
 
 
 def _visible_exams(request: web.Request, dataset: Dataset) -> list[SimExam]:

@@ -1,0 +1,212 @@
+"""The command line through its real entry point: exit codes, messages, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from sync.cli import main
+from sync.database import create_engine, database_url_from, migrate, run_lock
+from sync.simulator import SimulatorServer
+from tests.conftest import PASSWORD, USERNAME, SimulatorThread, small_dataset
+from tests.helpers import assert_matches_server
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch, simulator_thread: SimulatorServer, database_url: str) -> SimulatorServer:
+    for name in ("TESTPRESS_CONFIG", "TESTPRESS_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TESTPRESS_BASE_URL", simulator_thread.base_url)
+    monkeypatch.setenv("TESTPRESS_USERNAME", USERNAME)
+    monkeypatch.setenv("TESTPRESS_PASSWORD", PASSWORD)
+    monkeypatch.setenv("TESTPRESS_DATABASE_URL", database_url)
+    return simulator_thread
+
+
+def check_database(database_url: str, simulator: SimulatorServer) -> None:
+    async def check() -> None:
+        engine = create_engine(database_url_from(database_url))
+        try:
+            await assert_matches_server(engine, simulator)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(check())
+
+
+def log_lines(output: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_run_from_environment_stores_everything_and_exits_0(
+    environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--log-format", "json"]) == 0
+    check_database(database_url, environment)
+    lines = log_lines(capsys.readouterr().err)
+    summary = next(line for line in lines if line["event"] == "run_finished")
+    assert summary["status"] == "succeeded" and summary["inserted"] > 0
+    assert all("run_id" in line for line in lines if line["event"] in ("run_started", "logged_in", "run_finished"))
+
+
+def test_backfill_then_run_again_changes_nothing(
+    environment: SimulatorServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["backfill", "--log-format", "json"]) == 0
+    assert main(["run", "--log-format", "json"]) == 0
+    summaries = [line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished"]
+    assert (summaries[1]["inserted"], summaries[1]["updated"], summaries[1]["deleted"]) == (0, 0, 0)
+
+
+def test_missing_setting_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("TESTPRESS_BASE_URL", "TESTPRESS_USERNAME", "TESTPRESS_PASSWORD", "TESTPRESS_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TESTPRESS_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    assert main(["run", "--log-format", "json"]) == 2
+    err = capsys.readouterr().err
+    assert "TESTPRESS_BASE_URL is not set" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--database-url", "mysql://x@y/z"], "TESTPRESS_DATABASE_URL"),
+        (["run", "--concurrency", "0"], "http.concurrency must be at least 1"),
+        (["run", "--config", "/nonexistent/config.toml"], "does not exist"),
+    ],
+)
+def test_invalid_settings_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_wrong_password_exits_3_without_leaking_it(
+    environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TESTPRESS_PASSWORD", "wrong-horse-battery")
+    assert main(["run", "--log-format", "json"]) == 3
+    err = capsys.readouterr().err
+    assert "Unable to log in" in err and "wrong-horse-battery" not in err
+
+
+def test_unreachable_database_exits_4(environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--database-url", "postgresql://postgres@127.0.0.1:9/none", "--log-format", "json"]) == 4
+    assert "database" in capsys.readouterr().err
+
+
+def test_foreign_tables_are_refused_with_exit_4(
+    environment: SimulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    path = tmp_path / "theirs.db"
+    sqlite3.connect(path).execute("CREATE TABLE exams (id INTEGER, name TEXT)").connection.commit()
+    assert main(["run", "--database-url", f"sqlite:///{path}", "--log-format", "json"]) == 4
+    assert "did not create" in capsys.readouterr().err
+
+
+def test_migrate_creates_the_schema_then_reports_up_to_date(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--database-url", database_url, "--log-format", "json"]) == 0
+    assert main(["migrate", "--database-url", database_url, "--log-format", "json"]) == 0
+    events = [line["event"] for line in log_lines(capsys.readouterr().err)]
+    assert events == ["schema_migrated", "schema_up_to_date"]
+
+
+class HeldLock:
+    """The database's run lock held by 'another run', on a loop in a thread."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._loop = asyncio.new_event_loop()
+        self._release = threading.Event()
+        self._held = threading.Event()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._hold(),))
+
+    async def _hold(self) -> None:
+        engine = create_engine(database_url_from(self._url))
+        await migrate(engine)
+        async with run_lock(engine):
+            self._held.set()
+            while not self._release.is_set():
+                await asyncio.sleep(0.02)
+        await engine.dispose()
+
+    def __enter__(self) -> None:
+        self._thread.start()
+        assert self._held.wait(10)
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()
+        self._thread.join(10)
+        self._loop.close()
+
+
+def test_second_run_while_one_holds_the_lock_exits_5(
+    environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with HeldLock(database_url):
+        assert main(["run", "--log-format", "json"]) == 5
+    assert "another testpress-sync run" in capsys.readouterr().err
+    assert main(["run", "--log-format", "json"]) == 0  # free again once the holder is gone
+
+
+def test_secrets_never_reach_logs_or_tables(
+    environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environment.state.faults.token_lifetime = 0.05  # several tokens over the run
+    environment.state.faults.latency = 0.01
+    next(e for e in environment.dataset.exams if not e.forbidden).attempts[0].malformed = True
+    assert main(["run", "--log-format", "json", "--log-level", "debug"]) == 1
+    output = capsys.readouterr()
+    tokens = environment.state.issued_tokens
+    assert len(tokens) >= 2
+    secrets = [PASSWORD, *tokens, *(token.split(".")[2] for token in tokens)]
+    logged = output.out + output.err
+    assert "retrying" in logged or "logged_in" in logged
+    assert not [secret for secret in secrets if secret in logged]
+    assert not [secret for secret in secrets if secret in dump_database(database_url)]
+
+
+def dump_database(database_url: str) -> str:
+    async def dump() -> str:
+        engine = create_engine(database_url_from(database_url))
+        parts: list[str] = []
+        try:
+            async with engine.connect() as connection:
+                for table in ("exams", "attempts", "users", "sync_runs", "sync_errors", "sync_progress"):
+                    rows = (await connection.execute(text(f"SELECT * FROM {table}"))).all()
+                    parts.extend(repr(tuple(row)) for row in rows)
+        finally:
+            await engine.dispose()
+        return "\n".join(parts)
+
+    return asyncio.run(dump())
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["backfill"], ["migrate"], ["demo"], ["simulate"]])
+def test_every_command_explains_itself(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: testpress-sync" in out and len(out) > 200
+
+
+def test_demo_syncs_the_bundled_simulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--exams", "6", "--attempts-per-exam", "25", "--log-format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert "exams                6" in out and "testpress-demo.db" in out
+    assert (tmp_path / "testpress-demo.db").exists()
