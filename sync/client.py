@@ -154,8 +154,10 @@ class TestpressClient:
         try:
             return await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
         except TokenExpiredError:
-            await self.auth.refresh(token)
-            raise
+            # Log in again (once for every request that saw this token fail), then retry
+            # at once; a second 401 goes to the retry layer like any other failure.
+            token = await self.auth.refresh(token)
+            return await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
 
     async def _send(
         self, method: str, url: str, *, headers: dict[str, str] | None = None, json: Any = None

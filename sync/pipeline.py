@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schema import sync_progress, sync_runs
@@ -33,6 +41,7 @@ from sync.crawler import (
     ListingDone,
 )
 from sync.config import Settings
+from sync.errors import DatabaseError
 from sync.logs import Redactor
 from sync.normalize import AttemptRow, ExamRow, UserRow
 from sync.store import RowCounts
@@ -80,8 +89,29 @@ class _Pending:
         return len(self.exams) + len(self.attempts) + len(self.failures) + len(self.done)
 
 
+@dataclass
+class _Tally:
+    """What one transaction did; added to the run's summary only once it commits."""
+
+    by_table: dict[str, RowCounts] = field(default_factory=dict)
+
+    def count(self, table: str, counts: RowCounts) -> None:
+        self.by_table.setdefault(table, RowCounts()).add(counts)
+
+
+def connection_lost(error: BaseException) -> bool:
+    """A database error worth retrying: the server went away, not the statement was wrong."""
+    if isinstance(error, DBAPIError):
+        return error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError))
+    return isinstance(error, (OSError, InterfaceError))
+
+
 class Writer:
-    """Consumes the crawler's queue and commits it to the database in batches."""
+    """Consumes the crawler's queue and commits it to the database in batches.
+
+    Each batch is one transaction. If the database goes away, the whole transaction is
+    retried on a fresh connection for up to `database_retry_seconds`; then the run fails
+    with DatabaseError, and every batch committed before stays as it was."""
 
     def __init__(
         self,
@@ -92,6 +122,7 @@ class Writer:
         batch_size: int,
         record_progress: bool,
         flush_interval: float = 1.0,
+        database_retry_seconds: float = 60.0,
         clock: Clock = utc_now,
     ) -> None:
         self._engine = engine
@@ -100,6 +131,7 @@ class Writer:
         self._batch_size = batch_size
         self._record_progress = record_progress
         self._flush_interval = flush_interval
+        self._database_retry_seconds = database_retry_seconds
         self._clock = clock
         self._pending = _Pending()
         self._listing: ListingDone | None = None
@@ -109,24 +141,23 @@ class Writer:
 
         A batch is committed when it is full, or when nothing new arrived for
         `flush_interval` seconds (a slow API should not keep rows waiting)."""
-        async with self._engine.connect() as connection:
-            while True:
-                try:
-                    if self._pending.size():
-                        item = await asyncio.wait_for(queue.get(), self._flush_interval)
-                    else:
-                        item = await queue.get()
-                except TimeoutError:
-                    await self._commit(connection)
-                    continue
-                if item is None:
-                    break
-                self._take(item)
-                if self._pending.size() >= self._batch_size:
-                    await self._commit(connection)
-            await self._commit(connection)
-            if self._listing is not None:
-                await self._finish_listing(connection, self._listing)
+        while True:
+            try:
+                if self._pending.size():
+                    item = await asyncio.wait_for(queue.get(), self._flush_interval)
+                else:
+                    item = await queue.get()
+            except TimeoutError:
+                await self._commit()
+                continue
+            if item is None:
+                break
+            self._take(item)
+            if self._pending.size() >= self._batch_size:
+                await self._commit()
+        await self._commit()
+        if self._listing is not None:
+            await self._finish_listing(self._listing)
 
     def _take(self, item: CrawlItem) -> None:
         pending = self._pending
@@ -144,64 +175,106 @@ class Writer:
         else:
             self._listing = item
 
-    async def _commit(self, connection: AsyncConnection) -> None:
+    async def _commit(self) -> None:
         pending, self._pending = self._pending, _Pending()
         if not pending.size():
             return
         now = self._clock()
-        async with connection.begin():
+
+        async def write(connection: AsyncConnection, tally: _Tally) -> None:
             # Order matters: attempts reference exams; deletion marks need the rows stored.
-            self._count("exams", await store.upsert_exams(connection, pending.exams, now))
-            self._count("users", await store.upsert_users(connection, pending.users, now))
-            self._count("attempts", await store.upsert_attempts(connection, pending.attempts, now))
+            tally.count("exams", await store.upsert_exams(connection, pending.exams, now))
+            tally.count("users", await store.upsert_users(connection, pending.users, now))
+            tally.count("attempts", await store.upsert_attempts(connection, pending.attempts, now))
             for failure in pending.failures:
                 await self._record_failure(connection, failure, now)
             for done in pending.done:
-                await self._finish_exam(connection, done, now)
+                await self._finish_exam(connection, done, tally, now)
 
-    async def _finish_exam(self, connection: AsyncConnection, done: AttemptsDone, now: datetime) -> None:
+        self._add(await self._in_transaction(write))
+        for failure in pending.failures:
+            self._summary.errors += 1
+            log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
+        for done in pending.done:
+            if done.status == "ok" and not done.complete:
+                log.warning("attempts_incomplete", exam_id=done.exam_id,
+                            hint="the attempt listing kept shifting; deletions not checked this run")
+
+    async def _in_transaction(self, work: Callable[[AsyncConnection, _Tally], Awaitable[None]]) -> _Tally:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(connection_lost),
+            stop=stop_after_delay(self._database_retry_seconds),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            before_sleep=_log_database_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    tally = _Tally()
+                    async with self._engine.begin() as connection:
+                        await work(connection, tally)
+                    return tally
+        except DBAPIError as exc:
+            if not connection_lost(exc):
+                raise
+            raise DatabaseError(
+                f"the database stayed unreachable for {self._database_retry_seconds:g}s: "
+                f"{self._redactor.redact(str(exc.orig or exc).splitlines()[0])}"
+            ) from exc
+        except OSError as exc:
+            raise DatabaseError(f"the database stayed unreachable: {exc}") from exc
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _finish_exam(
+        self, connection: AsyncConnection, done: AttemptsDone, tally: _Tally, now: datetime
+    ) -> None:
         await store.set_attempts_status(connection, done.exam_id, done.status)
         if done.status == "ok" and done.complete:
             deleted = await store.mark_attempts_deleted(connection, done.exam_id, done.seen_ids, now)
-            self._count("attempts", RowCounts(deleted=deleted))
+            tally.count("attempts", RowCounts(deleted=deleted))
             if self._record_progress:
                 await store.record_progress(connection, self._summary.run_id, done.exam_id, now)
-        elif done.status == "ok":
-            log.warning("attempts_incomplete", exam_id=done.exam_id,
-                        hint="the attempt listing kept shifting; deletions not checked this run")
 
-    async def _finish_listing(self, connection: AsyncConnection, listing: ListingDone) -> None:
+    async def _finish_listing(self, listing: ListingDone) -> None:
         self._summary.listing_complete = listing.complete
         if not listing.complete:
             log.warning("listing_incomplete", hint="no exam is marked deleted this run")
             return
-        async with connection.begin():
+
+        async def mark(connection: AsyncConnection, tally: _Tally) -> None:
             deleted = await store.mark_exams_deleted(
                 connection, listing.seen_ids, self._clock(), listing.course
             )
-        self._count("exams", RowCounts(deleted=deleted))
+            tally.count("exams", RowCounts(deleted=deleted))
+
+        self._add(await self._in_transaction(mark))
 
     async def _record_failure(self, connection: AsyncConnection, failure: Failure, now: datetime) -> None:
-        self._summary.errors += 1
-        message = self._redactor.redact(failure.message)
-        log.warning("record_failed", entity=failure.entity, key=failure.key, error=message)
         await store.record_error(
             connection,
             self._summary.run_id,
             entity=failure.entity,
             key=failure.key,
-            message=message,
+            message=self._redactor.redact(failure.message),
             http_status=failure.http_status,
             payload=self._redactor.redact_value(failure.payload),
             now=now,
         )
 
-    def _count(self, table: str, counts: RowCounts) -> None:
-        # The run's totals are of the data rows (exams, attempts); a user re-seen on
-        # every page would swamp them, so users are counted in by_table only.
-        if table != "users":
-            self._summary.rows.add(counts)
-        self._summary.by_table.setdefault(table, RowCounts()).add(counts)
+    def _add(self, tally: _Tally) -> None:
+        for table, counts in tally.by_table.items():
+            # The run's totals are of the data rows (exams, attempts); a user re-seen on
+            # every page would swamp them, so users are counted in by_table only.
+            if table != "users":
+                self._summary.rows.add(counts)
+            self._summary.by_table.setdefault(table, RowCounts()).add(counts)
+
+
+def _log_database_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("database_unreachable_retrying", error=str(error).splitlines()[0] if error else None,
+                attempt=state.attempt_number, wait=round(state.upcoming_sleep, 2))
 
 
 async def run_sync(
@@ -216,7 +289,14 @@ async def run_sync(
 ) -> RunSummary:
     """One sync run; returns its summary. The database schema must be current."""
     started = time.monotonic()
+    async with engine.begin() as connection:
+        # We hold the run lock, so a run still marked running was killed mid-way.
+        abandoned = await store.close_abandoned_runs(connection, clock())
+    if abandoned:
+        log.warning("abandoned_runs_closed", runs=abandoned, status="interrupted")
     resumed_from, skip = (await _resume_point(engine)) if resume else (None, frozenset[int]())
+    if resume and resumed_from is None:
+        log.info("nothing_to_resume", hint="the last backfill finished; walking everything")
     async with engine.begin() as connection:
         run_id = await store.start_run(connection, mode, clock(), resumed_from=resumed_from)
     summary = RunSummary(run_id=run_id, mode=mode)
@@ -266,6 +346,7 @@ async def _crawl_and_write(
         redactor,
         batch_size=settings.sync.batch_size,
         record_progress=summary.mode == "backfill",
+        database_retry_seconds=settings.sync.database_retry_seconds,
         clock=clock,
     )
 
@@ -296,7 +377,7 @@ async def _resume_point(engine: AsyncEngine) -> tuple[int | None, frozenset[int]
                 .limit(1)
             )
         ).first()
-        if last is None or last.status == "succeeded":
+        if last is None or last.status in ("succeeded", "partial"):
             return None, frozenset()
         chain = [last.id]
         parent = last.resumed_from

@@ -185,6 +185,20 @@ async def start_run(
     return int(result.scalar_one())
 
 
+async def close_abandoned_runs(connection: AsyncConnection, now: datetime) -> int:
+    """Runs still marked running when no run holds the lock: their process died."""
+    result = await connection.execute(
+        update(sync_runs)
+        .where(sync_runs.c.status == "running")
+        .values(
+            status="interrupted",
+            finished_at=now,
+            error="the process ended without finishing (killed, or the machine stopped)",
+        )
+    )
+    return int(result.rowcount or 0)
+
+
 async def finish_run(
     connection: AsyncConnection, run_id: int, *, status: str, now: datetime, **values: Any
 ) -> None:
