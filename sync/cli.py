@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -46,12 +47,6 @@ log = structlog.get_logger("testpress_sync.cli")
 EXIT_OK, EXIT_PARTIAL, EXIT_CONFIG, EXIT_AUTH, EXIT_DATABASE, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 DEMO_DATABASE = "testpress-demo.db"
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: signal.Signals) -> None:
-        super().__init__(signum.name)
-        self.signum = signum
 
 
 # --- argument parsing ----------------------------------------------------------------------
@@ -150,47 +145,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(redactor, format=settings.log.format, level=settings.log.level)
     for event, fields in warnings:
         log.warning(event, **fields)
-    command = {
-        "run": lambda: _sync(settings, redactor, mode="run"),
-        "backfill": lambda: _sync(settings, redactor, mode="backfill", resume=args.resume),
+    stop = asyncio.Event()
+    command: Callable[[], Awaitable[int]] = {
+        "run": lambda: _sync(settings, redactor, stop, mode="run"),
+        "backfill": lambda: _sync(settings, redactor, stop, mode="backfill", resume=args.resume),
         "migrate": lambda: _migrate(settings),
-        "demo": lambda: _demo(settings, redactor, args),
+        "demo": lambda: _demo(settings, redactor, stop, args),
     }[args.command]
-    return _run_until_signal(command, redactor)
+    return _run_until_signal(command, stop, redactor)
 
 
-def _run_until_signal(command: Callable[[], Awaitable[int]], redactor: Redactor) -> int:
-    """Run `command` on a fresh loop; SIGINT/SIGTERM cancel it, and it may finish its
-    bookkeeping (shielded) before we exit with 130/143."""
+def _run_until_signal(
+    command: Callable[[], Awaitable[int]], stop: asyncio.Event, redactor: Redactor
+) -> int:
+    """Run `command` on a fresh loop. The first SIGINT/SIGTERM sets `stop`: fetching
+    ends, the batch in progress is committed, the run is recorded as interrupted, and we
+    exit with 130/143. A second one exits at once (like kill -9, it loses no committed
+    batch) after logging what the run was still waiting on."""
+    received: list[signal.Signals] = []
 
     async def supervised() -> int:
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        received: list[signal.Signals] = []
 
         def on_signal(signum: signal.Signals) -> None:
-            if not received:
-                log.warning("interrupted", signal=signum.name, hint="finishing the batch in progress")
-                task.cancel()
             received.append(signum)
+            if len(received) == 1:
+                log.warning("interrupted", signal=signum.name, hint="committing what was fetched; a second signal exits at once")
+                stop.set()
+                return
+            log.warning("stopping_now", waiting_on=_pending_work())
+            os._exit(EXIT_SIGNAL[received[0]])
 
         for signum in EXIT_SIGNAL:
             loop.add_signal_handler(signum, on_signal, signum)
         try:
             return await command()
-        except asyncio.CancelledError:
-            if received:
-                raise Interrupted(received[0]) from None
-            raise
         finally:
             for signum in EXIT_SIGNAL:
                 loop.remove_signal_handler(signum)
 
     try:
-        return asyncio.run(supervised())
-    except Interrupted as exc:
-        return EXIT_SIGNAL[exc.signum]
+        code = asyncio.run(supervised())
     except ConfigError as exc:
         log.error("configuration_error", error=str(exc))
         return EXIT_CONFIG
@@ -209,6 +204,18 @@ def _run_until_signal(command: Callable[[], Awaitable[int]], redactor: Redactor)
     except SyncError as exc:
         log.error("sync_failed", error=redactor.redact(str(exc)))
         return EXIT_PARTIAL
+    return EXIT_SIGNAL[received[0]] if received else code
+
+
+def _pending_work() -> list[str]:
+    """Where each unfinished task is waiting: what a second Ctrl-C shows."""
+    places = []
+    for pending in asyncio.all_tasks():
+        frames = pending.get_stack()
+        if frames:
+            frame = frames[-1]
+            places.append(f"{pending.get_name()}: {frame.f_code.co_qualname} line {frame.f_lineno}")
+    return sorted(places)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -225,15 +232,15 @@ async def _open_database(settings: Settings) -> AsyncEngine:
 
 
 async def _sync(
-    settings: Settings, redactor: Redactor, *, mode: str, resume: bool = False
+    settings: Settings, redactor: Redactor, stop: asyncio.Event, *, mode: str, resume: bool = False
 ) -> int:
     settings.require_api()
-    summary = await _sync_into(settings, redactor, mode=mode, resume=resume)
+    summary = await _sync_into(settings, redactor, stop, mode=mode, resume=resume)
     return EXIT_OK if summary.status == "succeeded" else EXIT_PARTIAL
 
 
 async def _sync_into(
-    settings: Settings, redactor: Redactor, *, mode: str, resume: bool = False
+    settings: Settings, redactor: Redactor, stop: asyncio.Event, *, mode: str, resume: bool = False
 ) -> RunSummary:
     engine = await _open_database(settings)
     try:
@@ -243,7 +250,9 @@ async def _sync_into(
                 log.info("schema_migrated", database=describe(engine.url), before=state.current, after=state.head)
             async with open_session(settings.api, settings.http) as session:
                 client = TestpressClient(session, settings.api, settings.http, redactor)
-                return await run_sync(engine, client, settings, redactor, mode=mode, resume=resume)
+                return await run_sync(
+                    engine, client, settings, redactor, mode=mode, resume=resume, stop=stop
+                )
     finally:
         await engine.dispose()
 
@@ -261,7 +270,9 @@ async def _migrate(settings: Settings) -> int:
     return EXIT_OK
 
 
-async def _demo(settings: Settings, redactor: Redactor, args: argparse.Namespace) -> int:
+async def _demo(
+    settings: Settings, redactor: Redactor, stop: asyncio.Event, args: argparse.Namespace
+) -> int:
     from dataclasses import replace
 
     from sync.simulator import Dataset, SimulatorServer
@@ -275,7 +286,7 @@ async def _demo(settings: Settings, redactor: Redactor, args: argparse.Namespace
             api=replace(settings.api, base_url=simulator.base_url, username="demo", password="demo-password"),
         )
         print(f"Simulator serving {args.exams} exams at {simulator.base_url}", file=sys.stderr)
-        summary = await _sync_into(settings, redactor, mode="run")
+        summary = await _sync_into(settings, redactor, stop, mode="run")
     engine = await _open_database(settings)
     try:
         counts = await _row_counts(engine)

@@ -147,19 +147,19 @@ class Crawler:
         seen: set[int] = set()  # exams handed to the writer
         present: set[int] = set()  # every exam id the listing showed, malformed ones included
         complete = False
-        try:
-            for number in range(1, self._max_passes + 1):
-                walk = await self._walk(self.listing_url(), self._exam_page_handler(seen))
-                present |= walk.ids
-                if walk.failed:
-                    break
-                if walk.consistent:
-                    complete = True
-                    break
-                log.info("listing_shifted_walking_again", entity="exam", walk=number)
-        finally:
-            for _ in range(self._workers):
-                await self._exams.put(None)
+        for number in range(1, self._max_passes + 1):
+            walk = await self._walk(self.listing_url(), self._exam_page_handler(seen))
+            present |= walk.ids
+            if walk.failed:
+                break
+            if walk.consistent:
+                complete = True
+                break
+            log.info("listing_shifted_walking_again", entity="exam", walk=number)
+        # Not in a `finally`: on an error the task group cancels the workers anyway, and a
+        # put on a full queue would block the cancellation.
+        for _ in range(self._workers):
+            await self._exams.put(None)
         await self._out.put(ListingDone(complete, frozenset(present), self._course))
 
     def _exam_page_handler(self, seen: set[int]) -> Callable[[list[Any], _Walk], Any]:

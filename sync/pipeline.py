@@ -99,11 +99,22 @@ class _Tally:
         self.by_table.setdefault(table, RowCounts()).add(counts)
 
 
+# PostgreSQL SQLSTATEs that mean "the server is away", not "the statement is wrong":
+# 08 connection exceptions, 57P operator intervention (shutdown, restart, cannot connect
+# now), 53 insufficient resources, 55000 the database not accepting connections.
+_SERVER_AWAY = ("08", "57P", "53", "55000")
+
+
 def connection_lost(error: BaseException) -> bool:
     """A database error worth retrying: the server went away, not the statement was wrong."""
-    if isinstance(error, DBAPIError):
-        return error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError))
-    return isinstance(error, (OSError, InterfaceError))
+    if isinstance(error, OSError):
+        return True
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
+        return True
+    code = getattr(error.orig, "sqlstate", None)
+    return isinstance(code, str) and code.startswith(_SERVER_AWAY)
 
 
 class Writer:
@@ -121,7 +132,6 @@ class Writer:
         *,
         batch_size: int,
         record_progress: bool,
-        flush_interval: float = 1.0,
         database_retry_seconds: float = 60.0,
         clock: Clock = utc_now,
     ) -> None:
@@ -130,7 +140,6 @@ class Writer:
         self._redactor = redactor
         self._batch_size = batch_size
         self._record_progress = record_progress
-        self._flush_interval = flush_interval
         self._database_retry_seconds = database_retry_seconds
         self._clock = clock
         self._pending = _Pending()
@@ -139,21 +148,12 @@ class Writer:
     async def consume(self, queue: asyncio.Queue[CrawlItem | None]) -> None:
         """Take items until the None that ends the crawl, committing batch by batch.
 
-        A batch is committed when it is full, or when nothing new arrived for
-        `flush_interval` seconds (a slow API should not keep rows waiting)."""
-        while True:
-            try:
-                if self._pending.size():
-                    item = await asyncio.wait_for(queue.get(), self._flush_interval)
-                else:
-                    item = await queue.get()
-            except TimeoutError:
-                await self._commit()
-                continue
-            if item is None:
-                break
+        A batch is committed when it is full, or when the queue runs dry: then the API is
+        the bottleneck, and rows should not wait for a batch to fill. (No timeout here:
+        Python 3.11's wait_for can swallow a cancellation, and shutdown relies on it.)"""
+        while (item := await queue.get()) is not None:
             self._take(item)
-            if self._pending.size() >= self._batch_size:
+            if self._pending.size() >= self._batch_size or queue.empty():
                 await self._commit()
         await self._commit()
         if self._listing is not None:
@@ -285,9 +285,14 @@ async def run_sync(
     *,
     mode: str = "run",
     resume: bool = False,
+    stop: asyncio.Event | None = None,
     clock: Clock = utc_now,
 ) -> RunSummary:
-    """One sync run; returns its summary. The database schema must be current."""
+    """One sync run; returns its summary. The database schema must be current.
+
+    Setting `stop` ends the run early and cleanly: fetching stops, the writer commits
+    what was fetched, and the run is recorded as interrupted."""
+    stop = stop or asyncio.Event()
     started = time.monotonic()
     async with engine.begin() as connection:
         # We hold the run lock, so a run still marked running was killed mid-way.
@@ -303,8 +308,11 @@ async def run_sync(
     structlog.contextvars.bind_contextvars(run_id=run_id)
     log.info("run_started", mode=mode, resumed_from=resumed_from, exams_to_skip=len(skip))
     try:
-        await _crawl_and_write(engine, client, settings, redactor, summary, skip, clock)
-        summary.status = "partial" if summary.errors else "succeeded"
+        await _crawl_and_write(engine, client, settings, redactor, summary, skip, clock, stop)
+        if stop.is_set():
+            summary.status = "interrupted"
+        else:
+            summary.status = "partial" if summary.errors else "succeeded"
     except asyncio.CancelledError:
         summary.status = "interrupted"
         raise
@@ -331,6 +339,7 @@ async def _crawl_and_write(
     summary: RunSummary,
     skip: frozenset[int],
     clock: Clock,
+    stop: asyncio.Event,
 ) -> None:
     queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue(maxsize=settings.sync.queue_pages)
     crawler = Crawler(
@@ -350,18 +359,39 @@ async def _crawl_and_write(
         clock=clock,
     )
 
-    async def crawl_then_close() -> None:
+    async def crawl() -> None:
         await client.login()
         await crawler.crawl()
+
+    crawl_failure: list[BaseException] = []
+
+    async def crawl_until_stopped() -> None:
+        """The crawl, cut short when `stop` is set; then the writer's queue is closed.
+
+        A crawl failure is held back until the writer has committed what was fetched:
+        cancelling the writer inside a database call is what we must never do."""
+        crawling = asyncio.create_task(crawl())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({crawling, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not crawling.done():
+                crawling.cancel()
+            await asyncio.gather(crawling, stopping, return_exceptions=True)
+        if not crawling.cancelled() and crawling.exception() is not None:
+            crawl_failure.append(crawling.exception())  # type: ignore[arg-type]
         await queue.put(None)
 
     try:
         async with asyncio.TaskGroup() as group:
-            group.create_task(crawl_then_close())
+            group.create_task(crawl_until_stopped())
             group.create_task(writer.consume(queue))
     except BaseExceptionGroup as group_error:
-        # One failure cancels the other task; report the failure, not the cancellation.
+        # The writer failed (the database); the crawl was cancelled because of it.
         raise group_error.exceptions[0] from None
+    if crawl_failure:
+        raise crawl_failure[0]
     summary.exams_skipped = crawler.exams_skipped
 
 

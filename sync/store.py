@@ -193,7 +193,7 @@ async def close_abandoned_runs(connection: AsyncConnection, now: datetime) -> in
         .values(
             status="interrupted",
             finished_at=now,
-            error="the process ended without finishing (killed, or the machine stopped)",
+            error="the run ended without recording its outcome (killed, machine stopped, or database unreachable at the end)",
         )
     )
     return int(result.rowcount or 0)

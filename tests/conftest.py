@@ -11,6 +11,7 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,9 @@ def _admin(statement: str) -> None:
     asyncio.run(execute())
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each kind, as a user would write its URL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'sync.db'}"
-        return
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
     require_postgres()
     name = f"tps_{uuid.uuid4().hex[:12]}"
     _admin(f'CREATE DATABASE "{name}"')
@@ -85,11 +83,40 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each kind, as a user would write its URL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sync.db'}"
+        return
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """For the tests that are about PostgreSQL alone (a server going away)."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
+async def _migrated_engine(url: str) -> AsyncEngine:
+    engine = create_engine(database_url_from(url))
+    await migrate(engine)
+    return engine
+
+
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     """An engine on a fresh database with the schema migrated to head."""
-    engine = create_engine(database_url_from(database_url))
-    await migrate(engine)
+    engine = await _migrated_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def postgres_engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = await _migrated_engine(postgres_url)
     yield engine
     await engine.dispose()
 
