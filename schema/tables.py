@@ -54,6 +54,7 @@ exams = Table(
     Column("url", Text),
     Column("attempts_url", Text),
     Column("raw", RawJSON, nullable=False),
+    Column("content_hash", Text, nullable=False),
     Column("first_seen_at", UTCDateTime, nullable=False),
     Column("last_seen_at", UTCDateTime, nullable=False),
     Column("deleted_at", UTCDateTime),
@@ -85,6 +86,7 @@ attempts = Table(
     Column("review_url", Text),
     Column("questions_url", Text),
     Column("raw", RawJSON, nullable=False),
+    Column("content_hash", Text, nullable=False),
     Column("first_seen_at", UTCDateTime, nullable=False),
     Column("last_seen_at", UTCDateTime, nullable=False),
     Column("deleted_at", UTCDateTime),
@@ -151,8 +153,8 @@ sync_progress = Table(
     Column("completed_at", UTCDateTime, nullable=False),
 )
 
-# Columns that come from the payload: a row is rewritten only when one of these differs.
-_BOOKKEEPING = {"id", "first_seen_at", "last_seen_at", "deleted_at", "attempts_status"}
+# Columns that come from the payload (and the row's normalizer), in table order.
+_BOOKKEEPING = {"content_hash", "first_seen_at", "last_seen_at", "deleted_at", "attempts_status"}
 EXAM_CONTENT_COLUMNS: tuple[str, ...] = tuple(
     c.name for c in exams.columns if c.name not in _BOOKKEEPING
 )

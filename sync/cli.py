@@ -99,14 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser(
         "simulate", help="serve the bundled Testpress simulator until stopped",
         description="Serve the v2.1 API over generated data, for trying the tool or "
-        "load-testing it. Login: admin / secret.",
+        "load-testing it. Faults and data changes can be switched while it runs: "
+        "POST /_simulator/faults, POST /_simulator/change, GET /_simulator/stats.",
     )
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8000)
     simulate.add_argument("--exams", type=int, default=100)
     simulate.add_argument("--attempts-per-exam", type=int, default=30)
     simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--users", type=int, default=200, help="distinct students")
+    simulate.add_argument("--per-page", type=int, default=20, help="items per page (Testpress: 20)")
     simulate.add_argument("--latency", type=float, default=0.0, help="seconds added to each request")
+    simulate.add_argument("--token-lifetime", type=float, default=3600.0, help="seconds a login token lasts")
+    simulate.add_argument("--username", default="admin")
+    simulate.add_argument("--password", default="secret")
     return parser
 
 
@@ -328,13 +334,22 @@ def _simulate(args: argparse.Namespace) -> int:
     from sync.simulator import Dataset, Faults, SimulatorServer
 
     async def serve() -> None:
-        dataset = Dataset(exams=args.exams, attempts_per_exam=args.attempts_per_exam, seed=args.seed)
+        dataset = Dataset(
+            exams=args.exams, attempts_per_exam=args.attempts_per_exam, users=args.users, seed=args.seed
+        )
         server = SimulatorServer(
-            dataset, faults=Faults(latency=args.latency), host=args.host, port=args.port
+            dataset,
+            faults=Faults(latency=args.latency, token_lifetime=args.token_lifetime),
+            username=args.username,
+            password=args.password,
+            per_page=args.per_page,
+            host=args.host,
+            port=args.port,
         )
         async with server:
             print(
-                f"Testpress simulator at {server.base_url} (login admin / secret); Ctrl-C stops it",
+                f"Testpress simulator at {server.base_url} (login {args.username} / "
+                f"{args.password}); {args.exams} exams; Ctrl-C stops it",
                 file=sys.stderr,
                 flush=True,
             )

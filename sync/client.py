@@ -135,6 +135,11 @@ class TestpressClient:
     # --- layers ----------------------------------------------------------------------
 
     async def _retrying(self, send: Callable[[], Awaitable[Any]]) -> Any:
+        # Most requests succeed at once; only a retriable failure pays for tenacity.
+        try:
+            return await send()
+        except RetriableError as error:
+            first_failure = error
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RetriableError),
             stop=stop_after_attempt(self._http.max_attempts)
@@ -144,8 +149,12 @@ class TestpressClient:
             before_sleep=self._count_retry,
             reraise=True,
         )
+        first_try = True
         async for attempt in retrying:
             with attempt:
+                if first_try:  # replay the failure above, so tenacity counts and waits for it
+                    first_try = False
+                    raise first_failure
                 return await send()
         raise AssertionError("unreachable: tenacity reraises the last error")
 

@@ -16,6 +16,10 @@ from sync.errors import RecordError
 
 Payload = dict[str, Any]
 
+# Part of every row's content_hash: bump it when a rule here changes, and the next run
+# rewrites every row with the new rule instead of skipping rows whose payload is the same.
+NORMALIZER_VERSION = b"1"
+
 
 class ExamRow(TypedDict):
     id: int
@@ -79,27 +83,39 @@ class UserRow(TypedDict):
 
 # --- single values -----------------------------------------------------------------------
 
-# Python's timedelta text: "1:00:00", "2:47:53.076906", "20 days, 3:58:48", "-1 day, 23:59:59".
-_TIMEDELTA = re.compile(
-    r"^\s*(?:(?P<days>[-+]?\d+)\s+days?,\s*)?"
-    r"(?P<hours>\d+):(?P<minutes>[0-5]?\d):(?P<seconds>[0-5]?\d(?:\.\d{1,6})?)\s*$"
-)
-
-
 def parse_timedelta_seconds(value: Any, field: str) -> Decimal | None:
-    """Timedelta text (or a plain number of seconds) to exact seconds."""
+    """Python's timedelta text to exact seconds: "1:00:00", "2:47:53.076906",
+    "20 days, 3:58:48", "-1 day, 23:59:59". A plain number counts as seconds."""
     if value is None or value == "":
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return parse_decimal(value, field)
     if not isinstance(value, str):
         raise RecordError(f"{field}: expected duration text like '1:30:00', got {value!r}")
-    match = _TIMEDELTA.match(value)
-    if match is None:
-        raise RecordError(f"{field}: {value!r} is not a duration like '1:30:00'")
-    days = int(match["days"] or 0)
-    clock = int(match["hours"]) * 3600 + int(match["minutes"]) * 60
-    return Decimal(days * 86400 + clock) + Decimal(match["seconds"])
+    try:
+        days = 0
+        clock = value.strip()
+        if "," in clock:  # "20 days, 3:58:48"
+            day_text, _, clock = clock.partition(",")
+            count, unit = day_text.split()
+            if unit not in ("day", "days"):
+                raise ValueError
+            days = int(count)
+        hours, minutes, seconds = clock.strip().split(":")
+        whole, _, fraction = seconds.partition(".")
+        if not (len(minutes) == len(whole) == 2 and hours.isdigit() and minutes.isdigit()):
+            raise ValueError
+        if not whole.isdigit() or int(minutes) > 59 or int(whole) > 59:
+            raise ValueError
+        if fraction and not (fraction.isdigit() and len(fraction) <= 6):
+            raise ValueError
+    except ValueError:
+        raise RecordError(f"{field}: {value!r} is not a duration like '1:30:00'") from None
+    total = days * 86400 + int(hours) * 3600 + int(minutes) * 60 + int(whole)
+    if not fraction:
+        return Decimal(total)
+    # Decimal of the text, not of a float: 10073.076906 stays exact.
+    return Decimal(f"{total}.{fraction}") if total >= 0 else Decimal(total) + Decimal(f"0.{fraction}")
 
 
 def parse_duration_seconds(value: Any, field: str) -> int | None:
@@ -118,6 +134,8 @@ def parse_timestamp(value: Any, field: str) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise RecordError(f"{field}: {value!r} is not an ISO timestamp") from None
+    if parsed.tzinfo is UTC:  # the common "…Z" case: nothing to convert
+        return parsed
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
@@ -127,6 +145,14 @@ def parse_decimal(value: Any, field: str) -> Decimal | None:
     """A decimal string, int or float to an exact Decimal (floats through their repr)."""
     if value is None or value == "":
         return None
+    if type(value) is str:  # the usual wire form: "2.00"
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            raise RecordError(f"{field}: {value!r} is not a number") from None
+        if not number.is_finite():
+            raise RecordError(f"{field}: {value!r} is not a finite number")
+        return number
     if isinstance(value, bool):
         raise RecordError(f"{field}: expected a number, got {value!r}")
     if isinstance(value, float):
@@ -143,8 +169,8 @@ def parse_decimal(value: Any, field: str) -> Decimal | None:
 
 
 def parse_int(value: Any, field: str) -> int | None:
-    if value is None:
-        return None
+    if type(value) is int or value is None:  # the usual case, first
+        return value
     if isinstance(value, bool):
         raise RecordError(f"{field}: expected an integer, got {value!r}")
     if isinstance(value, int):
@@ -184,7 +210,7 @@ def parse_bool(value: Any, field: str) -> bool | None:
 
 
 def parse_text(value: Any, field: str) -> str | None:
-    if value is None or isinstance(value, str):
+    if type(value) is str or value is None:
         return value
     raise RecordError(f"{field}: expected text, got {value!r}")
 

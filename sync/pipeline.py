@@ -60,6 +60,8 @@ class RunSummary:
     mode: str
     status: str = "running"  # succeeded, partial, failed, interrupted
     duration_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # of this process during the run (all threads)
+    batches: int = 0  # transactions committed
     requests: int = 0
     retries: int = 0
     exams_seen: int = 0
@@ -188,10 +190,10 @@ class Writer:
             tally.count("attempts", await store.upsert_attempts(connection, pending.attempts, now))
             for failure in pending.failures:
                 await self._record_failure(connection, failure, now)
-            for done in pending.done:
-                await self._finish_exam(connection, done, tally, now)
+            await self._finish_exams(connection, pending.done, tally, now)
 
         self._add(await self._in_transaction(write))
+        self._summary.batches += 1
         for failure in pending.failures:
             self._summary.errors += 1
             log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
@@ -226,15 +228,18 @@ class Writer:
             raise DatabaseError(f"the database stayed unreachable: {exc}") from exc
         raise AssertionError("unreachable: tenacity reraises the last error")
 
-    async def _finish_exam(
-        self, connection: AsyncConnection, done: AttemptsDone, tally: _Tally, now: datetime
+    async def _finish_exams(
+        self, connection: AsyncConnection, done: list[AttemptsDone], tally: _Tally, now: datetime
     ) -> None:
-        await store.set_attempts_status(connection, done.exam_id, done.status)
-        if done.status == "ok" and done.complete:
-            deleted = await store.mark_attempts_deleted(connection, done.exam_id, done.seen_ids, now)
-            tally.count("attempts", RowCounts(deleted=deleted))
-            if self._record_progress:
-                await store.record_progress(connection, self._summary.run_id, done.exam_id, now)
+        """Record how each exam's attempt fetch ended; mark what a complete fetch missed."""
+        if not done:
+            return
+        await store.set_attempts_status(connection, {item.exam_id: item.status for item in done})
+        complete = {item.exam_id: item.seen_ids for item in done if item.status == "ok" and item.complete}
+        deleted = await store.mark_attempts_deleted(connection, complete, now)
+        tally.count("attempts", RowCounts(deleted=deleted))
+        if self._record_progress:
+            await store.record_progress(connection, self._summary.run_id, list(complete), now)
 
     async def _finish_listing(self, listing: ListingDone) -> None:
         self._summary.listing_complete = listing.complete
@@ -293,7 +298,7 @@ async def run_sync(
     Setting `stop` ends the run early and cleanly: fetching stops, the writer commits
     what was fetched, and the run is recorded as interrupted."""
     stop = stop or asyncio.Event()
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     async with engine.begin() as connection:
         # We hold the run lock, so a run still marked running was killed mid-way.
         abandoned = await store.close_abandoned_runs(connection, clock())
@@ -322,6 +327,7 @@ async def run_sync(
         raise
     finally:
         summary.duration_seconds = round(time.monotonic() - started, 3)
+        summary.cpu_seconds = round(time.process_time() - cpu_started, 3)
         summary.requests = client.stats.requests
         summary.retries = client.stats.retries
         # Shielded: an interrupt must not cancel the bookkeeping that says it happened.
@@ -454,6 +460,8 @@ def _log_summary(summary: RunSummary) -> None:
         "run_finished",
         status=summary.status,
         duration_s=summary.duration_seconds,
+        cpu_s=summary.cpu_seconds,
+        batches=summary.batches,
         requests=summary.requests,
         retries=summary.retries,
         exams=summary.exams_seen,

@@ -1,19 +1,26 @@
 """Writes: batched upserts, deletion marks, run records and errors.
 
-The caller owns the transaction; these functions only batch and upsert. An upsert is
-one `INSERT … ON CONFLICT DO UPDATE … WHERE <something differs>` per batch, in each
-dialect's own spelling, so a row whose values did not change is not rewritten.
+The caller owns the transaction; these functions only batch and upsert.
+
+Upserts are the hot path of a sync, so they skip SQLAlchemy's per-value type processing
+and go straight to the driver's executemany, with values converted once, here. Which rows
+to write is decided in Python: one SELECT per batch reads the stored `content_hash` (a
+digest of the payload a row was written from), and only new and changed rows are sent,
+as `INSERT … ON CONFLICT DO UPDATE` in each dialect's spelling. A row whose payload did not
+change is not rewritten, and a second run over unchanged data writes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Table, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+import orjson
+from sqlalchemy import Table, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schema import (
@@ -26,10 +33,12 @@ from schema import (
     sync_runs,
     users,
 )
-from sync.normalize import AttemptRow, ExamRow, UserRow
+from schema.types import ExactDecimal, UTCDateTime
+from sync.normalize import NORMALIZER_VERSION, AttemptRow, ExamRow, UserRow
 
-# Ids per IN (...) list: well under SQLite's and asyncpg's limits on bound parameters.
+# Keys per IN (...) list: well under SQLite's limit on bound parameters.
 _CHUNK = 2000
+_USER_FIELDS = ("user_id", "display_name", "first_name", "last_name")
 
 
 @dataclass
@@ -44,103 +53,203 @@ class RowCounts:
             setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
 
 
-def _insert(connection: AsyncConnection, table: Table) -> Any:
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+# --- values as the driver takes them -------------------------------------------------------
 
 
-async def _upsert(
+def _sqlite_timestamp(value: datetime | None) -> str | None:
+    # SQLAlchemy's own SQLite DateTime text, so Core reads these back as datetimes.
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _converter(table: Table, name: str, dialect: str) -> Callable[[Any], Any] | None:
+    kind = table.c[name].type
+    if dialect == "sqlite" and isinstance(kind, UTCDateTime):
+        return _sqlite_timestamp
+    if dialect == "sqlite" and isinstance(kind, ExactDecimal):
+        return _text_or_none  # NUMERIC affinity parses the exact decimal text
+    return None  # asyncpg takes aware datetimes, Decimals and ints as they are
+
+
+def _placeholders(dialect: str, count: int) -> list[str]:
+    return [f"${n}" for n in range(1, count + 1)] if dialect == "postgresql" else ["?"] * count
+
+
+@dataclass(frozen=True)
+class _Upsert:
+    """The upsert of one table in one dialect: its SQL and how to turn a row into values."""
+
+    sql: str
+    content: tuple[str, ...]
+    converters: tuple[Callable[[Any], Any] | None, ...]
+    stamp: Callable[[datetime], Any]
+
+
+@cache
+def _payload_upsert(table: Table, key: str, content: tuple[str, ...], dialect: str) -> _Upsert:
+    """For exams and attempts: content columns (raw last), content_hash, first/last seen."""
+    content = tuple(name for name in content if name != "raw")
+    names = [*content, "raw", "content_hash", "first_seen_at", "last_seen_at"]
+    refreshed = [name for name in names if name not in (key, "first_seen_at")]
+    sql = (
+        f"INSERT INTO {table.name} ({', '.join(names)}) "
+        f"VALUES ({', '.join(_placeholders(dialect, len(names)))}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET "
+        + ", ".join(f"{name} = excluded.{name}" for name in refreshed)
+        + ", deleted_at = NULL"
+    )
+    stamp = _sqlite_timestamp if dialect == "sqlite" else (lambda moment: moment)
+    converters = tuple(_converter(table, name, dialect) for name in content)
+    return _Upsert(sql, content, converters, stamp)
+
+
+@cache
+def _user_upsert(dialect: str) -> str:
+    names = ["username", *_USER_FIELDS, "first_seen_at", "last_seen_at"]
+    return (
+        f"INSERT INTO users ({', '.join(names)}) "
+        f"VALUES ({', '.join(_placeholders(dialect, len(names)))}) "
+        "ON CONFLICT (username) DO UPDATE SET "
+        + ", ".join(f"{name} = excluded.{name}" for name in [*_USER_FIELDS, "last_seen_at"])
+    )
+
+
+def content_hash(raw_json: bytes) -> str:
+    """The digest a row is compared by: its payload, and the rules that normalized it."""
+    return hashlib.blake2b(NORMALIZER_VERSION + raw_json, digest_size=16).hexdigest()
+
+
+async def _stored(
+    connection: AsyncConnection, table: Table, key: str, columns: str, keys: Sequence[Any]
+) -> list[Any]:
+    """`columns` of the stored rows whose `key` is among `keys`, one query per chunk."""
+    found: list[Any] = []
+    dialect = connection.dialect.name
+    for start in range(0, len(keys), _CHUNK):
+        chunk = list(keys[start : start + _CHUNK])
+        if dialect == "postgresql":
+            sql = f"SELECT {key}, {columns} FROM {table.name} WHERE {key} = ANY($1)"
+            result = await connection.exec_driver_sql(sql, (chunk,))
+        else:
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT {key}, {columns} FROM {table.name} WHERE {key} IN ({marks})"
+            result = await connection.exec_driver_sql(sql, tuple(chunk))
+        found.extend(result.all())
+    return found
+
+
+async def _upsert_payload_rows(
     connection: AsyncConnection,
     table: Table,
-    key: str,
-    rows: Sequence[dict[str, Any]],
-    content: Sequence[str],
+    content: tuple[str, ...],
+    rows: Iterable[Any],
     now: datetime,
-    *,
-    keep_known: bool = False,
 ) -> RowCounts:
-    """Insert new rows, update changed ones, leave the rest alone; count each kind.
-
-    keep_known: a null in the new row keeps the stored value (a user seen once with a
-    name and once as a bare username keeps the name)."""
-    if not rows:
+    """Insert new rows, rewrite changed ones (or deleted ones seen again), count the rest."""
+    unique = {row["id"]: row for row in rows}  # one statement may not touch a row twice
+    if not unique:
         return RowCounts()
-    keys = [row[key] for row in rows]
-    existing: set[Any] = set()
-    for chunk in _chunks(keys):
-        result = await connection.execute(select(table.c[key]).where(table.c[key].in_(chunk)))
-        existing.update(result.scalars())
-
-    statement = _insert(connection, table)
-    excluded = statement.excluded
-
-    def incoming(name: str) -> Any:
-        return func.coalesce(excluded[name], table.c[name]) if keep_known else excluded[name]
-
-    changed = [table.c[name].is_distinct_from(incoming(name)) for name in content]
-    new_values: dict[str, Any] = {name: incoming(name) for name in content}
-    new_values["last_seen_at"] = excluded.last_seen_at
-    if "deleted_at" in table.c:
-        changed.append(table.c.deleted_at.is_not(None))
-        new_values["deleted_at"] = None
-    statement = statement.on_conflict_do_update(
-        index_elements=[key], set_=new_values, where=or_(*changed)
-    ).returning(table.c[key])
-    params = [{**row, "first_seen_at": now, "last_seen_at": now} for row in rows]
-    written = set((await connection.execute(statement, params)).scalars())
-    inserted = len(written - existing)
-    updated = len(written & existing)
-    return RowCounts(inserted=inserted, updated=updated, unchanged=len(rows) - inserted - updated)
-
-
-def _last_per_key(rows: Iterable[Any], key: str) -> list[Any]:
-    """One row per key (the last wins): a statement may not touch a row twice."""
-    return list({row[key]: row for row in rows}.values())
+    dialect = connection.dialect.name
+    plan = _payload_upsert(table, "id", content, dialect)
+    stored = {
+        ident: (digest, gone)
+        for ident, digest, gone in await _stored(
+            connection, table, "id", "content_hash, deleted_at IS NOT NULL", list(unique)
+        )
+    }
+    stamp = plan.stamp(now)
+    counts = RowCounts()
+    to_write = []
+    for ident, row in unique.items():
+        raw_json = orjson.dumps(row["raw"])
+        digest = content_hash(raw_json)
+        before = stored.get(ident)
+        if before is None:
+            counts.inserted += 1
+        elif before[0] != digest or before[1]:
+            counts.updated += 1
+        else:
+            counts.unchanged += 1
+            continue
+        values = [
+            row[name] if convert is None else convert(row[name])
+            for name, convert in zip(plan.content, plan.converters, strict=True)
+        ]
+        values += (raw_json.decode(), digest, stamp, stamp)
+        to_write.append(tuple(values))
+    if to_write:
+        await connection.exec_driver_sql(plan.sql, to_write)
+    return counts
 
 
 async def upsert_exams(
     connection: AsyncConnection, rows: Iterable[ExamRow], now: datetime
 ) -> RowCounts:
-    return await _upsert(
-        connection, exams, "id", _last_per_key(rows, "id"), EXAM_CONTENT_COLUMNS, now
-    )
+    return await _upsert_payload_rows(connection, exams, EXAM_CONTENT_COLUMNS, rows, now)
 
 
 async def upsert_attempts(
     connection: AsyncConnection, rows: Iterable[AttemptRow], now: datetime
 ) -> RowCounts:
-    return await _upsert(
-        connection, attempts, "id", _last_per_key(rows, "id"), ATTEMPT_CONTENT_COLUMNS, now
-    )
+    return await _upsert_payload_rows(connection, attempts, ATTEMPT_CONTENT_COLUMNS, rows, now)
 
 
 async def upsert_users(
     connection: AsyncConnection, rows: Iterable[UserRow], now: datetime
 ) -> RowCounts:
-    merged: dict[str, dict[str, Any]] = {}
+    """Users by username. A field the new sighting lacks keeps its stored value: a user
+    seen once with a name and once as a bare username keeps the name."""
+    merged: dict[str, list[Any]] = {}
     for row in rows:
-        known = merged.setdefault(row["username"], dict(row))
-        for name, value in row.items():
-            if value is not None:
-                known[name] = value
-    content = ("user_id", "display_name", "first_name", "last_name")
-    return await _upsert(
-        connection, users, "username", list(merged.values()), content, now, keep_known=True
-    )
+        known = merged.setdefault(row["username"], [None] * len(_USER_FIELDS))
+        for index, name in enumerate(_USER_FIELDS):
+            if row[name] is not None:
+                known[index] = row[name]
+    if not merged:
+        return RowCounts()
+    stored = {
+        username: tuple(values)
+        for username, *values in await _stored(
+            connection, users, "username", ", ".join(_USER_FIELDS), list(merged)
+        )
+    }
+    dialect = connection.dialect.name
+    stamp = _sqlite_timestamp(now) if dialect == "sqlite" else now
+    counts = RowCounts()
+    to_write = []
+    for username, fresh in merged.items():
+        before = stored.get(username)
+        if before is None:
+            counts.inserted += 1
+            values = tuple(fresh)
+        else:
+            values = tuple(new if new is not None else old for new, old in zip(fresh, before, strict=True))
+            if values == before:
+                counts.unchanged += 1
+                continue
+            counts.updated += 1
+        to_write.append((username, *values, stamp, stamp))
+    if to_write:
+        await connection.exec_driver_sql(_user_upsert(dialect), to_write)
+    return counts
 
 
-# --- deletion marks ----------------------------------------------------------------------
+# --- deletion marks and fetch outcomes ----------------------------------------------------
 
 
-async def _mark_missing(
-    connection: AsyncConnection, table: Table, live: Any, present: frozenset[int], now: datetime
+async def _mark_deleted(
+    connection: AsyncConnection, table: Table, ids: Sequence[int], now: datetime
 ) -> int:
-    """Set deleted_at on the rows `live` selects whose id is not in `present`."""
-    stored = set((await connection.execute(live)).scalars())
-    missing = sorted(stored - present)
-    for chunk in _chunks(missing):
+    for chunk in _chunks(sorted(ids)):
         await connection.execute(update(table).where(table.c.id.in_(chunk)).values(deleted_at=now))
-    return len(missing)
+    return len(ids)
 
 
 async def mark_exams_deleted(
@@ -150,25 +259,39 @@ async def mark_exams_deleted(
     live = select(exams.c.id).where(exams.c.deleted_at.is_(None))
     if course is not None:
         live = live.where(exams.c.course == course)
-    return await _mark_missing(connection, exams, live, present, now)
+    missing = set((await connection.execute(live)).scalars()) - present
+    return await _mark_deleted(connection, exams, list(missing), now)
 
 
 async def mark_attempts_deleted(
-    connection: AsyncConnection, exam_id: int, present: frozenset[int], now: datetime
+    connection: AsyncConnection, present_by_exam: dict[int, frozenset[int]], now: datetime
 ) -> int:
-    """Attempts of `exam_id` that a complete fetch of its attempts no longer shows."""
-    live = select(attempts.c.id).where(
-        attempts.c.exam_id == exam_id, attempts.c.deleted_at.is_(None)
-    )
-    return await _mark_missing(connection, attempts, live, present, now)
+    """Attempts that a complete fetch of their exam's attempts no longer shows, for every
+    exam in `present_by_exam` (exam id → the attempt ids the fetch showed)."""
+    missing: list[int] = []
+    exam_ids = list(present_by_exam)
+    for chunk in _chunks(exam_ids):
+        live = await connection.execute(
+            select(attempts.c.id, attempts.c.exam_id).where(
+                attempts.c.exam_id.in_(chunk), attempts.c.deleted_at.is_(None)
+            )
+        )
+        missing.extend(ident for ident, exam_id in live if ident not in present_by_exam[exam_id])
+    return await _mark_deleted(connection, attempts, missing, now)
 
 
-async def set_attempts_status(connection: AsyncConnection, exam_id: int, status: str) -> None:
-    await connection.execute(
-        update(exams)
-        .where(exams.c.id == exam_id, exams.c.attempts_status.is_distinct_from(status))
-        .values(attempts_status=status)
-    )
+async def set_attempts_status(connection: AsyncConnection, statuses: dict[int, str]) -> None:
+    """exams.attempts_status for each exam id; rows already holding the status are untouched."""
+    by_status: dict[str, list[int]] = {}
+    for exam_id, status in statuses.items():
+        by_status.setdefault(status, []).append(exam_id)
+    for status, exam_ids in by_status.items():
+        for chunk in _chunks(exam_ids):
+            await connection.execute(
+                update(exams)
+                .where(exams.c.id.in_(chunk), exams.c.attempts_status.is_distinct_from(status))
+                .values(attempts_status=status)
+            )
 
 
 # --- runs, progress, errors --------------------------------------------------------------
@@ -234,13 +357,16 @@ async def record_error(
 
 
 async def record_progress(
-    connection: AsyncConnection, run_id: int, exam_id: int, now: datetime
+    connection: AsyncConnection, run_id: int, exam_ids: Sequence[int], now: datetime
 ) -> None:
-    await connection.execute(
-        sync_progress.insert().values(run_id=run_id, exam_id=exam_id, completed_at=now)
-    )
+    """These exams are stored completely by this run (for `backfill --resume`)."""
+    if exam_ids:
+        await connection.execute(
+            sync_progress.insert(),
+            [{"run_id": run_id, "exam_id": exam_id, "completed_at": now} for exam_id in exam_ids],
+        )
 
 
-def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:  # for Core statements
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]

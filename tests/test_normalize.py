@@ -124,6 +124,8 @@ def test_unparseable_timestamp_names_the_field(bad: Any) -> None:
         ("0:00:00", Decimal(0)),
         ("-1 day, 23:59:59", Decimal(-1)),
         ("0:00:00.5", Decimal("0.5")),
+        ("-1 day, 23:59:59.5", Decimal("-0.5")),
+        ("2 days, 0:00:00.000001", Decimal("172800.000001")),
     ],
 )
 def test_timedelta_text_becomes_exact_seconds(text: str, seconds: Decimal) -> None:
@@ -136,7 +138,7 @@ def test_exam_duration_is_whole_seconds() -> None:
     assert parse_duration_seconds(None, "duration") is None
 
 
-@pytest.mark.parametrize("bad", ["90 minutes", "1:2", "1:99:00", [1]])
+@pytest.mark.parametrize("bad", ["90 minutes", "1:2", "1:99:00", "1:00:00.1234567", "3 weeks, 1:00:00", "a:bc:de", [1]])
 def test_unparseable_duration_is_a_record_error(bad: Any) -> None:
     with pytest.raises(RecordError, match="time_taken"):
         parse_timedelta_seconds(bad, "time_taken")

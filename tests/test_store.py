@@ -93,11 +93,11 @@ async def test_missing_attempts_are_marked_deleted_and_restored(engine: AsyncEng
     async with engine.begin() as connection:
         await store.upsert_exams(connection, [exam_row(exam_payload())], NOW)
         await store.upsert_attempts(connection, rows, NOW)
-        deleted = await store.mark_attempts_deleted(connection, 42, frozenset({1, 3}), NOW)
+        deleted = await store.mark_attempts_deleted(connection, {42: frozenset({1, 3})}, NOW)
     assert deleted == 1
     async with engine.begin() as connection:
         restored = await store.upsert_attempts(connection, rows, LATER)
-        again = await store.mark_attempts_deleted(connection, 42, frozenset({1, 2, 3}), LATER)
+        again = await store.mark_attempts_deleted(connection, {42: frozenset({1, 2, 3})}, LATER)
     async with engine.connect() as connection:
         marks = (await connection.execute(select(attempts.c.id, attempts.c.deleted_at).order_by(attempts.c.id))).all()
     assert (restored.updated, restored.unchanged, again) == (1, 2, 0)

@@ -75,9 +75,9 @@ async def test_a_deleted_exam_that_returns_is_restored(
 ) -> None:
     await sync_once(simulator, database_url)
     exam = simulator.dataset.exams[0]
-    simulator.dataset.exams.remove(exam)
+    simulator.dataset.delete_exam(exam.id)
     await sync_once(simulator, database_url)
-    simulator.dataset.exams.insert(0, exam)
+    simulator.dataset.restore_exam(exam)
     await sync_once(simulator, database_url)
     exam_rows, _ = await stored_rows(engine)
     assert exam_rows[exam.id].deleted_at is None

@@ -53,6 +53,8 @@ def upgrade() -> None:
         sa.Column("url", sa.Text),
         sa.Column("attempts_url", sa.Text),
         sa.Column("raw", RawJSON, nullable=False),
+        # What the row was written from; a row whose hash is unchanged is not rewritten.
+        sa.Column("content_hash", sa.Text, nullable=False),
         *_seen_columns(),
         sa.Column("deleted_at", UTCDateTime),
         sa.Column("attempts_status", sa.Text),
@@ -83,6 +85,8 @@ def upgrade() -> None:
         sa.Column("review_url", sa.Text),
         sa.Column("questions_url", sa.Text),
         sa.Column("raw", RawJSON, nullable=False),
+        # What the row was written from; a row whose hash is unchanged is not rewritten.
+        sa.Column("content_hash", sa.Text, nullable=False),
         *_seen_columns(),
         sa.Column("deleted_at", UTCDateTime),
         sa.PrimaryKeyConstraint("id", name="pk_attempts"),

@@ -15,8 +15,9 @@ import hashlib
 import hmac
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import orjson
@@ -25,6 +26,7 @@ from aiohttp import web
 from sync.simulator.data import Dataset, Faults, SimExam
 
 API = "/api/v2.1"
+T = TypeVar("T")
 DATASET_KEY = web.AppKey("dataset", Dataset)
 STATE_KEY = web.AppKey("state", "SimulatorState")
 
@@ -109,8 +111,13 @@ def base_url(request: web.Request) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-def paginate(request: web.Request, items: list[Any], per_page: int) -> dict[str, Any] | None:
-    """The Testpress envelope for one page, or None for a page past the end."""
+def paginate(
+    request: web.Request, items: Sequence[T], per_page: int, render: Callable[[T], Any]
+) -> dict[str, Any] | None:
+    """The Testpress envelope for one page, or None for a page past the end.
+
+    Only the page's own items are rendered: the envelope needs the count, not every
+    payload, which keeps a listing of thousands cheap to serve."""
     try:
         page = int(request.query.get("page", "1"))
     except ValueError:
@@ -131,7 +138,7 @@ def paginate(request: web.Request, items: list[Any], per_page: int) -> dict[str,
         "next": link(page + 1),
         "previous": link(page - 1),
         "per_page": per_page,
-        "results": items[(page - 1) * per_page : page * per_page],
+        "results": [render(item) for item in items[(page - 1) * per_page : page * per_page]],
     }
 
 
@@ -279,8 +286,8 @@ async def exam_list(request: web.Request) -> web.Response:
     if request.query.get("page", "1") != "1":
         _drift(dataset, state.faults)
     base = base_url(request)
-    exams = [dataset.exam_payload(exam, base) for exam in _visible_exams(request, dataset)]
-    page = paginate(request, exams, state.per_page)
+    exams = _visible_exams(request, dataset)
+    page = paginate(request, exams, state.per_page, lambda exam: dataset.exam_payload(exam, base))
     return json_response(page) if page else json_response(INVALID_PAGE, 404)
 
 
@@ -325,18 +332,12 @@ async def attempt_list(request: web.Request) -> web.Response:
         return json_response({"detail": "Not found."}, 404)
     dataset = request.app[DATASET_KEY]
     per_page = state.per_page
-    page_number = request.query.get("page", "1")
-    if exam.broken_page is not None and page_number == str(exam.broken_page):
+    if exam.broken_page is not None and request.query.get("page") == str(exam.broken_page):
         return json_response({"detail": "A server error occurred."}, 500)
-    start = (int(page_number) - 1) * per_page if page_number.isdigit() else 0
     base = base_url(request)
-    # Render only the requested page: the envelope needs the count, not every payload.
-    window = exam.attempts[start : start + per_page]
-    placeholders: list[Any] = [None] * len(exam.attempts)
-    placeholders[start : start + len(window)] = [
-        dataset.attempt_payload(exam, attempt, base) for attempt in window
-    ]
-    page = paginate(request, placeholders, per_page)
+    page = paginate(
+        request, exam.attempts, per_page, lambda attempt: dataset.attempt_payload(exam, attempt, base)
+    )
     return json_response(page) if page else json_response(INVALID_PAGE, 404)
 
 

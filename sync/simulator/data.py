@@ -89,8 +89,8 @@ class Dataset:
             SimUser(1000 + i, f"student{i:05d}", f"First{i}", f"Last{i}") for i in range(users)
         ]
         self.exams: list[SimExam] = []
+        self._by_slug: dict[str, SimExam] = {}
         self._next_exam_id = 1
-        self.version = 0  # bumped by every change; page caches key on it
         for index in range(exams):
             exam = self.add_exam(attempts=attempts_per_exam)
             exam.forbidden = bool(forbidden_every) and index % forbidden_every == 1
@@ -110,6 +110,7 @@ class Dataset:
             extra_fields=exam_id % 4 == 0,
         )
         self.exams.insert(0, exam)
+        self._by_slug[exam.slug] = exam
         self.add_attempts(exam, attempts)
         return exam
 
@@ -128,7 +129,6 @@ class Dataset:
             )
             exam.attempts.insert(0, attempt)
             new.append(attempt)
-        self.version += 1
         return new
 
     def complete_running(self) -> int:
@@ -139,21 +139,24 @@ class Dataset:
                 if attempt.state == "Running":
                     attempt.state = "Completed"
                     done += 1
-        self.version += 1
         return done
 
     def rename_exam(self, exam_id: int, title: str) -> None:
         self.exam(exam_id).title = title
-        self.version += 1
 
     def delete_exam(self, exam_id: int) -> None:
-        self.exams.remove(self.exam(exam_id))
-        self.version += 1
+        exam = self.exam(exam_id)
+        self.exams.remove(exam)
+        del self._by_slug[exam.slug]
+
+    def restore_exam(self, exam: SimExam) -> None:
+        """An exam deleted earlier comes back, at the top of the listing."""
+        self.exams.insert(0, exam)
+        self._by_slug[exam.slug] = exam
 
     def delete_attempt(self, attempt_id: int) -> None:
         exam = self.exam(attempt_id // 100_000)
         exam.attempts = [a for a in exam.attempts if a.id != attempt_id]
-        self.version += 1
 
     def exam(self, exam_id: int) -> SimExam:
         for exam in self.exams:
@@ -162,7 +165,7 @@ class Dataset:
         raise KeyError(exam_id)
 
     def exam_by_slug(self, slug: str) -> SimExam | None:
-        return next((exam for exam in self.exams if exam.slug == slug), None)
+        return self._by_slug.get(slug)
 
     # --- payloads --------------------------------------------------------------------
 

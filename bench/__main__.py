@@ -1,0 +1,249 @@
+"""The performance benchmark: `python -m bench` (or `make bench`).
+
+Every scenario runs the real `testpress-sync run` in a child process against the bundled
+simulator in another child process (so the simulator's CPU is not counted), on loopback,
+and reads the child's own CPU time and peak RSS from wait4(). Figures are compared within
+one run only: these machines are noisy.
+
+    wall     20 ms latency: wall time against the ideal requests × latency ÷ concurrency
+    cpu      zero latency: attempts stored per CPU-second of the sync process
+    memory   peak RSS at 10,000 and at 100,000 attempts
+    upsert   rows/s: first insert, re-upsert of unchanged rows, plain executemany floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("TESTPRESS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@dataclass
+class Measurement:
+    database: str
+    attempts: int
+    requests: int
+    wall: float
+    cpu: float
+    peak_rss_mb: float
+    inserted: int
+    updated: int
+    status: str
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def simulator(exams: int, attempts_per_exam: int, latency: float) -> Iterator[str]:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "sync", "simulate", "--port", str(port), "--exams", str(exams),
+        "--attempts-per-exam", str(attempts_per_exam), "--latency", str(latency),
+        "--users", "2000",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                simulator_stats(base)
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the simulator did not start") from None
+                time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def simulator_stats(base: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{base}/_simulator/stats", timeout=5) as response:
+        return json.loads(response.read())
+
+
+@contextmanager
+def database(kind: str) -> Iterator[str]:
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as folder:
+            yield f"sqlite:///{folder}/bench.db"
+        return
+    import asyncpg
+
+    name = f"tps_bench_{uuid.uuid4().hex[:10]}"
+    admin_dsn = PG_ADMIN_URL
+
+    async def admin(statement: str) -> None:
+        connection = await asyncpg.connect(admin_dsn)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def sync_run(base: str, database_url: str, kind: str, *, concurrency: int = 16) -> Measurement:
+    """One `testpress-sync run` in a child process, measured."""
+    env = {
+        **os.environ,
+        "TESTPRESS_BASE_URL": base,
+        "TESTPRESS_USERNAME": "admin",
+        "TESTPRESS_PASSWORD": "secret",
+        "TESTPRESS_DATABASE_URL": database_url,
+        "TESTPRESS_CONCURRENCY": str(concurrency),
+        "TESTPRESS_LOG_FORMAT": "json",
+    }
+    before = simulator_stats(base)["requests"]
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", "run"], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    output = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    summary = next(
+        (json.loads(line) for line in output.splitlines() if b'"run_finished"' in line), None
+    )
+    if summary is None or process.returncode not in (0, 1):
+        raise RuntimeError(f"the sync failed ({process.returncode}):\n{output.decode()[-2000:]}")
+    return Measurement(
+        database=kind,
+        attempts=summary["attempts"],
+        requests=simulator_stats(base)["requests"] - before,
+        wall=wall,
+        cpu=usage.ru_utime + usage.ru_stime,
+        peak_rss_mb=usage.ru_maxrss / 1024,
+        inserted=summary["inserted"],
+        updated=summary["updated"],
+        status=summary["status"],
+    )
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+
+def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float) -> list[list[str]]:
+    rows = []
+    for kind in kinds:
+        with simulator(exams, per_exam, latency) as base, database(kind) as url:
+            first = sync_run(base, url, kind)
+            second = sync_run(base, url, kind)
+        ideal = first.requests * latency / 16
+        rows.append([
+            kind, f"{first.attempts:,}", f"{first.requests:,}", f"{first.wall:.2f}", f"{ideal:.2f}",
+            f"{first.wall / ideal:.2f}", f"{first.attempts / first.wall:,.0f}", f"{first.cpu:.2f}",
+            f"{first.peak_rss_mb:.0f}", f"{first.requests / max(first.attempts, 1):.3f}",
+            f"{second.inserted}/{second.updated}",
+        ])  # fmt: skip
+    return rows
+
+
+def scenario_cpu(kinds: list[str], exams: int, per_exam: int) -> list[list[str]]:
+    rows = []
+    for kind in kinds:
+        with simulator(exams, per_exam, 0.0) as base, database(kind) as url:
+            run = sync_run(base, url, kind)
+        rows.append([
+            kind, f"{run.attempts:,}", f"{run.wall:.2f}", f"{run.cpu:.2f}",
+            f"{run.attempts / run.cpu:,.0f}", f"{run.peak_rss_mb:.0f}",
+        ])  # fmt: skip
+    return rows
+
+
+def scenario_memory(kinds: list[str], sizes: list[tuple[int, int]]) -> list[list[str]]:
+    rows = []
+    for kind in kinds:
+        peaks = []
+        for exams, per_exam in sizes:
+            with simulator(exams, per_exam, 0.0) as base, database(kind) as url:
+                run = sync_run(base, url, kind)
+            peaks.append(run)
+        growth = peaks[-1].peak_rss_mb / peaks[0].peak_rss_mb - 1
+        rows.append([
+            kind, *(f"{run.attempts:,}: {run.peak_rss_mb:.0f} MB" for run in peaks), f"{growth:+.0%}",
+        ])  # fmt: skip
+    return rows
+
+
+def scenario_upsert(kinds: list[str], count: int) -> list[list[str]]:
+    from bench.upserts import measure_upserts
+
+    rows = []
+    for kind in kinds:
+        with database(kind) as url:
+            first, again, floor = asyncio.run(measure_upserts(url, count))
+        rows.append([kind, f"{count:,}", f"{first:,.0f}", f"{again:,.0f}", f"{floor:,.0f}", f"{first / floor:.2f}"])
+    return rows
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([f"\n{title}", line(header), rule, *(line(row) for row in rows)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("wall", "cpu", "memory", "upsert"), action="append")
+    parser.add_argument("--databases", default="sqlite,postgres")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    args = parser.parse_args()
+    kinds = args.databases.split(",")
+    only = set(args.only or ("wall", "cpu", "memory", "upsert"))
+    scale = 10 if args.quick else 1
+    print(f"testpress-sync benchmark — {time.strftime('%Y-%m-%d %H:%M')} — {os.cpu_count()} cores", flush=True)
+    if "wall" in only:
+        rows = scenario_wall(kinds, 1000 // scale, 30, 0.020)
+        print(table(
+            "Wall time at 20 ms latency, concurrency 16 (ideal = requests × latency ÷ 16)",
+            ["db", "attempts", "requests", "wall s", "ideal s", "ratio", "attempts/s", "cpu s",
+             "peak MB", "req/attempt", "2nd run ins/upd"], rows), flush=True)  # fmt: skip
+    if "cpu" in only:
+        rows = scenario_cpu(kinds, 1000 // scale, 30)
+        print(table("CPU at zero latency", ["db", "attempts", "wall s", "cpu s", "attempts per cpu-s", "peak MB"], rows), flush=True)
+    if "memory" in only:
+        sizes = [(200 // scale, 50), (2000 // scale, 50)]
+        rows = scenario_memory(kinds, sizes)
+        print(table("Peak RSS of the sync process", ["db", "small", "large", "growth"], rows), flush=True)
+    if "upsert" in only:
+        rows = scenario_upsert(kinds, 20000 // scale)
+        print(table("Upserts, rows/s (attempts table, batches of 500)",
+                    ["db", "rows", "first insert", "unchanged re-upsert", "plain executemany", "insert ÷ floor"], rows), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
