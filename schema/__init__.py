@@ -4,7 +4,11 @@ The tables and views are a public contract with dashboards (../shared/reporting-
 change them only through a new Alembic migration and a line in CHANGELOG.md.
 """
 
-from schema.tables import (
+# The newest Alembic revision. A database at this revision needs no migration; a test keeps
+# this equal to the head of alembic/versions.
+SCHEMA_HEAD = "0001"
+
+from schema.tables import (  # noqa: E402
     ATTEMPT_CONTENT_COLUMNS,
     EXAM_CONTENT_COLUMNS,
     attempts,
@@ -17,6 +21,7 @@ from schema.tables import (
 )
 
 __all__ = [
+    "SCHEMA_HEAD",
     "ATTEMPT_CONTENT_COLUMNS",
     "EXAM_CONTENT_COLUMNS",
     "attempts",
