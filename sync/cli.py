@@ -40,7 +40,7 @@ from sync.database import (
 )
 from sync.errors import AuthError, ConfigError, DatabaseError, LockHeldError, SyncError
 from sync.logs import Redactor, configure_logging
-from sync.pipeline import RunSummary, run_sync
+from sync.pipeline import RunOptions, RunSummary, run_sync
 
 log = structlog.get_logger("testpress_sync.cli")
 
@@ -257,7 +257,7 @@ async def _sync_into(
             async with open_session(settings.api, settings.http) as session:
                 client = TestpressClient(session, settings.api, settings.http, redactor)
                 return await run_sync(
-                    engine, client, settings, redactor, mode=mode, resume=resume, stop=stop
+                    engine, client, settings, redactor, RunOptions(mode=mode, resume=resume), stop=stop
                 )
     finally:
         await engine.dispose()

@@ -116,6 +116,8 @@ class Crawler:
         *,
         workers: int,
         course: str | None = None,
+        exam_slugs: tuple[str, ...] = (),
+        limit: int | None = None,
         skip_attempts_of: frozenset[int] = frozenset(),
         max_passes: int = 3,
     ) -> None:
@@ -123,10 +125,13 @@ class Crawler:
         self._out = out
         self._workers = workers
         self._course = course
+        self._slugs = exam_slugs
+        self._limit = limit
         self._skip = skip_attempts_of
         self._max_passes = max_passes
         self._exams: asyncio.Queue[ExamRef | None] = asyncio.Queue(maxsize=workers * 4)
         self.exams_skipped = 0
+        self.exams_total: int | None = None  # known once the listing's first page arrived
 
     def listing_url(self) -> str:
         url = f"{self._client.api_root}/exams/"
@@ -137,7 +142,7 @@ class Crawler:
     async def crawl(self) -> None:
         """Walk everything; returns when every batch and marker is in the out queue."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._walk_listing())
+            group.create_task(self._fetch_named_exams() if self._slugs else self._walk_listing())
             for _ in range(self._workers):
                 group.create_task(self._attempt_worker())
 
@@ -148,24 +153,53 @@ class Crawler:
         present: set[int] = set()  # every exam id the listing showed, malformed ones included
         complete = False
         for number in range(1, self._max_passes + 1):
-            walk = await self._walk(self.listing_url(), self._exam_page_handler(seen))
+            walk = await self._walk(self.listing_url(), self._exam_page_handler(seen), self._limit)
             present |= walk.ids
-            if walk.failed:
-                break
+            if walk.failed or self._limit is not None:
+                break  # a limited walk is a sample: never complete, never a reason to delete
             if walk.consistent:
                 complete = True
                 break
             log.info("listing_shifted_walking_again", entity="exam", walk=number)
+        await self._close_exam_queue()
+        await self._out.put(ListingDone(complete, frozenset(present), self._course))
+
+    async def _fetch_named_exams(self) -> None:
+        """--exam SLUG: those exams from their detail pages, not the listing."""
+        self.exams_total = len(self._slugs)
+        seen: set[int] = set()
+        handle = self._exam_page_handler(seen)
+        for slug in self._slugs:
+            url = f"{self._client.api_root}/exams/{slug}/"
+            try:
+                detail = await self._client.get_json(url)
+            except SkippableError as exc:
+                await self._out.put(Failure("exam", slug, f"cannot read exam {slug!r}: {exc}", exc.status))
+                continue
+            except ApiError as exc:
+                await self._page_failed(exc)
+                continue
+            if isinstance(detail, dict):
+                detail.pop("attempts", None)  # the embedded list names users by username only
+            await handle([detail], _Walk())
+        await self._close_exam_queue()
+        await self._out.put(ListingDone(False, frozenset(seen), self._course))
+
+    async def _close_exam_queue(self) -> None:
         # Not in a `finally`: on an error the task group cancels the workers anyway, and a
         # put on a full queue would block the cancellation.
         for _ in range(self._workers):
             await self._exams.put(None)
-        await self._out.put(ListingDone(complete, frozenset(present), self._course))
 
     def _exam_page_handler(self, seen: set[int]) -> Callable[[list[Any], _Walk], Any]:
         async def handle(items: list[Any], walk: _Walk) -> None:
+            if self.exams_total is None and walk.counts:  # the listing's first page
+                listed = next(iter(walk.counts))
+                self.exams_total = listed if self._limit is None else min(listed, self._limit)
             rows: list[ExamRow] = []
             for payload in items:
+                if self._limit is not None and len(seen) >= self._limit:
+                    break
                 row = await self._normalized(payload, "exam", exam_row, walk)
                 if row is None or row["id"] in seen:
                     continue
@@ -233,8 +267,14 @@ class Crawler:
 
     # --- shared: one pass over a paginated listing -----------------------------------
 
-    async def _walk(self, first_url: str, handle: Callable[[list[Any], _Walk], Any]) -> _Walk:
-        """Fetch every page of a listing, page 1 first, the rest concurrently.
+    async def _walk(
+        self,
+        first_url: str,
+        handle: Callable[[list[Any], _Walk], Any],
+        max_items: int | None = None,
+    ) -> _Walk:
+        """Fetch every page of a listing (or enough for `max_items`), page 1 first, the
+        rest concurrently.
 
         Raises SkippableError when page 1 is forbidden or gone; a later page that fails
         is recorded as a Failure and marks the walk failed."""
@@ -249,9 +289,10 @@ class Crawler:
             return walk
         walk.counts.add(first.count)
         await handle(first.results, walk)
-        async for url, outcome in fetch_concurrently(
-            self._client, later_page_urls(first), window=self._workers
-        ):
+        urls = later_page_urls(first)
+        if max_items is not None and first.results:
+            urls = urls[: max(0, -(-max_items // len(first.results)) - 1)]
+        async for url, outcome in fetch_concurrently(self._client, urls, window=self._workers):
             if isinstance(outcome, Page):
                 walk.counts.add(outcome.count)
                 await handle(outcome.results, walk)

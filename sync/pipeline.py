@@ -58,6 +58,7 @@ def utc_now() -> datetime:
 class RunSummary:
     run_id: int
     mode: str
+    dry_run: bool = False
     status: str = "running"  # succeeded, partial, failed, interrupted
     duration_seconds: float = 0.0
     cpu_seconds: float = 0.0  # of this process during the run (all threads)
@@ -65,6 +66,7 @@ class RunSummary:
     requests: int = 0
     retries: int = 0
     exams_seen: int = 0
+    exams_done: int = 0  # exams whose attempt fetch has ended, one way or another
     attempts_seen: int = 0
     exams_skipped: int = 0
     errors: int = 0
@@ -134,6 +136,7 @@ class Writer:
         *,
         batch_size: int,
         record_progress: bool,
+        dry_run: bool = False,
         database_retry_seconds: float = 60.0,
         clock: Clock = utc_now,
     ) -> None:
@@ -142,6 +145,7 @@ class Writer:
         self._redactor = redactor
         self._batch_size = batch_size
         self._record_progress = record_progress
+        self._write = not dry_run
         self._database_retry_seconds = database_retry_seconds
         self._clock = clock
         self._pending = _Pending()
@@ -185,15 +189,20 @@ class Writer:
 
         async def write(connection: AsyncConnection, tally: _Tally) -> None:
             # Order matters: attempts reference exams; deletion marks need the rows stored.
-            tally.count("exams", await store.upsert_exams(connection, pending.exams, now))
-            tally.count("users", await store.upsert_users(connection, pending.users, now))
-            tally.count("attempts", await store.upsert_attempts(connection, pending.attempts, now))
-            for failure in pending.failures:
-                await self._record_failure(connection, failure, now)
+            write = self._write
+            tally.count("exams", await store.upsert_exams(connection, pending.exams, now, write=write))
+            tally.count("users", await store.upsert_users(connection, pending.users, now, write=write))
+            tally.count(
+                "attempts", await store.upsert_attempts(connection, pending.attempts, now, write=write)
+            )
+            if write:
+                for failure in pending.failures:
+                    await self._record_failure(connection, failure, now)
             await self._finish_exams(connection, pending.done, tally, now)
 
         self._add(await self._in_transaction(write))
         self._summary.batches += 1
+        self._summary.exams_done += len(pending.done)
         for failure in pending.failures:
             self._summary.errors += 1
             log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
@@ -234,11 +243,12 @@ class Writer:
         """Record how each exam's attempt fetch ended; mark what a complete fetch missed."""
         if not done:
             return
-        await store.set_attempts_status(connection, {item.exam_id: item.status for item in done})
+        if self._write:
+            await store.set_attempts_status(connection, {item.exam_id: item.status for item in done})
         complete = {item.exam_id: item.seen_ids for item in done if item.status == "ok" and item.complete}
-        deleted = await store.mark_attempts_deleted(connection, complete, now)
+        deleted = await store.mark_attempts_deleted(connection, complete, now, write=self._write)
         tally.count("attempts", RowCounts(deleted=deleted))
-        if self._record_progress:
+        if self._record_progress and self._write:
             await store.record_progress(connection, self._summary.run_id, list(complete), now)
 
     async def _finish_listing(self, listing: ListingDone) -> None:
@@ -249,7 +259,7 @@ class Writer:
 
         async def mark(connection: AsyncConnection, tally: _Tally) -> None:
             deleted = await store.mark_exams_deleted(
-                connection, listing.seen_ids, self._clock(), listing.course
+                connection, listing.seen_ids, self._clock(), listing.course, write=self._write
             )
             tally.count("exams", RowCounts(deleted=deleted))
 
@@ -282,38 +292,71 @@ def _log_database_retry(state: RetryCallState) -> None:
                 attempt=state.attempt_number, wait=round(state.upcoming_sleep, 2))
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """What this invocation asks for, beyond the settings."""
+
+    mode: str = "run"  # run, backfill
+    resume: bool = False  # backfill --resume
+    exam_slugs: tuple[str, ...] = ()  # --exam: only these exams
+    limit: int | None = None  # --limit: only the first N exams of the listing
+    dry_run: bool = False  # fetch and compare, write nothing
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot for a live progress line."""
+
+    elapsed: float
+    exams_total: int | None
+    exams_done: int
+    attempts_seen: int
+    requests: int
+    retries: int
+
+
 async def run_sync(
     engine: AsyncEngine,
     client: TestpressClient,
     settings: Settings,
     redactor: Redactor,
+    options: RunOptions = RunOptions(),
     *,
-    mode: str = "run",
-    resume: bool = False,
     stop: asyncio.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
     clock: Clock = utc_now,
 ) -> RunSummary:
     """One sync run; returns its summary. The database schema must be current.
 
     Setting `stop` ends the run early and cleanly: fetching stops, the writer commits
-    what was fetched, and the run is recorded as interrupted."""
+    what was fetched, and the run is recorded as interrupted. `on_progress` is called
+    twice a second with a Progress snapshot. A dry run reads the database to compare but
+    writes nothing, not even its own run record."""
     stop = stop or asyncio.Event()
     started, cpu_started = time.monotonic(), time.process_time()
-    async with engine.begin() as connection:
-        # We hold the run lock, so a run still marked running was killed mid-way.
-        abandoned = await store.close_abandoned_runs(connection, clock())
-    if abandoned:
-        log.warning("abandoned_runs_closed", runs=abandoned, status="interrupted")
-    resumed_from, skip = (await _resume_point(engine)) if resume else (None, frozenset[int]())
-    if resume and resumed_from is None:
-        log.info("nothing_to_resume", hint="the last backfill finished; walking everything")
-    async with engine.begin() as connection:
-        run_id = await store.start_run(connection, mode, clock(), resumed_from=resumed_from)
-    summary = RunSummary(run_id=run_id, mode=mode)
+    skip: frozenset[int] = frozenset()
+    resumed_from = None
+    if options.dry_run:
+        run_id = 0
+    else:
+        async with engine.begin() as connection:
+            # We hold the run lock, so a run still marked running was killed mid-way.
+            abandoned = await store.close_abandoned_runs(connection, clock())
+        if abandoned:
+            log.warning("abandoned_runs_closed", runs=abandoned, status="interrupted")
+        if options.resume:
+            resumed_from, skip = await _resume_point(engine)
+            if resumed_from is None:
+                log.info("nothing_to_resume", hint="the last backfill finished; walking everything")
+        async with engine.begin() as connection:
+            run_id = await store.start_run(connection, options.mode, clock(), resumed_from=resumed_from)
+    summary = RunSummary(run_id=run_id, mode=options.mode, dry_run=options.dry_run)
     structlog.contextvars.bind_contextvars(run_id=run_id)
-    log.info("run_started", mode=mode, resumed_from=resumed_from, exams_to_skip=len(skip))
+    log.info("run_started", mode=options.mode, dry_run=options.dry_run, resumed_from=resumed_from, exams_to_skip=len(skip))
     try:
-        await _crawl_and_write(engine, client, settings, redactor, summary, skip, clock, stop)
+        await _crawl_and_write(
+            engine, client, settings, redactor, summary, options, skip, clock, stop, on_progress
+        )
         if stop.is_set():
             summary.status = "interrupted"
         else:
@@ -330,8 +373,9 @@ async def run_sync(
         summary.cpu_seconds = round(time.process_time() - cpu_started, 3)
         summary.requests = client.stats.requests
         summary.retries = client.stats.retries
-        # Shielded: an interrupt must not cancel the bookkeeping that says it happened.
-        await asyncio.shield(_finish(engine, summary, clock))
+        if not options.dry_run:
+            # Shielded: an interrupt must not cancel the bookkeeping that says it happened.
+            await asyncio.shield(_finish(engine, summary, clock))
         _log_summary(summary)
         structlog.contextvars.unbind_contextvars("run_id")
     return summary
@@ -343,9 +387,11 @@ async def _crawl_and_write(
     settings: Settings,
     redactor: Redactor,
     summary: RunSummary,
+    options: RunOptions,
     skip: frozenset[int],
     clock: Clock,
     stop: asyncio.Event,
+    on_progress: Callable[[Progress], None] | None,
 ) -> None:
     queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue(maxsize=settings.sync.queue_pages)
     crawler = Crawler(
@@ -353,6 +399,8 @@ async def _crawl_and_write(
         queue,  # type: ignore[arg-type]  # the crawler never puts the closing None
         workers=settings.http.concurrency,
         course=settings.sync.course,
+        exam_slugs=options.exam_slugs,
+        limit=options.limit,
         skip_attempts_of=skip,
     )
     writer = Writer(
@@ -360,7 +408,8 @@ async def _crawl_and_write(
         summary,
         redactor,
         batch_size=settings.sync.batch_size,
-        record_progress=summary.mode == "backfill",
+        record_progress=options.mode == "backfill",
+        dry_run=options.dry_run,
         database_retry_seconds=settings.sync.database_retry_seconds,
         clock=clock,
     )
@@ -389,6 +438,22 @@ async def _crawl_and_write(
             crawl_failure.append(crawling.exception())  # type: ignore[arg-type]
         await queue.put(None)
 
+    async def report_progress(callback: Callable[[Progress], None]) -> None:
+        started = time.monotonic()
+        while True:
+            callback(
+                Progress(
+                    elapsed=time.monotonic() - started,
+                    exams_total=crawler.exams_total,
+                    exams_done=summary.exams_done,
+                    attempts_seen=summary.attempts_seen,
+                    requests=client.stats.requests,
+                    retries=client.stats.retries,
+                )
+            )
+            await asyncio.sleep(0.5)
+
+    reporter = asyncio.create_task(report_progress(on_progress)) if on_progress else None
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(crawl_until_stopped())
@@ -396,6 +461,10 @@ async def _crawl_and_write(
     except BaseExceptionGroup as group_error:
         # The writer failed (the database); the crawl was cancelled because of it.
         raise group_error.exceptions[0] from None
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
     if crawl_failure:
         raise crawl_failure[0]
     summary.exams_skipped = crawler.exams_skipped

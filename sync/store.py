@@ -35,6 +35,7 @@ from schema import (
 )
 from schema.types import ExactDecimal, UTCDateTime
 from sync.normalize import NORMALIZER_VERSION, AttemptRow, ExamRow, UserRow
+from sync.report import SUCCESSFUL, RunRecord
 
 # Keys per IN (...) list: well under SQLite's limit on bound parameters.
 _CHUNK = 2000
@@ -151,8 +152,10 @@ async def _upsert_payload_rows(
     content: tuple[str, ...],
     rows: Iterable[Any],
     now: datetime,
+    write: bool,
 ) -> RowCounts:
-    """Insert new rows, rewrite changed ones (or deleted ones seen again), count the rest."""
+    """Insert new rows, rewrite changed ones (or deleted ones seen again), count the rest.
+    With write=False only count (a dry run)."""
     unique = {row["id"]: row for row in rows}  # one statement may not touch a row twice
     if not unique:
         return RowCounts()
@@ -184,25 +187,25 @@ async def _upsert_payload_rows(
         ]
         values += (raw_json.decode(), digest, stamp, stamp)
         to_write.append(tuple(values))
-    if to_write:
+    if to_write and write:
         await connection.exec_driver_sql(plan.sql, to_write)
     return counts
 
 
 async def upsert_exams(
-    connection: AsyncConnection, rows: Iterable[ExamRow], now: datetime
+    connection: AsyncConnection, rows: Iterable[ExamRow], now: datetime, *, write: bool = True
 ) -> RowCounts:
-    return await _upsert_payload_rows(connection, exams, EXAM_CONTENT_COLUMNS, rows, now)
+    return await _upsert_payload_rows(connection, exams, EXAM_CONTENT_COLUMNS, rows, now, write)
 
 
 async def upsert_attempts(
-    connection: AsyncConnection, rows: Iterable[AttemptRow], now: datetime
+    connection: AsyncConnection, rows: Iterable[AttemptRow], now: datetime, *, write: bool = True
 ) -> RowCounts:
-    return await _upsert_payload_rows(connection, attempts, ATTEMPT_CONTENT_COLUMNS, rows, now)
+    return await _upsert_payload_rows(connection, attempts, ATTEMPT_CONTENT_COLUMNS, rows, now, write)
 
 
 async def upsert_users(
-    connection: AsyncConnection, rows: Iterable[UserRow], now: datetime
+    connection: AsyncConnection, rows: Iterable[UserRow], now: datetime, *, write: bool = True
 ) -> RowCounts:
     """Users by username. A field the new sighting lacks keeps its stored value: a user
     seen once with a name and once as a bare username keeps the name."""
@@ -236,7 +239,7 @@ async def upsert_users(
                 continue
             counts.updated += 1
         to_write.append((username, *values, stamp, stamp))
-    if to_write:
+    if to_write and write:
         await connection.exec_driver_sql(_user_upsert(dialect), to_write)
     return counts
 
@@ -245,26 +248,35 @@ async def upsert_users(
 
 
 async def _mark_deleted(
-    connection: AsyncConnection, table: Table, ids: Sequence[int], now: datetime
+    connection: AsyncConnection, table: Table, ids: Sequence[int], now: datetime, write: bool
 ) -> int:
-    for chunk in _chunks(sorted(ids)):
+    for chunk in _chunks(sorted(ids) if write else []):
         await connection.execute(update(table).where(table.c.id.in_(chunk)).values(deleted_at=now))
     return len(ids)
 
 
 async def mark_exams_deleted(
-    connection: AsyncConnection, present: frozenset[int], now: datetime, course: str | None
+    connection: AsyncConnection,
+    present: frozenset[int],
+    now: datetime,
+    course: str | None,
+    *,
+    write: bool = True,
 ) -> int:
     """Exams a complete listing no longer shows (within the course, if the run had one)."""
     live = select(exams.c.id).where(exams.c.deleted_at.is_(None))
     if course is not None:
         live = live.where(exams.c.course == course)
     missing = set((await connection.execute(live)).scalars()) - present
-    return await _mark_deleted(connection, exams, list(missing), now)
+    return await _mark_deleted(connection, exams, list(missing), now, write)
 
 
 async def mark_attempts_deleted(
-    connection: AsyncConnection, present_by_exam: dict[int, frozenset[int]], now: datetime
+    connection: AsyncConnection,
+    present_by_exam: dict[int, frozenset[int]],
+    now: datetime,
+    *,
+    write: bool = True,
 ) -> int:
     """Attempts that a complete fetch of their exam's attempts no longer shows, for every
     exam in `present_by_exam` (exam id → the attempt ids the fetch showed)."""
@@ -277,7 +289,7 @@ async def mark_attempts_deleted(
             )
         )
         missing.extend(ident for ident, exam_id in live if ident not in present_by_exam[exam_id])
-    return await _mark_deleted(connection, attempts, missing, now)
+    return await _mark_deleted(connection, attempts, missing, now, write)
 
 
 async def set_attempts_status(connection: AsyncConnection, statuses: dict[int, str]) -> None:
@@ -365,6 +377,25 @@ async def record_progress(
             sync_progress.insert(),
             [{"run_id": run_id, "exam_id": exam_id, "completed_at": now} for exam_id in exam_ids],
         )
+
+
+async def recent_runs(connection: AsyncConnection, limit: int) -> list[RunRecord]:
+    """The last `limit` runs, newest first."""
+    names = [name for name in RunRecord.__dataclass_fields__]
+    result = await connection.execute(
+        select(*(sync_runs.c[name] for name in names)).order_by(sync_runs.c.id.desc()).limit(limit)
+    )
+    return [RunRecord(**row._mapping) for row in result]
+
+
+async def last_success_finished_at(connection: AsyncConnection) -> datetime | None:
+    result = await connection.execute(
+        select(sync_runs.c.finished_at)
+        .where(sync_runs.c.status.in_(SUCCESSFUL))
+        .order_by(sync_runs.c.id.desc())
+        .limit(1)
+    )
+    return result.scalar()
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:  # for Core statements

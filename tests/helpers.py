@@ -15,25 +15,25 @@ from sync.client import TestpressClient, open_session
 from sync.config import Settings
 from sync.database import create_engine, database_url_from, ensure_schema
 from sync.logs import Redactor
-from sync.pipeline import RunSummary, run_sync
+from sync.pipeline import RunOptions, RunSummary, run_sync
 from sync.simulator import SimulatorServer
 from tests.conftest import fast_settings
 
 
 async def sync_once(
-    simulator: SimulatorServer, database_url: str, *, mode: str = "run", resume: bool = False, **http: Any
+    simulator: SimulatorServer, database_url: str, options: RunOptions = RunOptions(), **http: Any
 ) -> RunSummary:
     settings = fast_settings(simulator.base_url, database_url, **http)
-    return await sync_with(settings, mode=mode, resume=resume)
+    return await sync_with(settings, options)
 
 
-async def sync_with(settings: Settings, *, mode: str = "run", resume: bool = False) -> RunSummary:
+async def sync_with(settings: Settings, options: RunOptions = RunOptions()) -> RunSummary:
     engine = create_engine(database_url_from(settings.database_url))
     try:
         await ensure_schema(engine)
         async with open_session(settings.api, settings.http) as session:
             client = TestpressClient(session, settings.api, settings.http, Redactor())
-            return await run_sync(engine, client, settings, Redactor(), mode=mode, resume=resume)
+            return await run_sync(engine, client, settings, Redactor(), options)
     finally:
         await engine.dispose()
 

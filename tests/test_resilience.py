@@ -181,6 +181,7 @@ def test_two_runs_at_once_one_waits_out_with_exit_5(
     slow_simulator: SimulatorServer, migrated: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "run.log"
+    slow_simulator.state.faults.latency = 0.1  # the first run outlasts the second's start-up
     first = start_cli(["run"], slow_simulator, migrated, log)
     wait_until(lambda: query(migrated, select(sync_runs.c.status)) == "running")
     second = start_cli(["run"], slow_simulator, migrated, log)

@@ -1,0 +1,156 @@
+"""What a run tells the people who operate it: the status table, the health verdict, the
+summary file and Prometheus metrics. Pure functions over run records; no I/O here."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+SUCCESSFUL = ("succeeded", "partial")  # a run that finished and stored what it could
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_age(text: str) -> timedelta:
+    """"26h", "90m", "2d", "45s" or plain seconds, for --max-age."""
+    match = _AGE.match(text.lower())
+    if match is None:
+        raise ValueError(f"{text!r} is not an age like 26h, 90m, 2d or 3600")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of sync_runs, as the reports need it."""
+
+    id: int
+    mode: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    requests: int
+    retries: int
+    exams_seen: int
+    attempts_seen: int
+    rows_inserted: int
+    rows_updated: int
+    rows_unchanged: int
+    rows_deleted: int
+    errors: int
+    exams_skipped: int
+    error: str | None
+
+    @property
+    def duration(self) -> timedelta | None:
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+    @property
+    def rows_changed(self) -> int:
+        return self.rows_inserted + self.rows_updated + self.rows_deleted
+
+    def as_dict(self) -> dict[str, Any]:
+        duration = self.duration
+        return {
+            **{name: getattr(self, name) for name in self.__dataclass_fields__},
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "duration_seconds": None if duration is None else round(duration.total_seconds(), 3),
+            "rows_changed": self.rows_changed,
+        }
+
+
+@dataclass(frozen=True)
+class Health:
+    healthy: bool
+    reason: str
+
+
+def health(runs: Sequence[RunRecord], now: datetime, max_age: timedelta | None) -> Health:
+    """Unhealthy when the last finished run failed or was interrupted, or when no run
+    finished successfully within `max_age`. `runs` are newest first."""
+    finished = [run for run in runs if run.status != "running"]
+    if not finished:
+        return Health(False, "no run has finished yet")
+    last = finished[0]
+    if last.status not in SUCCESSFUL:
+        return Health(False, f"the last run ({last.id}) {last.status}: {last.error or 'no error text'}")
+    if max_age is not None:
+        success = next((run for run in finished if run.status in SUCCESSFUL), None)
+        if success is None or success.started_at < now - max_age:
+            return Health(False, f"no successful run started within the last {_human(max_age)}")
+    return Health(True, f"the last run ({last.id}) {last.status}")
+
+
+def status_table(runs: Sequence[RunRecord]) -> str:
+    header = ("run", "started (UTC)", "duration", "mode", "status", "changed", "unchanged", "errors")
+    rows = [
+        (
+            str(run.id),
+            run.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
+            "running" if run.duration is None else _human(run.duration),
+            run.mode,
+            run.status,
+            f"{run.rows_changed:,}",
+            f"{run.rows_unchanged:,}",
+            f"{run.errors:,}",
+        )
+        for run in runs
+    ]
+    if not rows:
+        return "No runs recorded yet: `testpress-sync run` starts the first."
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in (header, *rows)]
+    return "\n".join(lines)
+
+
+def _human(span: timedelta) -> str:
+    seconds = span.total_seconds()
+    if seconds < 90:
+        return f"{seconds:.1f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+# --- Prometheus text format ------------------------------------------------------------------
+
+
+def _metric(name: str, help_text: str, samples: Sequence[tuple[dict[str, str], float]]) -> list[str]:
+    lines = [f"# HELP testpress_sync_{name} {help_text}", f"# TYPE testpress_sync_{name} gauge"]
+    for labels, value in samples:
+        rendered = ",".join(f'{key}="{label}"' for key, label in labels.items())
+        lines.append(f"testpress_sync_{name}{{{rendered}}} {value:g}" if rendered else f"testpress_sync_{name} {value:g}")
+    return lines
+
+
+def prometheus_text(
+    summary: dict[str, Any], finished_at: datetime, last_success_at: datetime | None
+) -> str:
+    """The end-of-run summary as Prometheus text format, for node_exporter's textfile
+    collector. All gauges: each file describes the latest run."""
+    statuses = ("succeeded", "partial", "failed", "interrupted")
+    by_table = summary.get("by_table", {})
+    lines = [
+        *_metric("last_run_timestamp_seconds", "When the last run finished (Unix time).",
+                 [({}, finished_at.timestamp())]),
+        *_metric("last_success_timestamp_seconds", "When the last successful (succeeded or partial) run finished (Unix time); 0 if none.",
+                 [({}, last_success_at.timestamp() if last_success_at else 0)]),
+        *_metric("last_run_duration_seconds", "Wall time of the last run.", [({}, summary["duration_seconds"])]),
+        *_metric("last_run_status", "1 for the status the last run ended with.",
+                 [({"status": status}, float(summary["status"] == status)) for status in statuses]),
+        *_metric("last_run_rows", "Rows of the last run by table and outcome.",
+                 [({"table": table, "outcome": outcome}, counts[outcome])
+                  for table, counts in sorted(by_table.items())
+                  for outcome in ("inserted", "updated", "unchanged", "deleted")]),
+        *_metric("last_run_errors", "Items and pages of the last run that went to sync_errors.", [({}, summary["errors"])]),
+        *_metric("last_run_requests", "HTTP requests of the last run, retries included.", [({}, summary["requests"])]),
+        *_metric("last_run_retries", "HTTP retries of the last run.", [({}, summary["retries"])]),
+        *_metric("last_run_exams_seen", "Exams the last run fetched.", [({}, summary["exams_seen"])]),
+        *_metric("last_run_attempts_seen", "Attempts the last run fetched.", [({}, summary["attempts_seen"])]),
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
