@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any
 
 import structlog
 
@@ -54,8 +54,9 @@ class Redactor:
 
 
 def configure_logging(
-    redactor: Redactor, *, format: str = "auto", level: str = "info", stream: TextIO | None = None
+    redactor: Redactor, *, format: str = "auto", level: str = "info", stream: Any = None
 ) -> None:
+    """`stream`: where lines go (stderr by default); anything with write, flush, isatty."""
     stream = stream or sys.stderr
     console = format == "console" or (format == "auto" and stream.isatty())
     renderer: Any = (

@@ -324,14 +324,16 @@ async def run_sync(
     *,
     stop: asyncio.Event | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    on_finish: Callable[[RunSummary], Awaitable[None]] | None = None,
     clock: Clock = utc_now,
 ) -> RunSummary:
     """One sync run; returns its summary. The database schema must be current.
 
     Setting `stop` ends the run early and cleanly: fetching stops, the writer commits
     what was fetched, and the run is recorded as interrupted. `on_progress` is called
-    twice a second with a Progress snapshot. A dry run reads the database to compare but
-    writes nothing, not even its own run record."""
+    twice a second with a Progress snapshot, `on_finish` once with the final summary,
+    however the run ended. A dry run reads the database to compare but writes nothing,
+    not even its own run record."""
     stop = stop or asyncio.Event()
     started, cpu_started = time.monotonic(), time.process_time()
     skip: frozenset[int] = frozenset()
@@ -377,6 +379,8 @@ async def run_sync(
             # Shielded: an interrupt must not cancel the bookkeeping that says it happened.
             await asyncio.shield(_finish(engine, summary, clock))
         _log_summary(summary)
+        if on_finish is not None:
+            await asyncio.shield(on_finish(summary))
         structlog.contextvars.unbind_contextvars("run_id")
     return summary
 

@@ -124,7 +124,8 @@ def _metric(name: str, help_text: str, samples: Sequence[tuple[dict[str, str], f
     lines = [f"# HELP testpress_sync_{name} {help_text}", f"# TYPE testpress_sync_{name} gauge"]
     for labels, value in samples:
         rendered = ",".join(f'{key}="{label}"' for key, label in labels.items())
-        lines.append(f"testpress_sync_{name}{{{rendered}}} {value:g}" if rendered else f"testpress_sync_{name} {value:g}")
+        number = f"{int(value)}" if float(value).is_integer() else repr(float(value))
+        lines.append(f"testpress_sync_{name}{{{rendered}}} {number}" if rendered else f"testpress_sync_{name} {number}")
     return lines
 
 

@@ -195,7 +195,7 @@ def dump_database(database_url: str) -> str:
     return asyncio.run(dump())
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["backfill"], ["migrate"], ["demo"], ["simulate"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["backfill"], ["migrate"], ["status"], ["doctor"], ["demo"], ["simulate"]])
 def test_every_command_explains_itself(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main([*command, "--help"])

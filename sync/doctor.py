@@ -1,0 +1,143 @@
+"""`testpress-sync doctor`: each thing a run needs, checked in order, with a remedy."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from sync.client import TestpressClient, open_session
+from sync.config import Settings
+from sync.database import create_engine, database_url_from, describe, schema_state
+from sync.errors import ApiError, AuthError, ConfigError, DatabaseError, SyncError
+from sync.logs import Redactor
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    remedy: str = ""
+    exit_code: int = 0  # what `doctor` exits with when this is the first failure
+
+
+async def run_checks(settings: Settings, redactor: Redactor) -> list[Check]:
+    """Configuration, then the server, the login and the database. A check that cannot
+    run because an earlier one failed is reported as skipped, not failed twice."""
+    checks = [_check_configuration(settings)]
+    if checks[0].ok:
+        async with open_session(settings.api, settings.http) as session:
+            client = TestpressClient(session, settings.api, settings.http, redactor)
+            reachable = await _guarded("server", _check_server(session, settings))
+            checks.append(reachable)
+            if reachable.ok:
+                checks.append(await _guarded("login", _check_login(client)))
+            else:
+                checks.append(Check("login", False, "skipped: the server is not reachable", exit_code=1))
+    checks.append(await _guarded("database", _check_database(settings)))
+    return checks
+
+
+async def _guarded(name: str, check: Awaitable[Check]) -> Check:
+    try:
+        return await check
+    except SyncError as exc:  # anything unforeseen still becomes a failed check, not a traceback
+        return Check(name, False, str(exc), exit_code=1)
+
+
+def _check_configuration(settings: Settings) -> Check:
+    try:
+        settings.require_api()
+        database_url_from(settings.database_url)
+    except ConfigError as exc:
+        return Check(
+            "configuration", False, str(exc),
+            "set it in the environment, the config file (--config) or a flag; see config.example.toml",
+            exit_code=2,
+        )  # fmt: skip
+    return Check("configuration", True, f"{settings.api.base_url} as {settings.api.username!r}")
+
+
+async def _check_server(session: aiohttp.ClientSession, settings: Settings) -> Check:
+    url = f"{settings.api.base_url}/api/{settings.api.api_version}/exams/"
+    try:
+        async with session.get(url) as response:
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Check(
+            "server", False, f"{url}: {type(exc).__name__}: {exc}",
+            "check TESTPRESS_BASE_URL, DNS, proxies and firewalls; with a TLS-inspecting "
+            "proxy set api.ca_bundle",
+            exit_code=1,
+        )  # fmt: skip
+    if status in (200, 401, 403):  # it answers like the API: it wants a login
+        return Check("server", True, f"{url} answers (HTTP {status} without a login)")
+    return Check(
+        "server", False, f"{url} answered HTTP {status}, not like the Testpress API",
+        "check TESTPRESS_BASE_URL: it is the institute's root, e.g. https://demo.testpress.in",
+        exit_code=1,
+    )  # fmt: skip
+
+
+async def _check_login(client: TestpressClient) -> Check:
+    try:
+        await client.login()
+        listing = await client.get_json(f"{client.api_root}/exams/")
+    except AuthError as exc:
+        return Check(
+            "login", False, str(exc),
+            "check TESTPRESS_USERNAME and the password (TESTPRESS_PASSWORD or TESTPRESS_PASSWORD_FILE)",
+            exit_code=3,
+        )  # fmt: skip
+    except ApiError as exc:
+        return Check("login", False, str(exc), "try again later; if it persists, ask Testpress", exit_code=1)
+    count = listing.get("count") if isinstance(listing, dict) else None
+    return Check("login", True, f"logged in; the exam listing shows {count} exams")
+
+
+async def _check_database(settings: Settings) -> Check:
+    try:
+        url = database_url_from(settings.database_url)
+    except ConfigError as exc:
+        return Check("database", False, str(exc), exit_code=2)
+    engine = create_engine(url)
+    try:
+        state = await schema_state(engine)
+    except DatabaseError as exc:
+        return Check(
+            "database", False, str(exc),
+            "check TESTPRESS_DATABASE_URL, that the server runs and accepts this user",
+            exit_code=4,
+        )  # fmt: skip
+    finally:
+        await engine.dispose()
+    where = describe(url)
+    if state.up_to_date:
+        return Check("database", True, f"{where}: schema at revision {state.current}")
+    if not state.known:
+        return Check("database", False, f"{where}: schema at unknown revision {state.current}",
+                     "upgrade testpress-sync: a newer version migrated this database", exit_code=4)
+    if state.has_tables and state.current is None:
+        return Check("database", False, f"{where}: holds tables testpress-sync did not create",
+                     "point TESTPRESS_DATABASE_URL at an empty database", exit_code=4)
+    return Check(
+        "database", True,
+        f"{where}: schema {'empty' if state.empty else f'at {state.current}'}, head is {state.head}; "
+        "the next run migrates it (or run `testpress-sync migrate`)",
+    )  # fmt: skip
+
+
+Printer = Callable[[str], None]
+
+
+def print_checks(checks: list[Check], out: Printer) -> int:
+    """Print each check; return the exit code of the first failure (0 if none)."""
+    for check in checks:
+        out(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<14} {check.detail}")
+        if not check.ok and check.remedy:
+            out(f"      {'':<14} → {check.remedy}")
+    failures = [check for check in checks if not check.ok]
+    out("All checks passed." if not failures else f"{len(failures)} check(s) failed.")
+    return failures[0].exit_code if failures else 0

@@ -1,0 +1,194 @@
+"""The operator's surface through the real entry point: status, doctor, narrowed and dry
+runs, the summary and metrics files, the progress line."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sync.cli import main
+from sync.pipeline import Progress
+from sync.progress import TerminalStatus, progress_text
+from sync.simulator import SimulatorServer
+from tests.conftest import PASSWORD, USERNAME
+from tests.test_cli import dump_database, log_lines
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, simulator_thread: SimulatorServer, database_url: str) -> SimulatorServer:
+    for name in ("TESTPRESS_CONFIG", "TESTPRESS_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TESTPRESS_BASE_URL", simulator_thread.base_url)
+    monkeypatch.setenv("TESTPRESS_USERNAME", USERNAME)
+    monkeypatch.setenv("TESTPRESS_PASSWORD", PASSWORD)
+    monkeypatch.setenv("TESTPRESS_DATABASE_URL", database_url)
+    monkeypatch.setenv("TESTPRESS_LOG_FORMAT", "json")
+    return simulator_thread
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+def test_status_before_any_run_is_unhealthy(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status"]) == 1
+    assert "No runs recorded yet" in capsys.readouterr().out
+
+
+def test_status_after_a_good_run_then_a_failed_one(
+    env: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run"]) == 0
+    assert main(["status"]) == 0
+    table = capsys.readouterr().out
+    assert "succeeded" in table and "OK: the last run (1) succeeded" in table
+    env.state.faults.server_error_rate = 1.0  # every request fails: the run cannot even log in
+    assert main(["run"]) == 1
+    env.state.faults.server_error_rate = 0.0
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["healthy"] is False and "failed" in document["reason"]
+    assert [run["status"] for run in document["runs"]] == ["failed", "succeeded"]
+    assert document["runs"][1]["rows_changed"] > 0
+
+
+def test_status_max_age_wants_a_recent_success(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 0
+    assert main(["status", "--max-age", "1h"]) == 0
+    time.sleep(1.1)
+    assert main(["status", "--max-age", "1s"]) == 1
+    assert "no successful run started within" in capsys.readouterr().out
+
+
+def test_status_rejects_a_bad_age(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "--max-age", "soon"])
+    assert exited.value.code == 2
+    assert "is not an age like 26h" in capsys.readouterr().err
+
+
+# --- doctor --------------------------------------------------------------------------------
+
+
+def test_doctor_passes_on_a_good_setup_and_an_empty_database(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok  ") == 4 and "the next run migrates it" in out and "All checks passed." in out
+
+
+def test_doctor_names_a_wrong_password_with_its_remedy(
+    env: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TESTPRESS_PASSWORD", "not-the-password")
+    assert main(["doctor"]) == 3
+    out = capsys.readouterr().out
+    assert "FAIL  login" in out and "check TESTPRESS_USERNAME" in out and "not-the-password" not in out
+
+
+def test_doctor_names_an_unreachable_server(
+    env: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TESTPRESS_BASE_URL", "http://127.0.0.1:9")
+    assert main(["doctor", "--concurrency", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  server" in out and "skipped: the server is not reachable" in out
+    assert "ok    database" in out
+
+
+def test_doctor_names_an_unreachable_database(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--database-url", "postgresql://postgres@127.0.0.1:9/none"]) == 4
+    assert "FAIL  database" in capsys.readouterr().out
+
+
+# --- narrowed and dry runs -----------------------------------------------------------------
+
+
+def test_dry_run_reports_changes_and_writes_nothing(env: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 0
+    exam = next(exam for exam in env.dataset.exams if not exam.forbidden)
+    env.dataset.add_attempts(exam, 4)
+    env.dataset.rename_exam(exam.id, "Renamed for the dry run")
+    before = dump_database(database_url)
+    capsys.readouterr()
+    assert main(["run", "--dry-run"]) == 0
+    summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
+    assert (summary["inserted"], summary["updated"]) == (4, 1)
+    assert dump_database(database_url) == before  # not a row, not even a run record
+
+
+def test_dry_run_on_an_empty_database_says_what_to_do(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--dry-run"]) == 4
+    assert "testpress-sync migrate" in capsys.readouterr().err
+
+
+def test_exam_option_syncs_only_those_exams(env: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    wanted = [exam for exam in env.dataset.exams if not exam.forbidden][:2]
+    assert main(["run", *(arg for exam in wanted for arg in ("--exam", exam.slug))]) == 0
+    summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
+    assert summary["exams"] == 2 and summary["attempts"] == 90 and summary["deleted"] == 0
+
+
+def test_unknown_exam_slug_is_recorded_not_fatal(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--exam", "no-such-exam"]) == 1
+    assert "no-such-exam" in capsys.readouterr().err
+
+
+def test_limit_takes_the_first_exams_and_marks_nothing_deleted(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 0
+    assert main(["run", "--limit", "3"]) == 0
+    summaries = [line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished"]
+    assert summaries[1]["exams"] == 3 and summaries[1]["deleted"] == 0
+    assert env.state.by_path["exams"] == 2  # one listing page each run: 3 exams fit in page 1
+
+
+# --- summary and metrics files -------------------------------------------------------------
+
+
+def test_summary_and_metrics_files(env: SimulatorServer, tmp_path: Path) -> None:
+    summary_path, metrics_path = tmp_path / "summary.json", tmp_path / "sync.prom"
+    assert main(["run", "--summary-json", str(summary_path), "--metrics-file", str(metrics_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "succeeded" and summary["rows"]["inserted"] > 0
+    families = {family.name: family for family in text_string_to_metric_families(metrics_path.read_text())}
+    value = lambda name, **labels: next(  # noqa: E731
+        s.value for s in families[f"testpress_sync_{name}"].samples if all(s.labels.get(k) == v for k, v in labels.items())
+    )
+    assert value("last_run_status", status="succeeded") == 1 and value("last_run_status", status="failed") == 0
+    assert value("last_success_timestamp_seconds") == pytest.approx(time.time(), abs=60)
+    assert value("last_run_rows", table="attempts", outcome="inserted") == summary["by_table"]["attempts"]["inserted"]
+    assert value("last_run_requests") == summary["requests"]
+
+    env.state.faults.server_error_rate = 1.0
+    assert main(["run", "--metrics-file", str(metrics_path)]) == 1
+    families = {family.name: family for family in text_string_to_metric_families(metrics_path.read_text())}
+    assert value("last_run_status", status="failed") == 1
+    assert value("last_success_timestamp_seconds") == pytest.approx(time.time(), abs=60)  # still the first run's
+
+
+# --- the progress line ---------------------------------------------------------------------
+
+
+def test_progress_text_counts_and_estimates() -> None:
+    text = progress_text(Progress(elapsed=10.0, exams_total=100, exams_done=25, attempts_seen=1234, requests=200, retries=3))
+    assert text == "exams 25/100 · 1,234 attempts · 20 req/s · 3 retries · ~30s left"
+    assert progress_text(Progress(0.0, None, 0, 0, 0, 0)).startswith("exams …")
+
+
+def test_log_lines_print_above_the_progress_line() -> None:
+    screen = io.StringIO()
+    status = TerminalStatus(screen)
+    status.show(Progress(1.0, 10, 1, 5, 2, 0))
+    print("a log line", file=status, flush=True)
+    status.clear()
+    assert screen.getvalue() == (
+        "exams 1/10 · 5 attempts · 2 req/s · 0 retries · ~9s left"
+        "\r\x1b[Ka log line\n"
+        "exams 1/10 · 5 attempts · 2 req/s · 0 retries · ~9s left"
+        "\r\x1b[K"
+    )
