@@ -11,6 +11,7 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +37,13 @@ def _asyncpg_dsn(url: str) -> str:
 _pg_problem: list[str | None] = []
 
 
+def run_in_own_loop(coroutine: Any) -> Any:
+    """Run a coroutine to the end on a fresh loop in a thread: callable from sync code
+    and from inside a running loop (async fixtures) alike."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 def postgres_problem() -> str | None:
     """Why PostgreSQL cannot be used, or None; asked once per session."""
     if not _pg_problem:
@@ -45,7 +53,7 @@ def postgres_problem() -> str | None:
             await connection.close()
 
         try:
-            asyncio.run(probe())
+            run_in_own_loop(probe())
             _pg_problem.append(None)
         except Exception as exc:  # any reason at all: report it
             _pg_problem.append(f"PostgreSQL at {PG_URL} unreachable: {exc}")
@@ -68,7 +76,7 @@ def _admin(statement: str) -> None:
         finally:
             await connection.close()
 
-    asyncio.run(execute())
+    run_in_own_loop(execute())
 
 
 @contextmanager

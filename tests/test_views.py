@@ -1,0 +1,117 @@
+"""Dashboard views and the schema reference: the same answers on SQLite and PostgreSQL,
+and the right ones."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schema import metadata
+from sync.database import create_engine, database_url_from
+from sync.simulator import SimulatorServer
+from tests.conftest import fresh_postgres_database
+from tests.helpers import sync_once
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
+ORDER = {
+    "exam_summary": "exam_id",
+    "user_results": "username, exam_id",
+    "attempts_per_day": "day, exam_id",
+}
+
+
+def comparable(value: Any) -> Any:
+    """One spelling for both databases: text timestamps and days, numbers to 4 places."""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, (Decimal, float)):
+        return round(float(value), 4)
+    if hasattr(value, "isoformat"):  # a PostgreSQL DATE
+        return value.isoformat()
+    return value
+
+
+@pytest.fixture
+async def both(simulator: SimulatorServer, tmp_path: Path) -> AsyncIterator[dict[str, AsyncEngine]]:
+    """The same synced data in SQLite and in PostgreSQL."""
+    with fresh_postgres_database() as postgres_url:
+        urls = {"sqlite": f"sqlite:///{tmp_path / 'views.db'}", "postgresql": postgres_url}
+        engines = {}
+        for kind, url in urls.items():
+            summary = await sync_once(simulator, url)
+            assert summary.status == "succeeded"
+            engines[kind] = create_engine(database_url_from(url))
+        try:
+            yield engines
+        finally:
+            for engine in engines.values():
+                await engine.dispose()
+
+
+async def rows(engine: AsyncEngine, sql: str) -> list[tuple[Any, ...]]:
+    async with engine.connect() as connection:
+        return [tuple(comparable(v) for v in row) for row in (await connection.exec_driver_sql(sql)).all()]
+
+
+@pytest.mark.parametrize("view", sorted(ORDER))
+async def test_each_view_gives_the_same_answer_on_both_databases(both: dict[str, AsyncEngine], view: str) -> None:
+    sql = f"SELECT * FROM {view} ORDER BY {ORDER[view]}"
+    on_sqlite, on_postgres = await rows(both["sqlite"], sql), await rows(both["postgresql"], sql)
+    assert on_sqlite and on_sqlite == on_postgres
+
+
+async def test_exam_summary_matches_the_served_data(both: dict[str, AsyncEngine], simulator: SimulatorServer) -> None:
+    dataset, base = simulator.dataset, simulator.base_url
+    for engine in both.values():
+        summary = {
+            row[0]: row
+            for row in await rows(engine, "SELECT exam_id, attempt_count, distinct_users, completed_count, best_score, completion_rate FROM exam_summary")
+        }
+        for exam in dataset.exams:
+            served = [] if exam.forbidden else [dataset.attempt_payload(exam, a, base) for a in exam.attempts]
+            completed = [p for p in served if p["state"] == "Completed"]
+            best = max((float(p["score"]) for p in completed), default=None)
+            rate = round(len(completed) / len(served), 4) if served else None
+            users = len({p["user"]["username"] for p in served})
+            assert summary[exam.id] == (exam.id, len(served), users, len(completed), best, rate)
+
+
+async def test_user_results_add_up_to_the_attempts(both: dict[str, AsyncEngine]) -> None:
+    for engine in both.values():
+        (total,) = await rows(engine, "SELECT SUM(attempt_count) FROM user_results")
+        (attempts,) = await rows(engine, "SELECT COUNT(*) FROM attempts WHERE deleted_at IS NULL")
+        assert total == attempts
+
+
+# --- the schema reference ------------------------------------------------------------------
+
+
+def test_schema_reference_documents_every_column() -> None:
+    document = DOCS.read_text()
+    for name, table in metadata.tables.items():
+        section = document.split(f"### {name} ")[1].split("\n### ")[0]
+        for column in table.columns:
+            assert re.search(rf"^\| {column.name}\b|, {column.name}\b", section, re.MULTILINE), f"{name}.{column.name}"
+
+
+def sql_examples() -> list[tuple[str, str]]:
+    return re.findall(r"```sql ?(\w*)\n(.*?)```", DOCS.read_text(), re.DOTALL)
+
+
+async def test_every_example_query_runs(both: dict[str, AsyncEngine]) -> None:
+    examples = sql_examples()
+    assert len(examples) >= 6
+    for dialect, sql in examples:
+        targets = [dialect] if dialect else list(both)
+        answers = [await rows(both[target], sql) for target in targets]
+        if not dialect:
+            assert answers[0] == answers[1], sql
+        assert answers[0] or "this week" in sql or "now()" in sql or "'now'" in sql, sql
