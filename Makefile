@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench lint clean
 
 $(BIN)/testpress-sync: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ test: $(BIN)/testpress-sync          ## the whole test suite, SQLite and Postgre
 
 bench: $(BIN)/testpress-sync         ## the performance benchmark (issue #4 targets)
 	$(BIN)/python -m bench
+
+lint: $(BIN)/testpress-sync          ## ruff and mypy
+	$(BIN)/pip install --quiet -e '.[test,dev]'
+	$(BIN)/ruff check sync schema tests bench
+	$(BIN)/mypy sync schema
 
 clean:
 	rm -rf $(VENV) *.egg-info testpress-demo.db

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -313,8 +314,6 @@ def _simulate(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
         asyncio.run(commands.simulate(vars(args), ready))
-    except KeyboardInterrupt:
-        pass
     return EXIT_OK

@@ -21,7 +21,6 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
 from urllib.parse import urlencode
 
 import structlog
@@ -196,17 +195,12 @@ class Crawler:
             if self.exams_total is None and walk.counts:  # the listing's first page
                 listed = next(iter(walk.counts))
                 self.exams_total = listed if self._limit is None else min(listed, self._limit)
-            rows: list[ExamRow] = []
-            for payload in items:
-                if self._limit is not None and len(seen) >= self._limit:
-                    break
-                row = await self._normalized(payload, "exam", exam_row, walk)
-                if row is None or row["id"] in seen:
-                    continue
-                seen.add(row["id"])
-                rows.append(row)
-            if rows:
-                await self._out.put(ExamBatch(rows))
+            if self._limit is not None:
+                items = items[: max(0, self._limit - len(seen))]
+            normalized, failures = normalize_items(items, "exam", exam_row, walk.ids)
+            rows = [row for row in normalized if row["id"] not in seen]
+            seen.update(row["id"] for row in rows)
+            await self._hand_over(ExamBatch(rows) if rows else None, failures)
             for row in rows:
                 if row["id"] in self._skip:
                     self.exams_skipped += 1
@@ -251,19 +245,21 @@ class Crawler:
             return attempt_row(payload, exam_id)
 
         async def handle(items: list[Any], walk: _Walk) -> None:
-            rows: list[AttemptRow] = []
-            users: list[UserRow] = []
-            for payload in items:
-                result = await self._normalized(payload, "attempt", normalize, walk)
-                if result is None or result[0]["id"] in seen:
-                    continue
-                seen.add(result[0]["id"])
-                rows.append(result[0])
-                users.append(result[1])
-            if rows:
-                await self._out.put(AttemptBatch(exam_id, rows, users))
+            normalized, failures = normalize_items(items, "attempt", normalize, walk.ids)
+            fresh = [(row, user) for row, user in normalized if row["id"] not in seen]
+            seen.update(row["id"] for row, _ in fresh)
+            batch = None
+            if fresh:
+                batch = AttemptBatch(exam_id, [row for row, _ in fresh], [user for _, user in fresh])
+            await self._hand_over(batch, failures)
 
         return handle
+
+    async def _hand_over(self, batch: CrawlItem | None, failures: list[Failure]) -> None:
+        if batch is not None:
+            await self._out.put(batch)
+        for failure in failures:
+            await self._out.put(failure)
 
     # --- shared: one pass over a paginated listing -----------------------------------
 
@@ -292,7 +288,7 @@ class Crawler:
         urls = later_page_urls(first)
         if max_items is not None and first.results:
             urls = urls[: max(0, -(-max_items // len(first.results)) - 1)]
-        async for url, outcome in fetch_concurrently(self._client, urls, window=self._workers):
+        async for _url, outcome in fetch_concurrently(self._client, urls, window=self._workers):
             if isinstance(outcome, Page):
                 walk.counts.add(outcome.count)
                 await handle(outcome.results, walk)
@@ -303,25 +299,30 @@ class Crawler:
                 walk.failed = True
         return walk
 
-    async def _normalized(
-        self, payload: Any, entity: str, normalize: Callable[[Any], Any], walk: _Walk
-    ) -> Any:
-        """`normalize(payload)`, or None after handing the writer a Failure for it."""
-        try:
-            ident = require_id(payload, entity)
-        except RecordError as exc:
-            await self._out.put(Failure(entity, None, str(exc), payload=payload))
-            return None
-        walk.ids.add(ident)
-        try:
-            return normalize(payload)
-        except RecordError as exc:
-            await self._out.put(Failure(entity, str(ident), str(exc), payload=payload))
-            return None
-
     async def _page_failed(self, error: ApiError) -> None:
         log.warning("page_failed", url=error.url, status=error.status, error=str(error))
         await self._out.put(Failure("page", error.url, str(error), http_status=error.status))
+
+
+def normalize_items(
+    items: list[Any], entity: str, normalize: Callable[[Any], Any], ids: set[int]
+) -> tuple[list[Any], list[Failure]]:
+    """Each item of a page normalized, or a Failure for it; every id seen goes to `ids`
+    (malformed items included: they exist, and must not count as deleted)."""
+    results: list[Any] = []
+    failures: list[Failure] = []
+    for payload in items:
+        try:
+            ident = require_id(payload, entity)
+        except RecordError as exc:
+            failures.append(Failure(entity, None, str(exc), payload=payload))
+            continue
+        ids.add(ident)
+        try:
+            results.append(normalize(payload))
+        except RecordError as exc:
+            failures.append(Failure(entity, str(ident), str(exc), payload=payload))
+    return results, failures
 
 
 async def fetch_concurrently(

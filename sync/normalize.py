@@ -83,39 +83,27 @@ class UserRow(TypedDict):
 
 # --- single values -----------------------------------------------------------------------
 
+# Python's timedelta text: "1:00:00", "2:47:53.076906", "20 days, 3:58:48", "-1 day, 23:59:59".
+_TIMEDELTA = re.compile(r"\s*(?:([-+]?\d+) days?, )?(\d+):([0-5]\d):([0-5]\d)(?:\.(\d{1,6}))?\s*\Z")
+
+
 def parse_timedelta_seconds(value: Any, field: str) -> Decimal | None:
-    """Python's timedelta text to exact seconds: "1:00:00", "2:47:53.076906",
-    "20 days, 3:58:48", "-1 day, 23:59:59". A plain number counts as seconds."""
+    """Timedelta text (or a plain number of seconds) to exact seconds."""
+    if type(value) is str and value:
+        match = _TIMEDELTA.match(value)
+        if match is None:
+            raise RecordError(f"{field}: {value!r} is not a duration like '1:30:00'")
+        days, hours, minutes, seconds, fraction = match.groups()
+        total = (int(days) * 86400 if days else 0) + int(hours) * 3600 + int(minutes) * 60 + int(seconds)
+        if fraction is None:
+            return Decimal(total)
+        # Decimal of the text, not of a float: 10073.076906 stays exact.
+        return Decimal(f"{total}.{fraction}") if total >= 0 else Decimal(total) + Decimal(f"0.{fraction}")
     if value is None or value == "":
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return parse_decimal(value, field)
-    if not isinstance(value, str):
-        raise RecordError(f"{field}: expected duration text like '1:30:00', got {value!r}")
-    try:
-        days = 0
-        clock = value.strip()
-        if "," in clock:  # "20 days, 3:58:48"
-            day_text, _, clock = clock.partition(",")
-            count, unit = day_text.split()
-            if unit not in ("day", "days"):
-                raise ValueError
-            days = int(count)
-        hours, minutes, seconds = clock.strip().split(":")
-        whole, _, fraction = seconds.partition(".")
-        if not (len(minutes) == len(whole) == 2 and hours.isdigit() and minutes.isdigit()):
-            raise ValueError
-        if not whole.isdigit() or int(minutes) > 59 or int(whole) > 59:
-            raise ValueError
-        if fraction and not (fraction.isdigit() and len(fraction) <= 6):
-            raise ValueError
-    except ValueError:
-        raise RecordError(f"{field}: {value!r} is not a duration like '1:30:00'") from None
-    total = days * 86400 + int(hours) * 3600 + int(minutes) * 60 + int(whole)
-    if not fraction:
-        return Decimal(total)
-    # Decimal of the text, not of a float: 10073.076906 stays exact.
-    return Decimal(f"{total}.{fraction}") if total >= 0 else Decimal(total) + Decimal(f"0.{fraction}")
+    raise RecordError(f"{field}: expected duration text like '1:30:00', got {value!r}")
 
 
 def parse_duration_seconds(value: Any, field: str) -> int | None:
@@ -235,34 +223,34 @@ def exam_row(payload: Payload) -> ExamRow:
     if not slug:
         raise RecordError("exam: missing slug")
     get = payload.get
-    return ExamRow(
-        id=exam_id,
-        slug=slug,
-        title=parse_text(get("title"), "title"),
-        description=parse_text(get("description"), "description"),
-        course=parse_text(get("course"), "course"),
-        start_date=parse_timestamp(get("start_date"), "start_date"),
-        end_date=parse_timestamp(get("end_date"), "end_date"),
-        rank_publishing_date=parse_timestamp(get("rank_publishing_date"), "rank_publishing_date"),
-        created=parse_timestamp(get("created"), "created"),
-        duration_seconds=parse_duration_seconds(get("duration"), "duration"),
-        number_of_questions=parse_count(get("number_of_questions"), "number_of_questions"),
-        template_type=parse_int(get("template_type"), "template_type"),
-        comments_count=parse_count(get("comments_count"), "comments_count"),
-        negative_marks=parse_decimal(get("negative_marks"), "negative_marks"),
-        mark_per_question=parse_decimal(get("mark_per_question"), "mark_per_question"),
-        allow_retake=parse_bool(get("allow_retake"), "allow_retake"),
-        enable_ranks=parse_bool(get("enable_ranks"), "enable_ranks"),
-        allow_pdf=parse_bool(get("allow_pdf"), "allow_pdf"),
-        variable_mark_per_question=parse_bool(
+    return {
+        "id": exam_id,
+        "slug": slug,
+        "title": parse_text(get("title"), "title"),
+        "description": parse_text(get("description"), "description"),
+        "course": parse_text(get("course"), "course"),
+        "start_date": parse_timestamp(get("start_date"), "start_date"),
+        "end_date": parse_timestamp(get("end_date"), "end_date"),
+        "rank_publishing_date": parse_timestamp(get("rank_publishing_date"), "rank_publishing_date"),
+        "created": parse_timestamp(get("created"), "created"),
+        "duration_seconds": parse_duration_seconds(get("duration"), "duration"),
+        "number_of_questions": parse_count(get("number_of_questions"), "number_of_questions"),
+        "template_type": parse_int(get("template_type"), "template_type"),
+        "comments_count": parse_count(get("comments_count"), "comments_count"),
+        "negative_marks": parse_decimal(get("negative_marks"), "negative_marks"),
+        "mark_per_question": parse_decimal(get("mark_per_question"), "mark_per_question"),
+        "allow_retake": parse_bool(get("allow_retake"), "allow_retake"),
+        "enable_ranks": parse_bool(get("enable_ranks"), "enable_ranks"),
+        "allow_pdf": parse_bool(get("allow_pdf"), "allow_pdf"),
+        "variable_mark_per_question": parse_bool(
             get("variable_mark_per_question"), "variable_mark_per_question"
         ),
-        show_answers=parse_bool(get("show_answers"), "show_answers"),
-        max_retakes=parse_max_retakes(get("max_retakes")),
-        url=parse_text(get("url"), "url"),
-        attempts_url=parse_text(get("attempts_url"), "attempts_url"),
-        raw=payload,
-    )
+        "show_answers": parse_bool(get("show_answers"), "show_answers"),
+        "max_retakes": parse_max_retakes(get("max_retakes")),
+        "url": parse_text(get("url"), "url"),
+        "attempts_url": parse_text(get("attempts_url"), "attempts_url"),
+        "raw": payload,
+    }
 
 
 def user_of(value: Any) -> UserRow:
@@ -290,28 +278,28 @@ def attempt_row(payload: Payload, exam_id: int) -> tuple[AttemptRow, UserRow]:
     attempt_id = require_id(payload, "attempt")
     user = user_of(payload.get("user"))
     get = payload.get
-    row = AttemptRow(
-        id=attempt_id,
-        exam_id=exam_id,
-        username=user["username"],
-        user_id=user["user_id"],
-        date=parse_timestamp(get("date"), "date"),
-        last_started_time=parse_timestamp(get("last_started_time"), "last_started_time"),
-        total_questions=parse_count(get("total_questions"), "total_questions"),
-        correct_count=parse_count(get("correct_count"), "correct_count"),
-        incorrect_count=parse_count(get("incorrect_count"), "incorrect_count"),
-        unanswered_count=parse_count(get("unanswered_count"), "unanswered_count"),
-        score=parse_decimal(get("score"), "score"),
-        percentage=parse_decimal(get("percentage"), "percentage"),
-        percentile=parse_decimal(get("percentile"), "percentile"),
-        time_taken_seconds=parse_timedelta_seconds(get("time_taken"), "time_taken"),
-        remaining_time_seconds=parse_timedelta_seconds(get("remaining_time"), "remaining_time"),
-        state=parse_text(get("state"), "state"),
-        rank=parse_rank(get("rank"), "rank"),
-        max_rank=parse_rank(get("max_rank"), "max_rank"),
-        url=parse_text(get("url"), "url"),
-        review_url=parse_text(get("review_url"), "review_url"),
-        questions_url=parse_text(get("questions_url"), "questions_url"),
-        raw=payload,
-    )
+    row: AttemptRow = {
+        "id": attempt_id,
+        "exam_id": exam_id,
+        "username": user["username"],
+        "user_id": user["user_id"],
+        "date": parse_timestamp(get("date"), "date"),
+        "last_started_time": parse_timestamp(get("last_started_time"), "last_started_time"),
+        "total_questions": parse_count(get("total_questions"), "total_questions"),
+        "correct_count": parse_count(get("correct_count"), "correct_count"),
+        "incorrect_count": parse_count(get("incorrect_count"), "incorrect_count"),
+        "unanswered_count": parse_count(get("unanswered_count"), "unanswered_count"),
+        "score": parse_decimal(get("score"), "score"),
+        "percentage": parse_decimal(get("percentage"), "percentage"),
+        "percentile": parse_decimal(get("percentile"), "percentile"),
+        "time_taken_seconds": parse_timedelta_seconds(get("time_taken"), "time_taken"),
+        "remaining_time_seconds": parse_timedelta_seconds(get("remaining_time"), "remaining_time"),
+        "state": parse_text(get("state"), "state"),
+        "rank": parse_rank(get("rank"), "rank"),
+        "max_rank": parse_rank(get("max_rank"), "max_rank"),
+        "url": parse_text(get("url"), "url"),
+        "review_url": parse_text(get("review_url"), "review_url"),
+        "questions_url": parse_text(get("questions_url"), "questions_url"),
+        "raw": payload,
+    }
     return row, user

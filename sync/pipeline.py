@@ -17,6 +17,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -24,23 +27,20 @@ from tenacity import (
     stop_after_delay,
     wait_exponential,
 )
-from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schema import sync_progress, sync_runs
 from sync import store
 from sync.client import TestpressClient
+from sync.config import Settings
 from sync.crawler import (
     AttemptBatch,
     AttemptsDone,
-    CrawlItem,
     Crawler,
+    CrawlItem,
     ExamBatch,
     Failure,
     ListingDone,
 )
-from sync.config import Settings
 from sync.errors import DatabaseError
 from sync.logs import Redactor
 from sync.normalize import AttemptRow, ExamRow, UserRow
@@ -303,6 +303,9 @@ class RunOptions:
     dry_run: bool = False  # fetch and compare, write nothing
 
 
+DEFAULT_OPTIONS = RunOptions()
+
+
 @dataclass(frozen=True)
 class Progress:
     """A snapshot for a live progress line."""
@@ -320,7 +323,7 @@ async def run_sync(
     client: TestpressClient,
     settings: Settings,
     redactor: Redactor,
-    options: RunOptions = RunOptions(),
+    options: RunOptions = DEFAULT_OPTIONS,
     *,
     stop: asyncio.Event | None = None,
     on_progress: Callable[[Progress], None] | None = None,

@@ -13,11 +13,11 @@ change is not rewritten, and a second run over unchanged data writes nothing.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import Table, select, update
@@ -210,7 +210,8 @@ async def upsert_users(
     """Users by username. A field the new sighting lacks keeps its stored value: a user
     seen once with a name and once as a bare username keeps the name."""
     merged: dict[str, list[Any]] = {}
-    for row in rows:
+    for user in rows:
+        row = cast(Mapping[str, Any], user)
         known = merged.setdefault(row["username"], [None] * len(_USER_FIELDS))
         for index, name in enumerate(_USER_FIELDS):
             if row[name] is not None:

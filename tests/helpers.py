@@ -19,15 +19,17 @@ from sync.pipeline import RunOptions, RunSummary, run_sync
 from sync.simulator import SimulatorServer
 from tests.conftest import fast_settings
 
+DEFAULT_RUN = RunOptions()
+
 
 async def sync_once(
-    simulator: SimulatorServer, database_url: str, options: RunOptions = RunOptions(), **http: Any
+    simulator: SimulatorServer, database_url: str, options: RunOptions = DEFAULT_RUN, **http: Any
 ) -> RunSummary:
     settings = fast_settings(simulator.base_url, database_url, **http)
     return await sync_with(settings, options)
 
 
-async def sync_with(settings: Settings, options: RunOptions = RunOptions()) -> RunSummary:
+async def sync_with(settings: Settings, options: RunOptions = DEFAULT_RUN) -> RunSummary:
     engine = create_engine(database_url_from(settings.database_url))
     try:
         await ensure_schema(engine)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from sqlalchemy import text
 from sync.cli import main
 from sync.database import create_engine, database_url_from, migrate, run_lock
 from sync.simulator import SimulatorServer
-from tests.conftest import PASSWORD, USERNAME, SimulatorThread, small_dataset
+from tests.conftest import PASSWORD, USERNAME
 from tests.helpers import assert_matches_server
 
 

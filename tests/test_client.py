@@ -11,7 +11,7 @@ from sync.client import TestpressClient, open_session
 from sync.errors import ApiError, AuthError, RetriableError, SkippableError
 from sync.logs import Redactor
 from sync.simulator import SimulatorServer
-from tests.conftest import PASSWORD, fast_settings
+from tests.conftest import fast_settings
 
 
 class RecordedSleep:

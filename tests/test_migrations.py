@@ -10,7 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import SCHEMA_HEAD, metadata
 from schema.views import VIEW_NAMES
-from sync.database import create_engine, database_url_from, ensure_schema, migrate, migrations_dir, schema_state
+from sync.database import (
+    create_engine,
+    database_url_from,
+    ensure_schema,
+    migrate,
+    migrations_dir,
+    schema_state,
+)
 from sync.errors import DatabaseError
 
 

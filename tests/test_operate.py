@@ -3,7 +3,6 @@ runs, the summary and metrics files, the progress line."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import time

@@ -142,7 +142,7 @@ def test_kill_9_then_resume_skips_finished_exams_and_ends_exact(
     for _ in range(2):  # killed twice, at different moments
         before = query(migrated, progress)
         process = start_cli(["backfill", "--resume"], slow_simulator, migrated, log)
-        wait_until(lambda: query(migrated, progress) >= before + 4)
+        wait_until(lambda before=before: query(migrated, progress) >= before + 4)
         time.sleep(rng.uniform(0.0, 0.5))
         process.kill()
         process.wait(timeout=10)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schema import attempts, exams, sync_runs
+from schema import sync_runs
 from sync.simulator import SimulatorServer
 from tests.helpers import assert_matches_server, error_rows, stored_rows, sync_once
 

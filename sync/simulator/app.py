@@ -28,7 +28,6 @@ from sync.simulator.data import Dataset, Faults, SimExam
 API = "/api/v2.1"
 T = TypeVar("T")
 DATASET_KEY = web.AppKey("dataset", Dataset)
-STATE_KEY = web.AppKey("state", "SimulatorState")
 
 
 @dataclass
@@ -57,6 +56,9 @@ class SimulatorState:
             "faults_served": self.faults_served,
             "by_path": dict(self.by_path),
         }
+
+
+STATE_KEY = web.AppKey("state", SimulatorState)
 
 
 # --- JWT (HS256), as Testpress issues them ---------------------------------------------------
@@ -444,8 +446,7 @@ class SimulatorServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]  # the port the OS picked for port 0
 
     async def stop(self) -> None:
         if self._runner is not None:
