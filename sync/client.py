@@ -179,6 +179,13 @@ class TestpressClient:
                     status, response_headers = response.status, response.headers
             except TimeoutError:
                 raise RetriableError(f"timed out after {self._http.timeout:g}s", url=url) from None
+            except aiohttp.ClientSSLError as exc:
+                # Not retried: an untrusted certificate will not become trusted in a second.
+                raise ApiError(
+                    f"TLS failed: {exc}; if a proxy re-signs traffic, set api.ca_bundle "
+                    "(TESTPRESS_CA_BUNDLE) to its CA certificate",
+                    url=url,
+                ) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 raise RetriableError(
                     f"connection failed: {type(exc).__name__}: {exc}", url=url

@@ -78,6 +78,22 @@ class RunSummary:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """The counters as sync_runs stores them."""
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "exams_seen": self.exams_seen,
+            "attempts_seen": self.attempts_seen,
+            "exams_skipped": self.exams_skipped,
+            "rows_inserted": self.rows.inserted,
+            "rows_updated": self.rows.updated,
+            "rows_unchanged": self.rows.unchanged,
+            "rows_deleted": self.rows.deleted,
+            "errors": self.errors,
+            "error": self.error,
+        }
+
 
 @dataclass
 class _Pending:
@@ -510,27 +526,14 @@ async def _finish(engine: AsyncEngine, summary: RunSummary, clock: Clock) -> Non
     try:
         async with engine.begin() as connection:
             await store.finish_run(
-                connection,
-                summary.run_id,
-                status=summary.status,
-                now=clock(),
-                requests=summary.requests,
-                retries=summary.retries,
-                exams_seen=summary.exams_seen,
-                attempts_seen=summary.attempts_seen,
-                exams_skipped=summary.exams_skipped,
-                rows_inserted=summary.rows.inserted,
-                rows_updated=summary.rows.updated,
-                rows_unchanged=summary.rows.unchanged,
-                rows_deleted=summary.rows.deleted,
-                errors=summary.errors,
-                error=summary.error,
+                connection, summary.run_id, status=summary.status, now=clock(), **summary.record()
             )
     except Exception as exc:  # the database may be the reason the run failed
         log.error("run_record_not_updated", error=str(exc))
 
 
 def _log_summary(summary: RunSummary) -> None:
+    """The one line a run ends with; its keys are sync_runs' column names."""
     level = {"succeeded": log.info, "partial": log.warning}.get(summary.status, log.error)
     level(
         "run_finished",
@@ -538,15 +541,5 @@ def _log_summary(summary: RunSummary) -> None:
         duration_s=summary.duration_seconds,
         cpu_s=summary.cpu_seconds,
         batches=summary.batches,
-        requests=summary.requests,
-        retries=summary.retries,
-        exams=summary.exams_seen,
-        attempts=summary.attempts_seen,
-        inserted=summary.rows.inserted,
-        updated=summary.rows.updated,
-        unchanged=summary.rows.unchanged,
-        deleted=summary.rows.deleted,
-        errors=summary.errors,
-        skipped_exams=summary.exams_skipped,
-        error=summary.error,
+        **summary.record(),
     )

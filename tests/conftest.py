@@ -191,3 +191,19 @@ def _fresh_logging() -> Iterator[None]:
     yield
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
+
+
+@pytest.fixture
+def cli_environment(
+    monkeypatch: pytest.MonkeyPatch, simulator_thread: SimulatorServer, database_url: str
+) -> SimulatorServer:
+    """The environment a user would set for the CLI: the simulator, its login, a database
+    of each kind, JSON logs (parsed by the tests)."""
+    for name in ("TESTPRESS_CONFIG", "TESTPRESS_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TESTPRESS_BASE_URL", simulator_thread.base_url)
+    monkeypatch.setenv("TESTPRESS_USERNAME", USERNAME)
+    monkeypatch.setenv("TESTPRESS_PASSWORD", PASSWORD)
+    monkeypatch.setenv("TESTPRESS_DATABASE_URL", database_url)
+    monkeypatch.setenv("TESTPRESS_LOG_FORMAT", "json")
+    return simulator_thread

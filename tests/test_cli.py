@@ -13,19 +13,8 @@ from sqlalchemy import text
 from sync.cli import main
 from sync.database import create_engine, database_url_from, migrate, run_lock
 from sync.simulator import SimulatorServer
-from tests.conftest import PASSWORD, USERNAME
+from tests.conftest import PASSWORD
 from tests.helpers import assert_matches_server
-
-
-@pytest.fixture
-def environment(monkeypatch: pytest.MonkeyPatch, simulator_thread: SimulatorServer, database_url: str) -> SimulatorServer:
-    for name in ("TESTPRESS_CONFIG", "TESTPRESS_PASSWORD_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TESTPRESS_BASE_URL", simulator_thread.base_url)
-    monkeypatch.setenv("TESTPRESS_USERNAME", USERNAME)
-    monkeypatch.setenv("TESTPRESS_PASSWORD", PASSWORD)
-    monkeypatch.setenv("TESTPRESS_DATABASE_URL", database_url)
-    return simulator_thread
 
 
 def check_database(database_url: str, simulator: SimulatorServer) -> None:
@@ -44,23 +33,23 @@ def log_lines(output: str) -> list[dict[str, object]]:
 
 
 def test_run_from_environment_stores_everything_and_exits_0(
-    environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["run", "--log-format", "json"]) == 0
-    check_database(database_url, environment)
+    check_database(database_url, cli_environment)
     lines = log_lines(capsys.readouterr().err)
     summary = next(line for line in lines if line["event"] == "run_finished")
-    assert summary["status"] == "succeeded" and summary["inserted"] > 0
+    assert summary["status"] == "succeeded" and summary["rows_inserted"] > 0
     assert all("run_id" in line for line in lines if line["event"] in ("run_started", "logged_in", "run_finished"))
 
 
 def test_backfill_then_run_again_changes_nothing(
-    environment: SimulatorServer, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["backfill", "--log-format", "json"]) == 0
     assert main(["run", "--log-format", "json"]) == 0
     summaries = [line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished"]
-    assert (summaries[1]["inserted"], summaries[1]["updated"], summaries[1]["deleted"]) == (0, 0, 0)
+    assert (summaries[1]["rows_inserted"], summaries[1]["rows_updated"], summaries[1]["rows_deleted"]) == (0, 0, 0)
 
 
 def test_missing_setting_is_one_line_and_exit_2(
@@ -89,7 +78,7 @@ def test_invalid_settings_exit_2(argv: list[str], message: str, capsys: pytest.C
 
 
 def test_wrong_password_exits_3_without_leaking_it(
-    environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TESTPRESS_PASSWORD", "wrong-horse-battery")
     assert main(["run", "--log-format", "json"]) == 3
@@ -97,13 +86,13 @@ def test_wrong_password_exits_3_without_leaking_it(
     assert "Unable to log in" in err and "wrong-horse-battery" not in err
 
 
-def test_unreachable_database_exits_4(environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_database_exits_4(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--database-url", "postgresql://postgres@127.0.0.1:9/none", "--log-format", "json"]) == 4
     assert "database" in capsys.readouterr().err
 
 
 def test_foreign_tables_are_refused_with_exit_4(
-    environment: SimulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import sqlite3
 
@@ -152,7 +141,7 @@ class HeldLock:
 
 
 def test_second_run_while_one_holds_the_lock_exits_5(
-    environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with HeldLock(database_url):
         assert main(["run", "--log-format", "json"]) == 5
@@ -161,14 +150,14 @@ def test_second_run_while_one_holds_the_lock_exits_5(
 
 
 def test_secrets_never_reach_logs_or_tables(
-    environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    environment.state.faults.token_lifetime = 0.05  # several tokens over the run
-    environment.state.faults.latency = 0.01
-    next(e for e in environment.dataset.exams if not e.forbidden).attempts[0].malformed = True
+    cli_environment.state.faults.token_lifetime = 0.05  # several tokens over the run
+    cli_environment.state.faults.latency = 0.01
+    next(e for e in cli_environment.dataset.exams if not e.forbidden).attempts[0].malformed = True
     assert main(["run", "--log-format", "json", "--log-level", "debug"]) == 1
     output = capsys.readouterr()
-    tokens = environment.state.issued_tokens
+    tokens = cli_environment.state.issued_tokens
     assert len(tokens) >= 2
     secrets = [PASSWORD, *tokens, *(token.split(".")[2] for token in tokens)]
     logged = output.out + output.err

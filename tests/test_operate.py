@@ -15,40 +15,26 @@ from sync.cli import main
 from sync.pipeline import Progress
 from sync.progress import TerminalStatus, progress_text
 from sync.simulator import SimulatorServer
-from tests.conftest import PASSWORD, USERNAME
 from tests.test_cli import dump_database, log_lines
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, simulator_thread: SimulatorServer, database_url: str) -> SimulatorServer:
-    for name in ("TESTPRESS_CONFIG", "TESTPRESS_PASSWORD_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TESTPRESS_BASE_URL", simulator_thread.base_url)
-    monkeypatch.setenv("TESTPRESS_USERNAME", USERNAME)
-    monkeypatch.setenv("TESTPRESS_PASSWORD", PASSWORD)
-    monkeypatch.setenv("TESTPRESS_DATABASE_URL", database_url)
-    monkeypatch.setenv("TESTPRESS_LOG_FORMAT", "json")
-    return simulator_thread
-
 
 # --- status --------------------------------------------------------------------------------
 
 
-def test_status_before_any_run_is_unhealthy(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_before_any_run_is_unhealthy(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status"]) == 1
     assert "No runs recorded yet" in capsys.readouterr().out
 
 
 def test_status_after_a_good_run_then_a_failed_one(
-    env: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["run"]) == 0
     assert main(["status"]) == 0
     table = capsys.readouterr().out
     assert "succeeded" in table and "OK: the last run (1) succeeded" in table
-    env.state.faults.server_error_rate = 1.0  # every request fails: the run cannot even log in
+    cli_environment.state.faults.server_error_rate = 1.0  # every request fails: the run cannot even log in
     assert main(["run"]) == 1
-    env.state.faults.server_error_rate = 0.0
+    cli_environment.state.faults.server_error_rate = 0.0
     capsys.readouterr()
     assert main(["status", "--json"]) == 1
     document = json.loads(capsys.readouterr().out)
@@ -57,7 +43,7 @@ def test_status_after_a_good_run_then_a_failed_one(
     assert document["runs"][1]["rows_changed"] > 0
 
 
-def test_status_max_age_wants_a_recent_success(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_max_age_wants_a_recent_success(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run"]) == 0
     assert main(["status", "--max-age", "1h"]) == 0
     time.sleep(1.1)
@@ -75,14 +61,14 @@ def test_status_rejects_a_bad_age(capsys: pytest.CaptureFixture[str]) -> None:
 # --- doctor --------------------------------------------------------------------------------
 
 
-def test_doctor_passes_on_a_good_setup_and_an_empty_database(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_passes_on_a_good_setup_and_an_empty_database(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert out.count("ok  ") == 4 and "the next run migrates it" in out and "All checks passed." in out
 
 
 def test_doctor_names_a_wrong_password_with_its_remedy(
-    env: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TESTPRESS_PASSWORD", "not-the-password")
     assert main(["doctor"]) == 3
@@ -91,7 +77,7 @@ def test_doctor_names_a_wrong_password_with_its_remedy(
 
 
 def test_doctor_names_an_unreachable_server(
-    env: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TESTPRESS_BASE_URL", "http://127.0.0.1:9")
     assert main(["doctor", "--concurrency", "1"]) == 1
@@ -100,7 +86,7 @@ def test_doctor_names_an_unreachable_server(
     assert "ok    database" in out
 
 
-def test_doctor_names_an_unreachable_database(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_names_an_unreachable_database(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor", "--database-url", "postgresql://postgres@127.0.0.1:9/none"]) == 4
     assert "FAIL  database" in capsys.readouterr().out
 
@@ -108,48 +94,48 @@ def test_doctor_names_an_unreachable_database(env: SimulatorServer, capsys: pyte
 # --- narrowed and dry runs -----------------------------------------------------------------
 
 
-def test_dry_run_reports_changes_and_writes_nothing(env: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_reports_changes_and_writes_nothing(cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run"]) == 0
-    exam = next(exam for exam in env.dataset.exams if not exam.forbidden)
-    env.dataset.add_attempts(exam, 4)
-    env.dataset.rename_exam(exam.id, "Renamed for the dry run")
+    exam = next(exam for exam in cli_environment.dataset.exams if not exam.forbidden)
+    cli_environment.dataset.add_attempts(exam, 4)
+    cli_environment.dataset.rename_exam(exam.id, "Renamed for the dry run")
     before = dump_database(database_url)
     capsys.readouterr()
     assert main(["run", "--dry-run"]) == 0
     summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
-    assert (summary["inserted"], summary["updated"]) == (4, 1)
+    assert (summary["rows_inserted"], summary["rows_updated"]) == (4, 1)
     assert dump_database(database_url) == before  # not a row, not even a run record
 
 
-def test_dry_run_on_an_empty_database_says_what_to_do(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_on_an_empty_database_says_what_to_do(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--dry-run"]) == 4
     assert "testpress-sync migrate" in capsys.readouterr().err
 
 
-def test_exam_option_syncs_only_those_exams(env: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    wanted = [exam for exam in env.dataset.exams if not exam.forbidden][:2]
+def test_exam_option_syncs_only_those_exams(cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    wanted = [exam for exam in cli_environment.dataset.exams if not exam.forbidden][:2]
     assert main(["run", *(arg for exam in wanted for arg in ("--exam", exam.slug))]) == 0
     summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
-    assert summary["exams"] == 2 and summary["attempts"] == 90 and summary["deleted"] == 0
+    assert summary["exams_seen"] == 2 and summary["attempts_seen"] == 90 and summary["rows_deleted"] == 0
 
 
-def test_unknown_exam_slug_is_recorded_not_fatal(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_exam_slug_is_recorded_not_fatal(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--exam", "no-such-exam"]) == 1
     assert "no-such-exam" in capsys.readouterr().err
 
 
-def test_limit_takes_the_first_exams_and_marks_nothing_deleted(env: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_limit_takes_the_first_exams_and_marks_nothing_deleted(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run"]) == 0
     assert main(["run", "--limit", "3"]) == 0
     summaries = [line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished"]
-    assert summaries[1]["exams"] == 3 and summaries[1]["deleted"] == 0
-    assert env.state.by_path["exams"] == 2  # one listing page each run: 3 exams fit in page 1
+    assert summaries[1]["exams_seen"] == 3 and summaries[1]["rows_deleted"] == 0
+    assert cli_environment.state.by_path["exams"] == 2  # one listing page each run: 3 exams fit in page 1
 
 
 # --- summary and metrics files -------------------------------------------------------------
 
 
-def test_summary_and_metrics_files(env: SimulatorServer, tmp_path: Path) -> None:
+def test_summary_and_metrics_files(cli_environment: SimulatorServer, tmp_path: Path) -> None:
     summary_path, metrics_path = tmp_path / "summary.json", tmp_path / "sync.prom"
     assert main(["run", "--summary-json", str(summary_path), "--metrics-file", str(metrics_path)]) == 0
     summary = json.loads(summary_path.read_text())
@@ -163,7 +149,7 @@ def test_summary_and_metrics_files(env: SimulatorServer, tmp_path: Path) -> None
     assert value("last_run_rows", table="attempts", outcome="inserted") == summary["by_table"]["attempts"]["inserted"]
     assert value("last_run_requests") == summary["requests"]
 
-    env.state.faults.server_error_rate = 1.0
+    cli_environment.state.faults.server_error_rate = 1.0
     assert main(["run", "--metrics-file", str(metrics_path)]) == 1
     families = {family.name: family for family in text_string_to_metric_families(metrics_path.read_text())}
     assert value("last_run_status", status="failed") == 1

@@ -1,0 +1,66 @@
+"""TLS: certificate checks are always on; a custom CA bundle makes a private CA trusted."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from sync.client import TestpressClient, open_session
+from sync.config import load_settings
+from sync.errors import ApiError, ConfigError
+from sync.logs import Redactor
+from sync.simulator import SimulatorServer
+from tests.conftest import PASSWORD, USERNAME, fast_settings, small_dataset
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return key, cert
+
+
+@pytest.fixture
+async def tls_simulator(certificate: tuple[Path, Path]) -> AsyncIterator[SimulatorServer]:
+    key, cert = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    dataset = small_dataset(exams=2)
+    async with SimulatorServer(dataset, username=USERNAME, password=PASSWORD, ssl_context=context) as server:
+        yield server
+
+
+async def test_an_untrusted_certificate_is_refused_at_once(tls_simulator: SimulatorServer) -> None:
+    settings = fast_settings(tls_simulator.base_url, "sqlite://")
+    async with open_session(settings.api, settings.http) as session:
+        client = TestpressClient(session, settings.api, settings.http, Redactor())
+        with pytest.raises(ApiError, match="TLS failed.*ca_bundle"):
+            await client.login()
+    assert tls_simulator.state.logins == 0 and client.stats.retries == 0
+
+
+async def test_a_ca_bundle_makes_the_private_ca_trusted(
+    tls_simulator: SimulatorServer, certificate: tuple[Path, Path]
+) -> None:
+    base = fast_settings(tls_simulator.base_url, "sqlite://")
+    api = replace(base.api, ca_bundle=str(certificate[1]))
+    async with open_session(api, base.http) as session:
+        client = TestpressClient(session, api, base.http, Redactor())
+        listing = await client.get_json(f"{tls_simulator.base_url}/api/v2.1/exams/")
+    assert listing["count"] == 2 and tls_simulator.state.logins == 1
+
+
+def test_a_missing_ca_bundle_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ca_bundle"):
+        load_settings(environ={"TESTPRESS_CA_BUNDLE": str(tmp_path / "nope.pem")})
