@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -219,9 +220,15 @@ def _demo_report(database_url: str, summary: RunSummary, counts: dict[str, int])
             "Try:",
             f"  sqlite3 {path} \"SELECT slug, attempt_count, distinct_users, average_score, "
             "completion_rate FROM exam_summary ORDER BY attempt_count DESC LIMIT 5;\"",
-            "  testpress-sync status --database-url " + database_url,
+            f"  {_this_command()} status --database-url {database_url}",
         ]
     return "\n".join(lines)
+
+
+def _this_command() -> str:
+    """How the user called us (`.venv/bin/testpress-sync` after `make demo`), to quote back."""
+    called = sys.argv[0] if sys.argv and sys.argv[0].endswith("testpress-sync") else "testpress-sync"
+    return shlex.quote(called)
 
 
 async def simulate(options: dict[str, Any], ready: Callable[[str], None]) -> None:

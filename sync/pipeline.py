@@ -332,6 +332,7 @@ class Progress:
     attempts_seen: int
     requests: int
     retries: int
+    done: bool = False  # the last snapshot: the crawl and the writes have ended
 
 
 async def run_sync(
@@ -461,19 +462,22 @@ async def _crawl_and_write(
             crawl_failure.append(crawling.exception())  # type: ignore[arg-type]
         await queue.put(None)
 
+    started = time.monotonic()
+
+    def snapshot(done: bool = False) -> Progress:
+        return Progress(
+            elapsed=time.monotonic() - started,
+            exams_total=crawler.exams_total,
+            exams_done=summary.exams_done,
+            attempts_seen=summary.attempts_seen,
+            requests=client.stats.requests,
+            retries=client.stats.retries,
+            done=done,
+        )
+
     async def report_progress(callback: Callable[[Progress], None]) -> None:
-        started = time.monotonic()
         while True:
-            callback(
-                Progress(
-                    elapsed=time.monotonic() - started,
-                    exams_total=crawler.exams_total,
-                    exams_done=summary.exams_done,
-                    attempts_seen=summary.attempts_seen,
-                    requests=client.stats.requests,
-                    retries=client.stats.retries,
-                )
-            )
+            callback(snapshot())
             await asyncio.sleep(0.5)
 
     reporter = asyncio.create_task(report_progress(on_progress)) if on_progress else None
@@ -488,6 +492,8 @@ async def _crawl_and_write(
         if reporter is not None:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
+        if on_progress is not None:
+            on_progress(snapshot(done=True))
     if crawl_failure:
         raise crawl_failure[0]
     summary.exams_skipped = crawler.exams_skipped

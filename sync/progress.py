@@ -41,6 +41,9 @@ class TerminalStatus:
         self._shown = False
 
     def show(self, progress: Progress) -> None:
+        if progress.done:  # the summary line says the rest
+            self.clear()
+            return
         self._status = progress_text(progress)
         self._draw()
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from sync.cli import main
 from sync.pipeline import Progress
 from sync.progress import TerminalStatus, progress_text
 from sync.simulator import SimulatorServer
+from tests.conftest import PASSWORD, USERNAME, SimulatorThread, small_dataset
 from tests.test_cli import dump_database, log_lines
 
 # --- status --------------------------------------------------------------------------------
@@ -170,10 +175,51 @@ def test_log_lines_print_above_the_progress_line() -> None:
     status = TerminalStatus(screen)
     status.show(Progress(1.0, 10, 1, 5, 2, 0))
     print("a log line", file=status, flush=True)
-    status.clear()
+    status.show(Progress(2.0, 10, 10, 50, 4, 0, done=True))
+    print("the summary line", file=status, flush=True)
     assert screen.getvalue() == (
         "exams 1/10 · 5 attempts · 2 req/s · 0 retries · ~9s left"
         "\r\x1b[Ka log line\n"
         "exams 1/10 · 5 attempts · 2 req/s · 0 retries · ~9s left"
         "\r\x1b[K"
+        "the summary line\n"
     )
+
+
+def run_cli_on(terminal: bool, simulator: SimulatorServer, database_url: str) -> str:
+    """The real command in a child process, its stderr a pseudo-terminal or a pipe."""
+    env = {
+        **os.environ, "TESTPRESS_BASE_URL": simulator.base_url, "TESTPRESS_USERNAME": USERNAME,
+        "TESTPRESS_PASSWORD": PASSWORD, "TESTPRESS_DATABASE_URL": database_url, "TESTPRESS_CONCURRENCY": "2",
+    }  # fmt: skip
+    env.pop("TESTPRESS_LOG_FORMAT", None)
+    if not terminal:
+        done = subprocess.run([sys.executable, "-m", "sync", "run"], env=env, capture_output=True, timeout=60)
+        assert done.returncode == 0
+        return done.stderr.decode()
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "sync", "run"], env=env, stdout=follower, stderr=follower)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=60) == 0
+    os.close(leader)
+    return output.decode(errors="replace")
+
+
+def test_progress_line_on_a_terminal_only(tmp_path: Path) -> None:
+    with SimulatorThread(small_dataset(exams=20)) as simulator:
+        simulator.state.faults.latency = 0.03  # long enough for a few progress ticks
+        on_terminal = run_cli_on(True, simulator, f"sqlite:///{tmp_path / 'tty.db'}")
+        on_pipe = run_cli_on(False, simulator, f"sqlite:///{tmp_path / 'pipe.db'}")
+    assert "\r\x1b[Kexams " in on_terminal and "attempts ·" in on_terminal
+    assert "run_finished" in on_terminal
+    assert "\x1b[K" not in on_pipe and "attempts ·" not in on_pipe
+    assert '"event": "run_finished"' in on_pipe  # not a terminal: JSON lines
