@@ -468,7 +468,7 @@ async def _crawl_and_write(
         return Progress(
             elapsed=time.monotonic() - started,
             exams_total=crawler.exams_total,
-            exams_done=summary.exams_done,
+            exams_done=summary.exams_done + crawler.exams_skipped,
             attempts_seen=summary.attempts_seen,
             requests=client.stats.requests,
             retries=client.stats.retries,

@@ -195,7 +195,24 @@ async def _upsert_payload_rows(
 async def upsert_exams(
     connection: AsyncConnection, rows: Iterable[ExamRow], now: datetime, *, write: bool = True
 ) -> RowCounts:
+    rows = list(rows)
+    if write:
+        await _free_slugs(connection, {row["slug"]: row["id"] for row in rows})
     return await _upsert_payload_rows(connection, exams, EXAM_CONTENT_COLUMNS, rows, now, write)
+
+
+async def _free_slugs(connection: AsyncConnection, wanted: dict[str, int]) -> None:
+    """Slugs are unique, but Testpress may give a slug to another exam (one was deleted,
+    or two swapped names). A stored row holding a slug that an incoming exam now has is
+    given a placeholder `slug#id` first; its own next sighting restores its real slug."""
+    if not wanted:
+        return
+    holders = await _stored(connection, exams, "slug", "id", list(wanted))
+    for slug, holder in holders:
+        if holder != wanted[slug]:
+            await connection.execute(
+                update(exams).where(exams.c.id == holder).values(slug=f"{slug}#{holder}")
+            )
 
 
 async def upsert_attempts(

@@ -120,3 +120,20 @@ async def test_duplicates_in_one_batch_are_stored_once(engine: AsyncEngine) -> N
         counts = await store.upsert_exams(connection, [row, row, row], NOW)
         stored = (await connection.execute(select(exams.c.id))).scalars().all()
     assert counts.inserted == 1 and stored == [42]
+
+
+async def test_a_slug_taken_over_by_another_exam_does_not_block_the_sync(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await store.upsert_exams(connection, [exam_row(exam_payload(id=1, slug="mock"))], NOW)
+        await store.mark_exams_deleted(connection, frozenset(), NOW, None)
+    # Exam 1 is gone; a new exam 2 now has its slug. Then two live exams swap slugs.
+    async with engine.begin() as connection:
+        counts = await store.upsert_exams(connection, [exam_row(exam_payload(id=2, slug="mock"))], LATER)
+        await store.upsert_exams(connection, [exam_row(exam_payload(id=3, slug="other"))], LATER)
+    async with engine.begin() as connection:
+        swapped = [exam_row(exam_payload(id=2, slug="other")), exam_row(exam_payload(id=3, slug="mock"))]
+        swap = await store.upsert_exams(connection, swapped, LATER)
+    async with engine.connect() as connection:
+        slugs = dict((await connection.execute(select(exams.c.id, exams.c.slug))).all())
+    assert counts.inserted == 1 and swap.updated == 2
+    assert slugs == {1: "mock#1", 2: "other", 3: "mock"}
