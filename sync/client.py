@@ -114,6 +114,9 @@ class TestpressClient:
         self._http = http
         self._sleep = sleep
         self._in_flight = asyncio.Semaphore(http.concurrency)
+        # After a 429 with Retry-After, no request is sent before this loop time: the
+        # server asked the whole client to slow down, not just the request it refused.
+        self._paused_until = 0.0
         # "Full jitter" exponential backoff: many clients retrying at once spread out.
         self._backoff = wait_random_exponential(multiplier=http.backoff_initial, max=http.backoff_max)
         self.stats = RequestStats()
@@ -171,6 +174,20 @@ class TestpressClient:
     async def _send(
         self, method: str, url: str, *, headers: dict[str, str] | None = None, json: Any = None
     ) -> Any:
+        loop = asyncio.get_running_loop()
+        pause = self._paused_until - loop.time()
+        if pause > 0:
+            await self._sleep(pause)
+        try:
+            return await self._exchange(method, url, headers=headers, json=json)
+        except RetriableError as exc:
+            if exc.status == 429 and exc.retry_after:
+                self._paused_until = max(self._paused_until, loop.time() + exc.retry_after)
+            raise
+
+    async def _exchange(
+        self, method: str, url: str, *, headers: dict[str, str] | None, json: Any
+    ) -> Any:
         async with self._in_flight:
             self.stats.requests += 1
             try:
@@ -197,7 +214,10 @@ class TestpressClient:
         credentials = {"username": self._api.username, "password": self._api.password}
 
         async def post() -> Any:
-            return await self._send("POST", url, json=credentials)
+            try:
+                return await self._send("POST", url, json=credentials)
+            except TokenExpiredError as exc:  # a 401 to a login is a refusal, not an expiry
+                raise ApiError(str(exc), url=url, status=401) from None
 
         try:
             document = await self._retrying(post)
@@ -225,7 +245,9 @@ class TestpressClient:
         if isinstance(error, TokenExpiredError):
             return 0.0  # the token was just renewed; nothing to wait for
         if isinstance(error, RetriableError) and error.retry_after is not None:
-            return min(error.retry_after, self._http.backoff_max)
+            # What the server asked for; the stop condition gives up if it exceeds what
+            # is left of max_retry_wait.
+            return error.retry_after
         return self._backoff(state)
 
     async def _count_retry(self, state: RetryCallState) -> None:

@@ -36,7 +36,7 @@ class HttpSettings:
     max_attempts: int = 6  # tries of one request, the first included
     max_retry_wait: float = 300.0  # seconds of waiting between tries of one request, in all
     backoff_initial: float = 0.5  # first backoff, doubled each retry, with jitter
-    backoff_max: float = 30.0  # longest single backoff (and longest Retry-After honoured)
+    backoff_max: float = 30.0  # longest single backoff (Retry-After is honoured as given)
 
 
 @dataclass(frozen=True)

@@ -82,21 +82,40 @@ async def test_throttling_waits_what_retry_after_says(
     pages = await asyncio.gather(*(client.get_json(url) for url in urls))
     assert [page["count"] for page in pages] == [45] * len(urls)
     assert client.stats.retries > 0
-    # Retry-After 7 is capped by backoff_max (0.01 in tests); the body says 7 too.
-    assert sleep.waits and all(wait == pytest.approx(0.01) for wait in sleep.waits)
+    # Every wait is the server's 7 seconds (or what is left of it, for the requests that
+    # were paused because another one was throttled), never an exponential backoff.
+    assert max(sleep.waits) == 7.0 and all(6.0 < wait <= 7.0 for wait in sleep.waits)
 
 
-async def test_retry_after_is_honoured_up_to_backoff_max(simulator: SimulatorServer, sleep: RecordedSleep) -> None:
-    settings = fast_settings(simulator.base_url, "sqlite://", backoff_max=60.0, backoff_initial=0.001)
+async def test_retry_after_is_honoured_beyond_backoff_max(simulator: SimulatorServer, sleep: RecordedSleep) -> None:
+    settings = fast_settings(simulator.base_url, "sqlite://", backoff_max=0.5, max_attempts=4)
     simulator.state.faults.throttle_rate = 1.0
     simulator.state.faults.retry_after = 2
     async with open_session(settings.api, settings.http) as session:
         client = TestpressClient(session, settings.api, settings.http, Redactor(), sleep=sleep)
         with pytest.raises(ApiError, match="login failed: HTTP 429"):
             await client.get_json(exams_url(simulator))
-    # Every try of the login was throttled; each wait was the server's 2 seconds, and the
-    # request waiting on the login did not retry it all over again.
-    assert sleep.waits == [2.0] * (settings.http.max_attempts - 1)
+    # Every try of the login was throttled and waited the server's 2 seconds; the request
+    # waiting on the login did not retry it all over again.
+    assert simulator.state.requests == 4
+    assert sleep.waits and all(1.9 < wait <= 2.0 for wait in sleep.waits)
+
+
+async def test_a_throttled_request_pauses_the_next_ones_too(
+    simulator: SimulatorServer, sleep: RecordedSleep
+) -> None:
+    settings = fast_settings(simulator.base_url, "sqlite://", max_attempts=1)
+    async with open_session(settings.api, settings.http) as session:
+        client = TestpressClient(session, settings.api, settings.http, Redactor(), sleep=sleep)
+        await client.login()
+        simulator.state.faults.throttle_rate = 1.0
+        simulator.state.faults.retry_after = 5
+        with pytest.raises(RetriableError, match="429"):
+            await client.get_json(exams_url(simulator))
+        simulator.state.faults.throttle_rate = 0.0
+        page = await client.get_json(f"{exams_url(simulator)}?page=1")
+    assert page["count"] == len(simulator.dataset.exams)
+    assert len(sleep.waits) == 1 and 4.9 < sleep.waits[0] <= 5.0
 
 
 @pytest.mark.parametrize("fault", ["server_error_rate", "drop_rate", "truncate_rate"])
