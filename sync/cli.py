@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sync import __version__, commands
 from sync.config import Settings, load_settings
 from sync.database import database_url_from
-from sync.errors import AuthError, ConfigError, DatabaseError, LockHeldError, SyncError
+from sync.errors import AuthError, ConfigError, DatabaseError, LockHeldError, SyncError, error_text
 from sync.logs import Redactor, configure_logging
 from sync.pipeline import RunOptions
 from sync.progress import TerminalStatus
@@ -280,7 +280,7 @@ def _run_until_signal(
         log.error("database_error", error=redactor.redact(str(exc)))
         return EXIT_DATABASE
     except (SQLAlchemyError, OSError) as exc:
-        log.error("database_error", error=redactor.redact(_one_line(exc)))
+        log.error("database_error", error=redactor.redact(error_text(exc)))
         return EXIT_DATABASE
     except SyncError as exc:
         log.error("sync_failed", error=redactor.redact(str(exc)))
@@ -297,12 +297,6 @@ def _pending_work() -> list[str]:
             frame = frames[-1]
             places.append(f"{pending.get_name()}: {frame.f_code.co_qualname} line {frame.f_lineno}")
     return sorted(places)
-
-
-def _one_line(exc: BaseException) -> str:
-    original = getattr(exc, "orig", None) or exc
-    text = str(original).strip().splitlines()
-    return f"{type(original).__name__}: {text[0] if text else ''}"
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from sync.database import (
     schema_state,
 )
 from sync.doctor import print_checks, run_checks
+from sync.errors import error_text
 from sync.logs import Redactor
 from sync.pipeline import Progress, RunOptions, RunSummary, run_sync, utc_now
 from sync.report import SUCCESSFUL, health, prometheus_text, status_table
@@ -104,7 +105,7 @@ async def _report(engine: AsyncEngine, summary: RunSummary, outputs: Outputs) ->
                 async with engine.connect() as connection:
                     last_success = await store.last_success_finished_at(connection)
             except Exception as exc:  # the database may be why this run failed
-                log.warning("last_success_unknown", error=str(exc).splitlines()[0])
+                log.warning("last_success_unknown", error=error_text(exc))
         _write_atomically(outputs.metrics_file, prometheus_text(data, now, last_success))
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import schema
 from schema import SCHEMA_HEAD
-from sync.errors import ConfigError, DatabaseError, LockHeldError
+from sync.errors import ConfigError, DatabaseError, LockHeldError, error_text
 
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -212,12 +212,7 @@ async def _connected(engine: AsyncEngine) -> AsyncIterator[Any]:
         async with engine.connect() as connection:
             yield connection
     except (OperationalError, DBAPIError, OSError) as exc:
-        raise DatabaseError(f"database {describe(engine.url)}: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    original = getattr(exc, "orig", None) or exc
-    return (str(original).strip().splitlines() or [type(original).__name__])[0]
+        raise DatabaseError(f"database {describe(engine.url)}: {error_text(exc)}") from exc
 
 
 # --- one run at a time -------------------------------------------------------------------

@@ -72,3 +72,12 @@ class SkippableError(ApiError):
 
 class RecordError(SyncError):
     """One item of a page could not be turned into a row."""
+
+
+def error_text(error: BaseException, limit: int = 500) -> str:
+    """One line for a run record: a driver error's own first line, not SQLAlchemy's
+    statement and its hundreds of bound parameters."""
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines()
+    text = f"{type(original).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -41,7 +41,7 @@ from sync.crawler import (
     Failure,
     ListingDone,
 )
-from sync.errors import DatabaseError
+from sync.errors import DatabaseError, error_text
 from sync.logs import Redactor
 from sync.normalize import AttemptRow, ExamRow, UserRow
 from sync.store import RowCounts
@@ -247,7 +247,7 @@ class Writer:
                 raise
             raise DatabaseError(
                 f"the database stayed unreachable for {self._database_retry_seconds:g}s: "
-                f"{self._redactor.redact(str(exc.orig or exc).splitlines()[0])}"
+                f"{self._redactor.redact(error_text(exc))}"
             ) from exc
         except OSError as exc:
             raise DatabaseError(f"the database stayed unreachable: {exc}") from exc
@@ -304,7 +304,7 @@ class Writer:
 
 def _log_database_retry(state: RetryCallState) -> None:
     error = state.outcome.exception() if state.outcome else None
-    log.warning("database_unreachable_retrying", error=str(error).splitlines()[0] if error else None,
+    log.warning("database_unreachable_retrying", error=error_text(error) if error else None,
                 attempt=state.attempt_number, wait=round(state.upcoming_sleep, 2))
 
 
@@ -388,7 +388,7 @@ async def run_sync(
         raise
     except BaseException as exc:
         summary.status = "failed"
-        summary.error = redactor.redact(f"{type(exc).__name__}: {exc}")
+        summary.error = redactor.redact(error_text(exc))
         raise
     finally:
         summary.duration_seconds = round(time.monotonic() - started, 3)
