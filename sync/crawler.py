@@ -21,14 +21,14 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin
 
 import structlog
 
 from sync.client import TestpressClient
 from sync.errors import ApiError, RecordError, SkippableError
 from sync.normalize import AttemptRow, ExamRow, UserRow, attempt_row, exam_row, require_id
-from sync.pagination import Page, later_page_urls, read_page
+from sync.pagination import Page, later_page_urls, page_count, read_page
 
 log = structlog.get_logger("testpress_sync.crawler")
 
@@ -93,6 +93,7 @@ class _Walk:
     ids: set[int] = field(default_factory=set)
     failed: bool = False
     past_end: bool = False
+    uncounted: bool = False  # the server gave no `count`: completeness cannot be checked
 
     @property
     def consistent(self) -> bool:
@@ -154,7 +155,7 @@ class Crawler:
         for number in range(1, self._max_passes + 1):
             walk = await self._walk(self.listing_url(), self._exam_page_handler(seen), self._limit)
             present |= walk.ids
-            if walk.failed or self._limit is not None:
+            if walk.failed or walk.uncounted or self._limit is not None:
                 break  # a limited walk is a sample: never complete, never a reason to delete
             if walk.consistent:
                 complete = True
@@ -205,7 +206,9 @@ class Crawler:
                 if row["id"] in self._skip:
                     self.exams_skipped += 1
                 elif row["attempts_url"]:
-                    await self._exams.put(ExamRef(row["id"], row["attempts_url"]))
+                    # Absolute in every known server; resolved anyway, in case one is not.
+                    url = urljoin(f"{self._client.api_root}/", row["attempts_url"])
+                    await self._exams.put(ExamRef(row["id"], url))
                 else:
                     await self._out.put(Failure("exam", row["slug"], "exam has no attempts_url"))
 
@@ -231,6 +234,8 @@ class Crawler:
             present |= walk.ids
             if walk.failed:
                 status = "error"
+                break
+            if walk.uncounted:
                 break
             if walk.consistent:
                 complete = True
@@ -283,14 +288,18 @@ class Crawler:
             await self._page_failed(exc)
             walk.failed = True
             return walk
-        walk.counts.add(first.count)
+        if first.count is not None:
+            walk.counts.add(first.count)
         await handle(first.results, walk)
+        if page_count(first) is None:
+            await self._follow_next(first, handle, walk)
+            return walk
         urls = later_page_urls(first)
         if max_items is not None and first.results:
             urls = urls[: max(0, -(-max_items // len(first.results)) - 1)]
         async for _url, outcome in fetch_concurrently(self._client, urls, window=self._workers):
             if isinstance(outcome, Page):
-                walk.counts.add(outcome.count)
+                walk.counts.add(-1 if outcome.count is None else outcome.count)
                 await handle(outcome.results, walk)
             elif isinstance(outcome, SkippableError) and outcome.status == 404:
                 walk.past_end = True  # the listing shrank while we walked it
@@ -298,6 +307,22 @@ class Crawler:
                 await self._page_failed(outcome)
                 walk.failed = True
         return walk
+
+    async def _follow_next(self, page: Page, handle: Callable[[list[Any], _Walk], Any], walk: _Walk) -> None:
+        """A listing without `count`: one page after another, as `next` says."""
+        walk.uncounted = True
+        log.warning("listing_without_count", url=page.url,
+                    hint="pages are fetched one by one; nothing is marked deleted from this listing")
+        visited = {page.url}
+        while page.next_url is not None and page.next_url not in visited:
+            visited.add(page.next_url)
+            try:
+                page = read_page(await self._client.get_json(page.next_url), page.next_url)
+            except ApiError as exc:
+                await self._page_failed(exc)
+                walk.failed = True
+                return
+            await handle(page.results, walk)
 
     async def _page_failed(self, error: ApiError) -> None:
         log.warning("page_failed", url=error.url, status=error.status, error=str(error))

@@ -18,10 +18,14 @@ class Page:
     """One page of a listing, checked for the envelope's shape."""
 
     url: str
-    count: int
+    count: int | None  # None when the server did not say
     per_page: int | None
-    has_next: bool
+    next_url: str | None
     results: list[Any]
+
+    @property
+    def has_next(self) -> bool:
+        return self.next_url is not None
 
 
 def read_page(document: Any, url: str) -> Page:
@@ -30,20 +34,22 @@ def read_page(document: Any, url: str) -> Page:
         raise ApiError("the answer is not a page of results (no `results` list)", url=url)
     count = document.get("count")
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-        count = len(document["results"])
+        count = None
     per_page = document.get("per_page")
     if not isinstance(per_page, int) or isinstance(per_page, bool) or per_page < 1:
         per_page = None
-    return Page(url, count, per_page, document.get("next") is not None, document["results"])
+    next_url = document.get("next")
+    return Page(url, count, per_page, next_url if isinstance(next_url, str) and next_url else None, document["results"])
 
 
-def page_count(first: Page) -> int:
-    """How many pages the listing has, from its first page."""
+def page_count(first: Page) -> int | None:
+    """How many pages the listing has, from its first page; None if it cannot tell
+    (no `count`): then the pages can only be walked by following `next`."""
     if not first.has_next:
         return 1
     per_page = first.per_page or len(first.results)
-    if per_page < 1:
-        return 1
+    if first.count is None or per_page < 1:
+        return None
     return max(1, -(-first.count // per_page))
 
 
@@ -57,4 +63,7 @@ def page_url(first_url: str, number: int) -> str:
 
 
 def later_page_urls(first: Page) -> list[str]:
-    return [page_url(first.url, number) for number in range(2, page_count(first) + 1)]
+    """Pages 2… of a listing whose page count is known."""
+    pages = page_count(first)
+    assert pages is not None, "a listing without a count is walked by following `next`"
+    return [page_url(first.url, number) for number in range(2, pages + 1)]

@@ -107,6 +107,13 @@ def test_page_count_from_count_and_per_page(count: int, per_page: int, pages: in
     assert page_count(page) == pages
 
 
+def test_a_page_without_count_can_only_be_followed() -> None:
+    document = envelope(45, 20)
+    del document["count"]
+    page = read_page(document, URL)
+    assert page.count is None and page_count(page) is None and page.next_url == f"{URL}?page=2"
+
+
 def test_page_count_without_per_page_uses_the_first_page_size() -> None:
     assert page_count(read_page(envelope(45, 20, per_page=None), URL)) == 3
 

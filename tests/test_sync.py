@@ -188,3 +188,19 @@ async def test_sync_runs_row_exists_while_the_run_is_going(
     async with engine.connect() as connection:
         finished = (await connection.execute(select(sync_runs.c.status, sync_runs.c.finished_at))).one()
     assert finished.status == "succeeded" and finished.finished_at <= datetime.now(UTC)
+
+
+async def test_pages_without_count_are_followed_one_by_one_and_nothing_is_deleted(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    await sync_once(simulator, database_url)
+    gone = next(exam for exam in simulator.dataset.exams if not exam.forbidden)
+    simulator.dataset.delete_exam(gone.id)
+    simulator.state.envelope_counts = False
+    summary = await sync_once(simulator, database_url)
+    assert summary.status == "succeeded" and summary.rows.deleted == 0
+    exam_rows, _ = await stored_rows(engine)
+    assert exam_rows[gone.id].deleted_at is None  # unverifiable, so not marked
+    simulator.state.envelope_counts = True
+    await sync_once(simulator, database_url)
+    await assert_matches_server(engine, simulator)

@@ -39,6 +39,7 @@ class SimulatorState:
     username: str = "admin"
     password: str = "secret"
     per_page: int = 20
+    envelope_counts: bool = True  # False: pages without `count` and `per_page`
     secret: bytes = b"simulator-signing-key"
     rng: random.Random = field(default_factory=lambda: random.Random(11))
     requests: int = 0
@@ -136,13 +137,16 @@ def paginate(
         query["page"] = str(number)
         return f"{base_url(request)}{request.path}?{urlencode(query)}"
 
-    return {
+    envelope = {
         "count": len(items),
         "next": link(page + 1),
         "previous": link(page - 1),
         "per_page": per_page,
         "results": [render(item) for item in items[(page - 1) * per_page : page * per_page]],
     }
+    if not request.app[STATE_KEY].envelope_counts:
+        del envelope["count"], envelope["per_page"]
+    return envelope
 
 
 INVALID_PAGE = {"detail": "Invalid page."}
