@@ -223,3 +223,21 @@ def test_progress_line_on_a_terminal_only(tmp_path: Path) -> None:
     assert "run_finished" in on_terminal
     assert "\x1b[K" not in on_pipe and "attempts ·" not in on_pipe
     assert '"event": "run_finished"' in on_pipe  # not a terminal: JSON lines
+
+
+def test_course_option_uses_the_api_filter_and_deletes_only_within_it(
+    cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    courses = {exam.course for exam in cli_environment.dataset.exams}
+    course = sorted(courses)[0]
+    assert main(["run", "--course", course]) == 0
+    summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
+    wanted = [exam for exam in cli_environment.dataset.exams if exam.course == course]
+    assert summary["exams_seen"] == len(wanted) < len(cli_environment.dataset.exams)
+    assert main(["run"]) == 0  # everything; then one exam of another course disappears
+    other = next(exam for exam in cli_environment.dataset.exams if exam.course != course)
+    cli_environment.dataset.delete_exam(other.id)
+    capsys.readouterr()
+    assert main(["run", "--course", course]) == 0
+    summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
+    assert summary["rows_deleted"] == 0  # not this course's listing: not this run's business

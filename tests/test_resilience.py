@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,3 +252,32 @@ async def test_a_database_that_stays_away_fails_the_run_and_keeps_committed_batc
     summary = await sync_with(base)
     assert summary.status == "succeeded"
     await assert_matches_server(engine, simulator)
+
+
+async def test_a_postgresql_restart_mid_run_is_ridden_out(
+    simulator: SimulatorServer, postgres_engine: AsyncEngine, postgres_url: str
+) -> None:
+    if shutil.which("pg_ctlcluster") is None or os.geteuid() != 0 or not Path("/etc/postgresql").is_dir():
+        pytest.skip("restarting the server needs pg_ctlcluster, run as root")
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    simulator.state.faults.latency = 0.1
+    settings = fast_settings(simulator.base_url, postgres_url, concurrency=2)
+    task = asyncio.create_task(sync_with(settings))
+    for _ in range(300):
+        await asyncio.sleep(0.02)
+        async with postgres_engine.connect() as connection:
+            if (await connection.execute(select(func.count()).select_from(attempts))).scalar():
+                break
+    assert not task.done(), "the run ended before the restart could interrupt it"
+    restart = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"]
+    try:
+        await asyncio.to_thread(subprocess.run, restart, check=True, capture_output=True, timeout=120)
+    finally:  # whatever happened, leave the server running for the rest of the suite
+        await asyncio.to_thread(
+            subprocess.run, ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+    summary = await task
+    assert summary.status == "succeeded"
+    await postgres_engine.dispose()  # its pooled connections died with the server
+    await assert_matches_server(postgres_engine, simulator)
