@@ -2,7 +2,7 @@
 
 Data flows one way through the modules:
 config → client (HTTP, auth, retry) → crawler (pagination, concurrency) →
-normalize (pure) → store (upserts, runs) → pipeline (one run) → cli (thin shell).
+normalize (pure) → writer → store (upserts, runs) → pipeline (one run) → commands → cli.
 """
 
 __version__ = "0.1.0"

@@ -1,0 +1,252 @@
+"""The writer: takes row batches and markers from the crawler's queue and commits them.
+
+It is the only task that touches the database during a run. A batch (exams, then users,
+then attempts, then the markers that depend on them) is one transaction, so a crash leaves
+whole batches only; a lost connection retries the whole batch on a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from sync import store
+from sync.crawler import AttemptBatch, AttemptsDone, CrawlItem, ExamBatch, Failure, ListingDone
+from sync.errors import DatabaseError, error_text
+from sync.logs import Redactor
+from sync.normalize import AttemptRow, ExamRow, UserRow
+from sync.store import RowCounts
+from sync.summary import RunSummary
+
+log = structlog.get_logger("testpress_sync.writer")
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _Pending:
+    """Rows and markers waiting for the next commit."""
+
+    exams: list[ExamRow] = field(default_factory=list)
+    attempts: list[AttemptRow] = field(default_factory=list)
+    users: list[UserRow] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    done: list[AttemptsDone] = field(default_factory=list)
+
+    def size(self) -> int:
+        return len(self.exams) + len(self.attempts) + len(self.failures) + len(self.done)
+
+
+@dataclass
+class _Tally:
+    """What one transaction did; added to the run's summary only once it commits."""
+
+    by_table: dict[str, RowCounts] = field(default_factory=dict)
+
+    def count(self, table: str, counts: RowCounts) -> None:
+        self.by_table.setdefault(table, RowCounts()).add(counts)
+
+
+# PostgreSQL SQLSTATEs that mean "the server is away", not "the statement is wrong":
+# 08 connection exceptions, 57P operator intervention (shutdown, restart, cannot connect
+# now), 53 insufficient resources, 55000 the database not accepting connections.
+_SERVER_AWAY = ("08", "57P", "53", "55000")
+
+
+def connection_lost(error: BaseException) -> bool:
+    """A database error worth retrying: the server went away, not the statement was wrong."""
+    if isinstance(error, OSError):
+        return True
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
+        return True
+    code = getattr(error.orig, "sqlstate", None)
+    return isinstance(code, str) and code.startswith(_SERVER_AWAY)
+
+
+class Writer:
+    """Consumes the crawler's queue and commits it to the database in batches.
+
+    Each batch is one transaction. If the database goes away, the whole transaction is
+    retried on a fresh connection for up to `database_retry_seconds`; then the run fails
+    with DatabaseError, and every batch committed before stays as it was."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        summary: RunSummary,
+        redactor: Redactor,
+        *,
+        batch_size: int,
+        record_progress: bool,
+        dry_run: bool = False,
+        database_retry_seconds: float = 60.0,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._engine = engine
+        self._summary = summary
+        self._redactor = redactor
+        self._batch_size = batch_size
+        self._record_progress = record_progress
+        self._write = not dry_run
+        self._database_retry_seconds = database_retry_seconds
+        self._clock = clock
+        self._pending = _Pending()
+        self._listing: ListingDone | None = None
+
+    async def consume(self, queue: asyncio.Queue[CrawlItem | None]) -> None:
+        """Take items until the None that ends the crawl, committing batch by batch.
+
+        A batch is committed when it is full, or when the queue runs dry: then the API is
+        the bottleneck, and rows should not wait for a batch to fill. (No timeout here:
+        Python 3.11's wait_for can swallow a cancellation, and shutdown relies on it.)"""
+        while (item := await queue.get()) is not None:
+            self._take(item)
+            if self._pending.size() >= self._batch_size or queue.empty():
+                await self._commit()
+        await self._commit()
+        if self._listing is not None:
+            await self._finish_listing(self._listing)
+
+    def _take(self, item: CrawlItem) -> None:
+        pending = self._pending
+        if isinstance(item, ExamBatch):
+            pending.exams.extend(item.rows)
+            self._summary.exams_seen += len(item.rows)
+        elif isinstance(item, AttemptBatch):
+            pending.attempts.extend(item.rows)
+            pending.users.extend(item.users)
+            self._summary.attempts_seen += len(item.rows)
+        elif isinstance(item, Failure):
+            pending.failures.append(item)
+        elif isinstance(item, AttemptsDone):
+            pending.done.append(item)
+        else:
+            self._listing = item
+
+    async def _commit(self) -> None:
+        pending, self._pending = self._pending, _Pending()
+        if not pending.size():
+            return
+        now = self._clock()
+
+        async def write(connection: AsyncConnection, tally: _Tally) -> None:
+            # Order matters: attempts reference exams; deletion marks need the rows stored.
+            write = self._write
+            tally.count("exams", await store.upsert_exams(connection, pending.exams, now, write=write))
+            tally.count("users", await store.upsert_users(connection, pending.users, now, write=write))
+            tally.count(
+                "attempts", await store.upsert_attempts(connection, pending.attempts, now, write=write)
+            )
+            if write:
+                for failure in pending.failures:
+                    await self._record_failure(connection, failure, now)
+            await self._finish_exams(connection, pending.done, tally, now)
+
+        self._add(await self._in_transaction(write))
+        self._summary.batches += 1
+        self._summary.exams_done += len(pending.done)
+        for failure in pending.failures:
+            self._summary.errors += 1
+            log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
+        for done in pending.done:
+            if done.status == "ok" and not done.complete:
+                log.warning("attempts_incomplete", exam_id=done.exam_id,
+                            hint="the attempt listing kept shifting; deletions not checked this run")
+
+    async def _in_transaction(self, work: Callable[[AsyncConnection, _Tally], Awaitable[None]]) -> _Tally:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(connection_lost),
+            stop=stop_after_delay(self._database_retry_seconds),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            before_sleep=_log_database_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    tally = _Tally()
+                    async with self._engine.begin() as connection:
+                        await work(connection, tally)
+                    return tally
+        except DBAPIError as exc:
+            if not connection_lost(exc):
+                raise
+            raise DatabaseError(
+                f"the database stayed unreachable for {self._database_retry_seconds:g}s: "
+                f"{self._redactor.redact(error_text(exc))}"
+            ) from exc
+        except OSError as exc:
+            raise DatabaseError(f"the database stayed unreachable: {exc}") from exc
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _finish_exams(
+        self, connection: AsyncConnection, done: list[AttemptsDone], tally: _Tally, now: datetime
+    ) -> None:
+        """Record how each exam's attempt fetch ended; mark what a complete fetch missed."""
+        if not done:
+            return
+        if self._write:
+            await store.set_attempts_status(connection, {item.exam_id: item.status for item in done})
+        complete = {item.exam_id: item.seen_ids for item in done if item.status == "ok" and item.complete}
+        deleted = await store.mark_attempts_deleted(connection, complete, now, write=self._write)
+        tally.count("attempts", RowCounts(deleted=deleted))
+        if self._record_progress and self._write:
+            await store.record_progress(connection, self._summary.run_id, list(complete), now)
+
+    async def _finish_listing(self, listing: ListingDone) -> None:
+        self._summary.listing_complete = listing.complete
+        if not listing.complete:
+            log.warning("listing_incomplete", hint="no exam is marked deleted this run")
+            return
+
+        async def mark(connection: AsyncConnection, tally: _Tally) -> None:
+            deleted = await store.mark_exams_deleted(
+                connection, listing.seen_ids, self._clock(), listing.course, write=self._write
+            )
+            tally.count("exams", RowCounts(deleted=deleted))
+
+        self._add(await self._in_transaction(mark))
+
+    async def _record_failure(self, connection: AsyncConnection, failure: Failure, now: datetime) -> None:
+        await store.record_error(
+            connection,
+            self._summary.run_id,
+            entity=failure.entity,
+            key=failure.key,
+            message=self._redactor.redact(failure.message),
+            http_status=failure.http_status,
+            payload=self._redactor.redact_value(failure.payload),
+            now=now,
+        )
+
+    def _add(self, tally: _Tally) -> None:
+        for table, counts in tally.by_table.items():
+            # The run's totals are of the data rows (exams, attempts); a user re-seen on
+            # every page would swamp them, so users are counted in by_table only.
+            if table != "users":
+                self._summary.rows.add(counts)
+            self._summary.by_table.setdefault(table, RowCounts()).add(counts)
+
+
+def _log_database_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("database_unreachable_retrying", error=error_text(error) if error else None,
+                attempt=state.attempt_number, wait=round(state.upcoming_sleep, 2))
