@@ -38,7 +38,7 @@ def slow_simulator() -> Iterator[SimulatorServer]:
     """Enough work, slowly enough served, that a run can be interrupted in the middle."""
     dataset = small_dataset(exams=30, attempts_per_exam=50, users=60)
     with SimulatorThread(dataset) as server:
-        server.state.faults.latency = 0.03
+        server.state.faults.latency = 0.05
         yield server
 
 
