@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,19 @@ def test_database_urls_users_know_get_the_async_driver(given: str, driver: str) 
 def test_unsupported_database_urls_are_config_errors(bad: str) -> None:
     with pytest.raises(ConfigError, match="TESTPRESS_DATABASE_URL"):
         database_url_from(bad)
+
+
+def test_config_example_documents_every_key_and_loads() -> None:
+    from dataclasses import fields as dataclass_fields
+
+    from sync.config import SECTIONS, Settings
+
+    example = Path(__file__).resolve().parent.parent / "config.example.toml"
+    text = example.read_text()
+    groups = {group: section for section, group in SECTIONS.items() if group}
+    for group, section in groups.items():
+        for item in dataclass_fields(type(getattr(Settings(), group))):
+            assert re.search(rf"^#? ?{item.name} = ", text.split(f"[{section}]")[1], re.MULTILINE), f"[{section}] {item.name}"
+    assert "[database]" in text and re.search(r"^url = ", text, re.MULTILINE)
+    settings = load_settings(config_path=str(example), environ={})
+    assert settings.api.base_url == "https://demo.testpress.in" and settings.http.concurrency == 16
