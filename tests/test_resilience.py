@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,17 @@ def test_two_runs_at_once_one_waits_out_with_exit_5(
 # --- PostgreSQL going away (SQLite is a local file: nothing to restart) ---------------------------------------------------------------
 
 
+async def first_rows_stored(engine: AsyncEngine, timeout: float = 10.0) -> None:
+    """Wait until the run under test has committed its first attempts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async with engine.connect() as connection:
+            if (await connection.execute(select(func.count()).select_from(attempts))).scalar():
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no attempt was stored in time")
+
+
 async def terminate_connections(database_url: str, *, block: bool | None = None) -> int:
     """Cut every connection to the test database, as a server restart would."""
     name = database_url.rsplit("/", 1)[1]
@@ -230,18 +242,12 @@ async def test_a_database_that_stays_away_fails_the_run_and_keeps_committed_batc
     simulator: SimulatorServer, postgres_engine: AsyncEngine, postgres_url: str
 ) -> None:
     engine, database_url = postgres_engine, postgres_url
-    from dataclasses import replace
-
     simulator.state.faults.latency = 0.02
     base = fast_settings(simulator.base_url, database_url, concurrency=2)
     settings = replace(base, sync=replace(base.sync, batch_size=40, database_retry_seconds=1.0))
     task = asyncio.create_task(sync_with(settings))
     try:
-        for _ in range(200):
-            await asyncio.sleep(0.02)
-            async with engine.connect() as connection:
-                if (await connection.execute(select(func.count()).select_from(attempts))).scalar():
-                    break
+        await first_rows_stored(engine)
         await terminate_connections(database_url, block=True)
         with pytest.raises(DatabaseError, match="unreachable"):
             await task
@@ -263,11 +269,7 @@ async def test_a_postgresql_restart_mid_run_is_ridden_out(
     simulator.state.faults.latency = 0.1
     settings = fast_settings(simulator.base_url, postgres_url, concurrency=2)
     task = asyncio.create_task(sync_with(settings))
-    for _ in range(300):
-        await asyncio.sleep(0.02)
-        async with postgres_engine.connect() as connection:
-            if (await connection.execute(select(func.count()).select_from(attempts))).scalar():
-                break
+    await first_rows_stored(postgres_engine)
     assert not task.done(), "the run ended before the restart could interrupt it"
     restart = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"]
     try:
