@@ -75,6 +75,7 @@ def create_engine(url: URL) -> AsyncEngine:
             connect_args={"timeout": 30},
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     return create_async_engine(
         url,
@@ -86,6 +87,10 @@ def create_engine(url: URL) -> AsyncEngine:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The sqlite3 module opens transactions on its own, late (at the first write) and
+    # not for SAVEPOINT; we turn that off and BEGIN ourselves (below), so a transaction
+    # spans all its statements and savepoints work. (SQLAlchemy's documented recipe.)
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL: dashboards can read while a sync writes. Foreign keys are off by default.
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -93,6 +98,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN")
 
 
 # --- migrations --------------------------------------------------------------------------

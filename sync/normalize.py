@@ -109,7 +109,9 @@ def parse_timedelta_seconds(value: Any, field: str) -> Decimal | None:
 def parse_duration_seconds(value: Any, field: str) -> int | None:
     """Timedelta text to whole seconds (the exam's duration column is an integer)."""
     seconds = parse_timedelta_seconds(value, field)
-    return None if seconds is None else int(seconds.to_integral_value())
+    if seconds is None:
+        return None
+    return parse_int(int(seconds.to_integral_value()), field)
 
 
 def parse_timestamp(value: Any, field: str) -> datetime | None:
@@ -156,18 +158,26 @@ def parse_decimal(value: Any, field: str) -> Decimal | None:
     return number
 
 
-def parse_int(value: Any, field: str) -> int | None:
-    if type(value) is int or value is None:  # the usual case, first
-        return value
-    if isinstance(value, bool):
-        raise RecordError(f"{field}: expected an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise RecordError(f"{field}: expected an integer, got {value!r}")
+# The columns' ranges: ids are BIGINT, counts and ranks INTEGER, on both databases.
+INT32 = 2**31 - 1
+INT64 = 2**63 - 1
+
+
+def parse_int(value: Any, field: str, *, limit: int = INT32) -> int | None:
+    """An integer within ±limit (an int, or its text); a larger one is an impossible
+    value that the database column could not hold."""
+    if type(value) is not int:
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            raise RecordError(f"{field}: expected an integer, got {value!r}")
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value) or isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif not isinstance(value, int):
+            raise RecordError(f"{field}: expected an integer, got {value!r}")
+    if not -limit - 1 <= value <= limit:
+        raise RecordError(f"{field}: {value} is out of range")
+    return int(value)
 
 
 def parse_count(value: Any, field: str) -> int | None:
@@ -207,7 +217,7 @@ def require_id(payload: Any, what: str) -> int:
     """The item's id; an item without a usable one cannot be stored at all."""
     if not isinstance(payload, dict):
         raise RecordError(f"{what}: expected an object, got {type(payload).__name__}")
-    ident = parse_int(payload.get("id"), "id")
+    ident = parse_int(payload.get("id"), "id", limit=INT64)
     if ident is None:
         raise RecordError(f"{what}: missing id")
     return ident
@@ -265,7 +275,7 @@ def user_of(value: Any) -> UserRow:
             raise RecordError("user: nested user without a username")
         return UserRow(
             username=username,
-            user_id=parse_int(value.get("id"), "user.id"),
+            user_id=parse_int(value.get("id"), "user.id", limit=INT64),
             display_name=parse_text(value.get("display_name"), "user.display_name"),
             first_name=parse_text(value.get("first_name"), "user.first_name"),
             last_name=parse_text(value.get("last_name"), "user.last_name"),

@@ -122,6 +122,17 @@ def _user_upsert(dialect: str) -> str:
     )
 
 
+def without_nul(value: Any) -> Any:
+    """`value` with NUL characters removed from every string in it."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {without_nul(key): without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nul(item) for item in value]
+    return value
+
+
 def content_hash(raw_json: bytes) -> str:
     """The digest a row is compared by: its payload, and the rules that normalized it."""
     return hashlib.blake2b(NORMALIZER_VERSION + raw_json, digest_size=16).hexdigest()
@@ -185,7 +196,12 @@ async def _upsert_payload_rows(
             row[name] if convert is None else convert(row[name])
             for name, convert in zip(plan.content, plan.converters, strict=True)
         ]
-        values += (raw_json.decode(), digest, stamp, stamp)
+        stored_json = raw_json
+        if dialect == "postgresql" and b"\\u0000" in raw_json:
+            # PostgreSQL's text and jsonb cannot hold a NUL character: it is dropped.
+            stored_json = orjson.dumps(without_nul(row["raw"]))
+            values = [without_nul(value) for value in values]
+        values += (stored_json.decode(), digest, stamp, stamp)
         to_write.append(tuple(values))
     if to_write and write:
         await connection.exec_driver_sql(plan.sql, to_write)
@@ -256,7 +272,8 @@ async def upsert_users(
                 counts.unchanged += 1
                 continue
             counts.updated += 1
-        to_write.append((username, *values, stamp, stamp))
+        record = (username, *values, stamp, stamp)
+        to_write.append(tuple(without_nul(value) for value in record) if dialect == "postgresql" else record)
     if to_write and write:
         await connection.exec_driver_sql(_user_upsert(dialect), to_write)
     return counts

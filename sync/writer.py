@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -58,6 +59,7 @@ class _Tally:
     """What one transaction did; added to the run's summary only once it commits."""
 
     by_table: dict[str, RowCounts] = field(default_factory=dict)
+    refused: list[Failure] = field(default_factory=list)  # rows the database would not take
 
     def count(self, table: str, counts: RowCounts) -> None:
         self.by_table.setdefault(table, RowCounts()).add(counts)
@@ -147,29 +149,65 @@ class Writer:
             return
         now = self._clock()
 
-        async def write(connection: AsyncConnection, tally: _Tally) -> None:
+        async def write(connection: AsyncConnection, tally: _Tally, one_by_one: bool) -> None:
             # Order matters: attempts reference exams; deletion marks need the rows stored.
-            write = self._write
-            tally.count("exams", await store.upsert_exams(connection, pending.exams, now, write=write))
-            tally.count("users", await store.upsert_users(connection, pending.users, now, write=write))
-            tally.count(
-                "attempts", await store.upsert_attempts(connection, pending.attempts, now, write=write)
-            )
-            if write:
-                for failure in pending.failures:
+            if one_by_one:
+                await self._upsert_one_by_one(connection, pending, tally, now)
+            else:
+                await self._upsert_batch(connection, pending, tally, now)
+            if self._write:
+                for failure in [*pending.failures, *tally.refused]:
                     await self._record_failure(connection, failure, now)
             await self._finish_exams(connection, pending.done, tally, now)
 
-        self._add(await self._in_transaction(write))
+        try:
+            tally = await self._in_transaction(lambda c, t: write(c, t, one_by_one=False))
+        except DBAPIError as exc:
+            # Not an outage (those are retried inside): the database refused something in
+            # this batch. Write it again row by row, and record the rows it refuses.
+            log.warning("batch_refused_writing_row_by_row", error=self._redactor.redact(error_text(exc)))
+            tally = await self._in_transaction(lambda c, t: write(c, t, one_by_one=True))
+        self._add(tally)
         self._summary.batches += 1
         self._summary.exams_done += len(pending.done)
-        for failure in pending.failures:
+        for failure in [*pending.failures, *tally.refused]:
             self._summary.errors += 1
             log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
         for done in pending.done:
             if done.status == "ok" and not done.complete:
                 log.warning("attempts_incomplete", exam_id=done.exam_id,
                             hint="the attempt listing kept shifting; deletions not checked this run")
+
+    async def _upsert_batch(
+        self, connection: AsyncConnection, pending: _Pending, tally: _Tally, now: datetime
+    ) -> None:
+        write = self._write
+        tally.count("exams", await store.upsert_exams(connection, pending.exams, now, write=write))
+        tally.count("users", await store.upsert_users(connection, pending.users, now, write=write))
+        tally.count("attempts", await store.upsert_attempts(connection, pending.attempts, now, write=write))
+
+    async def _upsert_one_by_one(
+        self, connection: AsyncConnection, pending: _Pending, tally: _Tally, now: datetime
+    ) -> None:
+        """Each row in a savepoint of its own: the ones the database refuses become
+        failures, the rest is stored."""
+        steps: list[tuple[str, str, Any, Callable[..., Awaitable[RowCounts]]]] = [
+            *(("exams", "exam", row, store.upsert_exams) for row in pending.exams),
+            *(("users", "user", row, store.upsert_users) for row in pending.users),
+            *(("attempts", "attempt", row, store.upsert_attempts) for row in pending.attempts),
+        ]
+        for table, entity, row, upsert in steps:
+            try:
+                async with connection.begin_nested():
+                    tally.count(table, await upsert(connection, [row], now, write=self._write))
+            except DBAPIError as exc:
+                if connection_lost(exc):
+                    raise
+                key = row.get("slug") or row.get("username") if entity != "attempt" else str(row["id"])
+                tally.refused.append(
+                    Failure(entity, str(key), f"the database refused it: {error_text(exc)}",
+                            payload=row.get("raw", dict(row)))
+                )
 
     async def _in_transaction(self, work: Callable[[AsyncConnection, _Tally], Awaitable[None]]) -> _Tally:
         retrying = AsyncRetrying(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import sync_runs
@@ -204,3 +204,38 @@ async def test_pages_without_count_are_followed_one_by_one_and_nothing_is_delete
     simulator.state.envelope_counts = True
     await sync_once(simulator, database_url)
     await assert_matches_server(engine, simulator)
+
+
+async def test_rows_the_database_refuses_go_to_sync_errors_and_the_rest_is_stored(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    # A constraint of the user's own (or a disk quirk) that refuses some rows.
+    async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(text("ALTER TABLE attempts ADD CONSTRAINT refuse_07 CHECK (id % 100 <> 7)"))
+        else:
+            await connection.execute(text(
+                "CREATE TRIGGER refuse_07 BEFORE INSERT ON attempts WHEN NEW.id % 100 = 7 "
+                "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+            ))  # fmt: skip
+    summary = await sync_once(simulator, database_url)
+    refused = {a.id for e in simulator.dataset.exams if not e.forbidden for a in e.attempts if a.id % 100 == 7}
+    assert refused and summary.status == "partial" and summary.errors == len(refused)
+    errors = await error_rows(engine)
+    assert {int(row.key) for row in errors} == refused
+    assert all(row.entity == "attempt" and "refused" in row.message and row.payload["id"] % 100 == 7 for row in errors)
+    _, attempt_rows = await stored_rows(engine)
+    served = {a.id for e in simulator.dataset.exams if not e.forbidden for a in e.attempts}
+    assert set(attempt_rows) == served - refused
+
+
+async def test_nul_characters_do_not_stop_a_run(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    exam = next(exam for exam in simulator.dataset.exams if not exam.forbidden)
+    simulator.dataset.rename_exam(exam.id, "Mock\x00Test")
+    summary = await sync_once(simulator, database_url)
+    assert summary.status == "succeeded" and summary.errors == 0
+    exam_rows, _ = await stored_rows(engine)
+    expected = "MockTest" if engine.dialect.name == "postgresql" else "Mock\x00Test"
+    assert exam_rows[exam.id].title == expected and exam_rows[exam.id].raw["title"] == expected
