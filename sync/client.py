@@ -29,7 +29,7 @@ from tenacity import (
 
 from sync import __version__
 from sync.config import ApiSettings, HttpSettings
-from sync.errors import ApiError, AuthError, RetriableError, TokenExpiredError
+from sync.errors import ApiError, AuthError, RetriableError, ThrottledError, TokenExpiredError
 from sync.logs import Redactor
 from sync.responses import error_message, parse_response
 
@@ -185,6 +185,12 @@ class TestpressClient:
             return await self._exchange(method, url, headers=headers, json=json)
         except RetriableError as exc:
             if exc.status == 429 and exc.retry_after:
+                if exc.retry_after > self._http.max_retry_wait:
+                    raise ThrottledError(
+                        f"Testpress throttled this login for {exc.retry_after:g}s, longer than "
+                        f"http.max_retry_wait ({self._http.max_retry_wait:g}s): stopping; "
+                        "run again later, or with a lower --concurrency"
+                    ) from None
                 self._paused_until = max(self._paused_until, loop.time() + exc.retry_after)
             raise
 

@@ -141,10 +141,15 @@ class Crawler:
 
     async def crawl(self) -> None:
         """Walk everything; returns when every batch and marker is in the out queue."""
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._fetch_named_exams() if self._slugs else self._walk_listing())
-            for _ in range(self._workers):
-                group.create_task(self._attempt_worker())
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._fetch_named_exams() if self._slugs else self._walk_listing())
+                for _ in range(self._workers):
+                    group.create_task(self._attempt_worker())
+        except BaseExceptionGroup as failure:
+            # Several workers may hit the same fatal error (a refused login, a long
+            # throttle); the first says it.
+            raise failure.exceptions[0] from None
 
     # --- the exam listing ------------------------------------------------------------
 

@@ -5,6 +5,7 @@
     ├── AuthError                  the login was refused                  → exit 3
     ├── DatabaseError              unreachable, or schema not usable      → exit 4
     ├── LockHeldError              another run holds this database        → exit 5
+    ├── ThrottledError             the API asks us to wait longer than we may → the run stops
     ├── ApiError                   an HTTP exchange that did not give data
     │   ├── RetriableError         429, 5xx, timeout, reset, bad body     → retry
     │   │   └── TokenExpiredError  401: log in again, then retry
@@ -36,6 +37,10 @@ class DatabaseError(SyncError):
 
 class LockHeldError(SyncError):
     """Another testpress-sync run holds the lock on this database."""
+
+
+class ThrottledError(SyncError):
+    """The API asked us to wait longer than max_retry_wait: stop instead of hanging."""
 
 
 class ApiError(SyncError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -239,3 +240,19 @@ async def test_nul_characters_do_not_stop_a_run(
     exam_rows, _ = await stored_rows(engine)
     expected = "MockTest" if engine.dialect.name == "postgresql" else "Mock\x00Test"
     assert exam_rows[exam.id].title == expected and exam_rows[exam.id].raw["title"] == expected
+
+
+async def test_a_throttle_longer_than_we_may_wait_stops_the_run_quickly(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    from sync.errors import ThrottledError
+
+    simulator.state.faults.throttle_rate = 0.2
+    simulator.state.faults.retry_after = 3600  # "come back in an hour"
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ThrottledError, match="3600s, longer than"):
+        await sync_once(simulator, database_url)
+    assert asyncio.get_running_loop().time() - started < 10
+    async with engine.connect() as connection:
+        run = (await connection.execute(select(sync_runs.c.status, sync_runs.c.error))).one()
+    assert run.status == "failed" and "throttled" in run.error
