@@ -28,6 +28,7 @@ from sync.database import (
     describe,
     ensure_schema,
     migrate,
+    missing_sqlite_file,
     run_lock,
     schema_state,
 )
@@ -140,11 +141,12 @@ async def show_status(
     settings: Settings, *, limit: int, as_json: bool, max_age: timedelta | None
 ) -> int:
     """The last runs, and exit 1 when the last one failed or no success is recent."""
+    missing = missing_sqlite_file(database_url_from(settings.database_url))
+    runs = []
     engine = open_database(settings)
     try:
-        state = await schema_state(engine)  # reads any version of ours; never writes
-        runs = []
-        if state.current is not None and state.known:
+        state = None if missing else await schema_state(engine)  # reads; never writes
+        if state is not None and state.current is not None and state.known:
             async with engine.connect() as connection:
                 runs = await store.recent_runs(connection, limit)
     finally:
@@ -154,7 +156,10 @@ async def show_status(
         document = {"healthy": verdict.healthy, "reason": verdict.reason, "runs": [run.as_dict() for run in runs]}
         print(json.dumps(document, indent=2))
     else:
-        print(status_table(runs))
+        if missing:
+            print(f"No database at {missing} yet: the first `testpress-sync run` creates it.")
+        else:
+            print(status_table(runs))
         print(f"\n{'OK' if verdict.healthy else 'UNHEALTHY'}: {verdict.reason}")
     return EXIT_OK if verdict.healthy else EXIT_PARTIAL
 

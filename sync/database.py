@@ -57,6 +57,15 @@ def database_url_from(text_url: str) -> URL:
     return url.set(drivername=driver)
 
 
+def missing_sqlite_file(url: URL) -> Path | None:
+    """The SQLite file a read-only command would otherwise create empty, if it is missing."""
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    path = Path(database)
+    return None if path.exists() else path
+
+
 def describe(url: URL) -> str:
     """The URL for messages and logs: the password hidden."""
     return url.render_as_string(hide_password=True)

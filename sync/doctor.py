@@ -9,7 +9,7 @@ import aiohttp
 
 from sync.client import TestpressClient, open_session
 from sync.config import Settings
-from sync.database import create_engine, database_url_from, describe, schema_state
+from sync.database import create_engine, database_url_from, describe, missing_sqlite_file, schema_state
 from sync.errors import ApiError, AuthError, ConfigError, DatabaseError, SyncError
 from sync.logs import Redactor
 
@@ -102,6 +102,9 @@ async def _check_database(settings: Settings) -> Check:
         url = database_url_from(settings.database_url)
     except ConfigError as exc:
         return Check("database", False, str(exc), exit_code=2)
+    missing = missing_sqlite_file(url)
+    if missing is not None:
+        return Check("database", True, f"no SQLite file at {missing} yet: the first run creates it")
     engine = create_engine(url)
     try:
         state = await schema_state(engine)
