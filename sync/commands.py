@@ -8,7 +8,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -258,5 +258,3 @@ async def simulate(options: dict[str, Any], ready: Callable[[str], None]) -> Non
         ready(server.base_url)
         await asyncio.Event().wait()
 
-
-Command = Callable[[], Awaitable[int]]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,6 +19,8 @@ from sync.logs import Redactor
 from sync.pipeline import RunOptions, RunSummary, run_sync
 from sync.simulator import SimulatorServer
 from tests.conftest import fast_settings
+
+T = TypeVar("T")
 
 DEFAULT_RUN = RunOptions()
 
@@ -38,10 +41,6 @@ async def sync_with(settings: Settings, options: RunOptions = DEFAULT_RUN) -> Ru
             return await run_sync(engine, client, settings, Redactor(), options)
     finally:
         await engine.dispose()
-
-
-def with_batch_size(settings: Settings, size: int) -> Settings:
-    return replace(settings, sync=replace(settings.sync, batch_size=size))
 
 
 def _utc(text: str | None) -> datetime | None:
@@ -96,3 +95,30 @@ async def assert_matches_server(engine: AsyncEngine, simulator: SimulatorServer)
 async def error_rows(engine: AsyncEngine) -> list[Any]:
     async with engine.connect() as connection:
         return (await connection.execute(select(sync_errors).order_by(sync_errors.c.id))).all()
+
+
+def on_engine(database_url: str, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """`work(engine)` on a fresh engine and event loop, for tests that are not async
+    (those that drive the CLI); the engine is disposed afterwards."""
+
+    async def run() -> T:
+        engine = create_engine(database_url_from(database_url))
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def select_rows(database_url: str, statement: Any) -> list[Any]:
+    async def fetch(engine: AsyncEngine) -> list[Any]:
+        async with engine.connect() as connection:
+            return list((await connection.execute(statement)).all())
+
+    return on_engine(database_url, fetch)
+
+
+def select_value(database_url: str, statement: Any) -> Any:
+    rows = select_rows(database_url, statement)
+    return rows[0][0] if rows else None

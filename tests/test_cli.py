@@ -9,23 +9,17 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync.cli import main
 from sync.database import create_engine, database_url_from, migrate, run_lock
 from sync.simulator import SimulatorServer
 from tests.conftest import PASSWORD
-from tests.helpers import assert_matches_server
+from tests.helpers import assert_matches_server, on_engine
 
 
 def check_database(database_url: str, simulator: SimulatorServer) -> None:
-    async def check() -> None:
-        engine = create_engine(database_url_from(database_url))
-        try:
-            await assert_matches_server(engine, simulator)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(check())
+    on_engine(database_url, lambda engine: assert_matches_server(engine, simulator))
 
 
 def log_lines(output: str) -> list[dict[str, object]]:
@@ -44,12 +38,19 @@ def test_run_from_environment_stores_everything_and_exits_0(
 
 
 def test_backfill_then_run_again_changes_nothing(
-    cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]
+    cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["backfill", "--log-format", "json"]) == 0
+    data_before = data_rows(database_url)
     assert main(["run", "--log-format", "json"]) == 0
     summaries = [line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished"]
     assert (summaries[1]["rows_inserted"], summaries[1]["rows_updated"], summaries[1]["rows_deleted"]) == (0, 0, 0)
+    assert data_rows(database_url) == data_before  # the rows themselves, not only the counts
+
+
+def data_rows(database_url: str) -> str:
+    """The data tables only (a run always adds its own sync_runs row)."""
+    return dump_database(database_url, DATA_TABLES)
 
 
 def test_missing_setting_is_one_line_and_exit_2(
@@ -166,20 +167,23 @@ def test_secrets_never_reach_logs_or_tables(
     assert not [secret for secret in secrets if secret in dump_database(database_url)]
 
 
-def dump_database(database_url: str) -> str:
-    async def dump() -> str:
-        engine = create_engine(database_url_from(database_url))
-        parts: list[str] = []
-        try:
-            async with engine.connect() as connection:
-                for table in ("exams", "attempts", "users", "sync_runs", "sync_errors", "sync_progress"):
-                    rows = (await connection.execute(text(f"SELECT * FROM {table}"))).all()
-                    parts.extend(repr(tuple(row)) for row in rows)
-        finally:
-            await engine.dispose()
-        return "\n".join(parts)
+DATA_TABLES = ("exams", "attempts", "users")
+ALL_TABLES = (*DATA_TABLES, "sync_runs", "sync_errors", "sync_progress")
 
-    return asyncio.run(dump())
+
+def dump_database(database_url: str, tables: tuple[str, ...] = ALL_TABLES) -> str:
+    """Every row of `tables`, ordered, as text: for comparing a database before and after."""
+
+    async def dump(engine: AsyncEngine) -> str:
+        async with engine.connect() as connection:
+            rows = [
+                repr(tuple(row))
+                for table in tables
+                for row in (await connection.execute(text(f"SELECT * FROM {table} ORDER BY 1"))).all()
+            ]
+        return "\n".join(rows)
+
+    return on_engine(database_url, dump)
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["backfill"], ["migrate"], ["status"], ["doctor"], ["demo"], ["simulate"]])

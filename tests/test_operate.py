@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
 
+from schema import attempts, exams
 from sync.cli import main
 from sync.pipeline import Progress
 from sync.progress import TerminalStatus, progress_text
 from sync.simulator import SimulatorServer
 from tests.conftest import PASSWORD, USERNAME, SimulatorThread, small_dataset
+from tests.helpers import select_rows, select_value
 from tests.test_cli import dump_database, log_lines
 
 # --- status --------------------------------------------------------------------------------
@@ -129,6 +132,8 @@ def test_exam_option_syncs_only_those_exams(cli_environment: SimulatorServer, da
     assert main(["run", *(arg for exam in wanted for arg in ("--exam", exam.slug))]) == 0
     summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
     assert summary["exams_seen"] == 2 and summary["attempts_seen"] == 90 and summary["rows_deleted"] == 0
+    stored = select_rows(database_url, select(attempts.c.exam_id, func.count()).group_by(attempts.c.exam_id))
+    assert dict(stored) == {exam.id: 45 for exam in wanted}
 
 
 def test_unknown_exam_slug_is_recorded_not_fatal(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,12 +141,18 @@ def test_unknown_exam_slug_is_recorded_not_fatal(cli_environment: SimulatorServe
     assert "no-such-exam" in capsys.readouterr().err
 
 
-def test_limit_takes_the_first_exams_and_marks_nothing_deleted(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_limit_takes_the_first_exams_and_marks_nothing_deleted(
+    cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--limit", "3"]) == 0
+    stored = {row[0] for row in select_rows(database_url, select(exams.c.id))}
+    assert stored == {exam.id for exam in cli_environment.dataset.exams[:3]}  # the newest three
     assert main(["run"]) == 0
     assert main(["run", "--limit", "3"]) == 0
     summaries = [line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished"]
-    assert summaries[1]["exams_seen"] == 3 and summaries[1]["rows_deleted"] == 0
-    assert cli_environment.state.by_path["exams"] == 2  # one listing page each run: 3 exams fit in page 1
+    assert summaries[2]["exams_seen"] == 3 and summaries[2]["rows_deleted"] == 0
+    assert select_value(database_url, select(func.count()).where(exams.c.deleted_at.is_not(None))) == 0
+    assert cli_environment.state.by_path["exams"] == 3  # one page for each limited run, one for the full run
 
 
 # --- summary and metrics files -------------------------------------------------------------
@@ -241,6 +252,7 @@ def test_course_option_uses_the_api_filter_and_deletes_only_within_it(
     summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
     wanted = [exam for exam in cli_environment.dataset.exams if exam.course == course]
     assert summary["exams_seen"] == len(wanted) < len(cli_environment.dataset.exams)
+    assert {row[0] for row in select_rows(database_url, select(exams.c.course).distinct())} == {course}
     assert main(["run"]) == 0  # everything; then one exam of another course disappears
     other = next(exam for exam in cli_environment.dataset.exams if exam.course != course)
     cli_environment.dataset.delete_exam(other.id)
@@ -248,3 +260,4 @@ def test_course_option_uses_the_api_filter_and_deletes_only_within_it(
     assert main(["run", "--course", course]) == 0
     summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
     assert summary["rows_deleted"] == 0  # not this course's listing: not this run's business
+    assert select_value(database_url, select(exams.c.deleted_at).where(exams.c.id == other.id)) is None

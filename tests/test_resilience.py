@@ -25,11 +25,11 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import attempts, sync_progress, sync_runs
-from sync.database import create_engine, database_url_from, migrate
+from sync.database import migrate
 from sync.errors import DatabaseError
 from sync.simulator import SimulatorServer
 from tests.conftest import PASSWORD, USERNAME, SimulatorThread, _asyncpg_dsn, fast_settings, small_dataset
-from tests.helpers import assert_matches_server, stored_rows, sync_with
+from tests.helpers import assert_matches_server, on_engine, select_rows, select_value, stored_rows, sync_with
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,18 +59,6 @@ def start_cli(args: list[str], simulator: SimulatorServer, database_url: str, lo
         return subprocess.Popen([sys.executable, "-m", "sync", *args], env=env, cwd=REPO, stdout=output, stderr=output)
 
 
-def query(database_url: str, statement: Any) -> Any:
-    async def run() -> Any:
-        engine = create_engine(database_url_from(database_url))
-        try:
-            async with engine.connect() as connection:
-                return (await connection.execute(statement)).scalar()
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
-
-
 def wait_until(condition: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -79,15 +67,11 @@ def wait_until(condition: Any, timeout: float = 30.0) -> None:
 
 
 def check(database_url: str, simulator: SimulatorServer) -> None:
-    async def run() -> None:
-        engine = create_engine(database_url_from(database_url))
-        try:
-            await assert_matches_server(engine, simulator)
-            await assert_stored_rows_are_whole(engine, simulator)
-        finally:
-            await engine.dispose()
+    async def compare(engine: AsyncEngine) -> None:
+        await assert_matches_server(engine, simulator)
+        await assert_stored_rows_are_whole(engine, simulator)
 
-    asyncio.run(run())
+    on_engine(database_url, compare)
 
 
 async def assert_stored_rows_are_whole(engine: AsyncEngine, simulator: SimulatorServer) -> None:
@@ -102,17 +86,12 @@ async def assert_stored_rows_are_whole(engine: AsyncEngine, simulator: Simulator
 
 
 def stored_attempts(database_url: str) -> int:
-    return query(database_url, select(func.count()).select_from(attempts)) or 0
+    return select_value(database_url, select(func.count()).select_from(attempts)) or 0
 
 
 @pytest.fixture
 def migrated(database_url: str) -> str:
-    async def run() -> None:
-        engine = create_engine(database_url_from(database_url))
-        await migrate(engine)
-        await engine.dispose()
-
-    asyncio.run(run())
+    on_engine(database_url, migrate)
     return database_url
 
 
@@ -128,7 +107,7 @@ def test_a_signal_stops_the_run_cleanly_and_the_next_run_completes(
     code = process.wait(timeout=15)
     assert time.monotonic() - sent < 5, "the run took too long to stop"
     assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], log.read_text()
-    assert query(migrated, select(sync_runs.c.status)) == "interrupted"
+    assert select_value(migrated, select(sync_runs.c.status)) == "interrupted"
     assert 0 < stored_attempts(migrated) < 29 * 50
     again = start_cli(["run"], slow_simulator, migrated, log)
     assert again.wait(timeout=60) == 0, log.read_text()
@@ -142,20 +121,20 @@ def test_kill_9_then_resume_skips_finished_exams_and_ends_exact(
     rng = random.Random(5)
     progress = select(func.count()).select_from(sync_progress)
     for _ in range(2):  # killed twice, at different moments
-        before = query(migrated, progress)
+        before = select_value(migrated, progress)
         process = start_cli(["backfill", "--resume"], slow_simulator, migrated, log)
-        wait_until(lambda before=before: query(migrated, progress) >= before + 4)
+        wait_until(lambda before=before: select_value(migrated, progress) >= before + 4)
         time.sleep(rng.uniform(0.0, 0.5))
         process.kill()
         process.wait(timeout=10)
-    completed = query(migrated, select(func.count(func.distinct(sync_progress.c.exam_id))))
+    completed = select_value(migrated, select(func.count(func.distinct(sync_progress.c.exam_id))))
 
     before = slow_simulator.state.requests
     resumed = start_cli(["backfill", "--resume"], slow_simulator, migrated, log)
     assert resumed.wait(timeout=60) == 0, log.read_text()
     resume_requests = slow_simulator.state.requests - before
     check(migrated, slow_simulator)
-    statuses = [row for row in query_all(migrated, select(sync_runs.c.status, sync_runs.c.exams_skipped, sync_runs.c.resumed_from).order_by(sync_runs.c.id))]
+    statuses = [row for row in select_rows(migrated, select(sync_runs.c.status, sync_runs.c.exams_skipped, sync_runs.c.resumed_from).order_by(sync_runs.c.id))]
     assert [s for s, _, _ in statuses] == ["interrupted", "interrupted", "succeeded"]
     assert statuses[2][1] == completed and statuses[2][2] == 2
 
@@ -167,25 +146,13 @@ def test_kill_9_then_resume_skips_finished_exams_and_ends_exact(
     assert resume_requests <= full_requests - 3 * completed
 
 
-def query_all(database_url: str, statement: Any) -> list[Any]:
-    async def run() -> list[Any]:
-        engine = create_engine(database_url_from(database_url))
-        try:
-            async with engine.connect() as connection:
-                return list((await connection.execute(statement)).all())
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
-
-
 def test_two_runs_at_once_one_waits_out_with_exit_5(
     slow_simulator: SimulatorServer, migrated: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "run.log"
     slow_simulator.state.faults.latency = 0.1  # the first run outlasts the second's start-up
     first = start_cli(["run"], slow_simulator, migrated, log)
-    wait_until(lambda: query(migrated, select(sync_runs.c.status)) == "running")
+    wait_until(lambda: select_value(migrated, select(sync_runs.c.status)) == "running")
     second = start_cli(["run"], slow_simulator, migrated, log)
     assert second.wait(timeout=20) == 5
     assert first.wait(timeout=60) == 0, log.read_text()
