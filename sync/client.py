@@ -1,11 +1,13 @@
-"""The Testpress API client: one aiohttp session, JWT auth, bounded retries.
+"""The Testpress API client: JWT auth and bounded retries over a connection pool.
 
 Sending is layered, each layer doing one job:
 
     get_json          retry (tenacity) — only RetriableError, with backoff or Retry-After
       _authorized     JWT header; a 401 triggers one shared re-login, then a retry
-        _send         one HTTP exchange under the in-flight semaphore; network errors
-                      become RetriableError; sync.responses decides what the answer means
+        _send         a pause the server asked for (429), then one exchange
+          _exchange   one HTTP exchange (sync.transport, which bounds requests in flight);
+                      network errors become RetriableError; sync.responses decides what
+                      the answer means
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
+import orjson
 import structlog
 from tenacity import (
     AsyncRetrying,
@@ -32,6 +34,7 @@ from sync.config import ApiSettings, HttpSettings
 from sync.errors import ApiError, AuthError, RetriableError, ThrottledError, TokenExpiredError
 from sync.logs import Redactor
 from sync.responses import error_message, parse_response
+from sync.transport import ConnectionFailed, ConnectionPool, TLSFailed
 
 log = structlog.get_logger("testpress_sync.client")
 Sleep = Callable[[float], Awaitable[None]]
@@ -75,26 +78,24 @@ class TokenAuth:
         return token
 
 
-def ssl_context(settings: ApiSettings) -> ssl.SSLContext | bool:
-    """Certificate checks always on. Without a custom CA bundle: True, aiohttp's own
-    verifying context (already built at import; loading the system CAs again costs a
-    noticeable part of start-up). With one: the system's trust plus the bundle."""
+def ssl_context(settings: ApiSettings) -> ssl.SSLContext | None:
+    """Certificate checks always on. Without a custom CA bundle: None, and the pool builds
+    the system's default context when it first connects over https. With one: the
+    system's trust plus the bundle."""
     if not settings.ca_bundle:
-        return True
+        return None
     context = ssl.create_default_context()
     context.load_verify_locations(cafile=settings.ca_bundle)
     return context
 
 
-def open_session(settings: ApiSettings, http: HttpSettings) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=http.concurrency, ssl=ssl_context(settings), enable_cleanup_closed=True
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=http.timeout),
-        headers={"User-Agent": f"testpress-sync/{__version__}", "Accept": "application/json"},
-        raise_for_status=False,
+def open_session(settings: ApiSettings, http: HttpSettings) -> ConnectionPool:
+    """The connections of one run: at most `http.concurrency` requests in flight."""
+    return ConnectionPool(
+        limit=http.concurrency,
+        timeout=http.timeout,
+        ssl_context=ssl_context(settings),
+        user_agent=f"testpress-sync/{__version__}",
     )
 
 
@@ -105,7 +106,7 @@ class TestpressClient:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        session: ConnectionPool,
         api: ApiSettings,
         http: HttpSettings,
         redactor: Redactor,
@@ -116,7 +117,6 @@ class TestpressClient:
         self._api = api
         self._http = http
         self._sleep = sleep
-        self._in_flight = asyncio.Semaphore(http.concurrency)
         # After a 429 with Retry-After, no request is sent before this loop time: the
         # server asked the whole client to slow down, not just the request it refused.
         self._paused_until = 0.0
@@ -148,8 +148,7 @@ class TestpressClient:
             first_failure = error
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RetriableError),
-            stop=stop_after_attempt(self._http.max_attempts)
-            | stop_before_delay(self._http.max_retry_wait),
+            stop=stop_after_attempt(self._http.max_attempts) | stop_before_delay(self._http.max_retry_wait),
             wait=self._wait,
             sleep=self._sleep,
             before_sleep=self._count_retry,
@@ -194,29 +193,26 @@ class TestpressClient:
                 self._paused_until = max(self._paused_until, loop.time() + exc.retry_after)
             raise
 
-    async def _exchange(
-        self, method: str, url: str, *, headers: dict[str, str] | None, json: Any
-    ) -> Any:
-        async with self._in_flight:
-            self.stats.requests += 1
-            try:
-                async with self._session.request(method, url, headers=headers, json=json) as response:
-                    body = await response.read()
-                    status, response_headers = response.status, response.headers
-            except TimeoutError:
-                raise RetriableError(f"timed out after {self._http.timeout:g}s", url=url) from None
-            except aiohttp.ClientSSLError as exc:
-                # Not retried: an untrusted certificate will not become trusted in a second.
-                raise ApiError(
-                    f"TLS failed: {exc}; if a proxy re-signs traffic, set api.ca_bundle "
-                    "(TESTPRESS_CA_BUNDLE) to its CA certificate",
-                    url=url,
-                ) from None
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                raise RetriableError(
-                    f"connection failed: {type(exc).__name__}: {exc}", url=url
-                ) from None
-        return parse_response(status, response_headers, body, url)
+    async def _exchange(self, method: str, url: str, *, headers: dict[str, str] | None, json: Any) -> Any:
+        self.stats.requests += 1
+        body = None
+        if json is not None:
+            body = orjson.dumps(json)
+            headers = {**(headers or {}), "Content-Type": "application/json"}
+        try:
+            response = await self._session.request(method, url, headers=headers, body=body)
+        except TimeoutError:
+            raise RetriableError(f"timed out after {self._http.timeout:g}s", url=url) from None
+        except TLSFailed as exc:
+            # Not retried: an untrusted certificate will not become trusted in a second.
+            raise ApiError(
+                f"{exc}; if a proxy re-signs traffic, set api.ca_bundle "
+                "(TESTPRESS_CA_BUNDLE) to its CA certificate",
+                url=url,
+            ) from None
+        except ConnectionFailed as exc:
+            raise RetriableError(f"connection failed: {exc}", url=url) from None
+        return parse_response(response.status, response.headers, response.body, url)
 
     async def _login_once(self) -> str:
         url = f"{self.api_root}/auth-token/"

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from sync.client import TestpressClient, open_session
 from sync.config import Settings
 from sync.database import create_engine, database_url_from, describe, missing_sqlite_file, schema_state
 from sync.errors import ApiError, AuthError, ConfigError, DatabaseError, SyncError
 from sync.logs import Redactor
+from sync.transport import ConnectionPool, TransportError
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,11 @@ def _check_configuration(settings: Settings) -> Check:
     return Check("configuration", True, f"{settings.api.base_url} as {settings.api.username!r}")
 
 
-async def _check_server(session: aiohttp.ClientSession, settings: Settings) -> Check:
+async def _check_server(session: ConnectionPool, settings: Settings) -> Check:
     url = f"{settings.api.base_url}/api/{settings.api.api_version}/exams/"
     try:
-        async with session.get(url) as response:
-            status = response.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        status = (await session.request("GET", url)).status
+    except (TransportError, TimeoutError) as exc:
         return Check(
             "server", False, f"{url}: {type(exc).__name__}: {exc}",
             "check TESTPRESS_BASE_URL, DNS, proxies and firewalls; with a TLS-inspecting "

@@ -94,7 +94,9 @@ def parse_timedelta_seconds(value: Any, field: str) -> Decimal | None:
         if match is None:
             raise RecordError(f"{field}: {value!r} is not a duration like '1:30:00'")
         days, hours, minutes, seconds, fraction = match.groups()
-        total = (int(days) * 86400 if days else 0) + int(hours) * 3600 + int(minutes) * 60 + int(seconds)
+        total = int(hours) * 3600 + int(minutes) * 60 + int(seconds)
+        if days:
+            total += int(days) * 86400
         if fraction is None:
             return Decimal(total)
         # Decimal of the text, not of a float: 10073.076906 stays exact.
@@ -116,43 +118,44 @@ def parse_duration_seconds(value: Any, field: str) -> int | None:
 
 def parse_timestamp(value: Any, field: str) -> datetime | None:
     """ISO 8601 with offset or Z (0-6 fractional digits) to aware UTC; naive means UTC."""
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
+    if type(value) is not str:
+        if value is None:
+            return None
         raise RecordError(f"{field}: expected an ISO timestamp, got {value!r}")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
+        if value == "":
+            return None
         raise RecordError(f"{field}: {value!r} is not an ISO timestamp") from None
-    if parsed.tzinfo is UTC:  # the common "…Z" case: nothing to convert
+    zone = parsed.tzinfo
+    if zone is UTC:  # the common "…Z" case: nothing to convert
         return parsed
-    if parsed.tzinfo is None:
+    if zone is None:
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
 
 
 def parse_decimal(value: Any, field: str) -> Decimal | None:
     """A decimal string, int or float to an exact Decimal (floats through their repr)."""
-    if value is None or value == "":
-        return None
-    if type(value) is str:  # the usual wire form: "2.00"
+    kind = type(value)
+    if kind is str:  # the usual wire form: "2.00"
         try:
             number = Decimal(value)
         except InvalidOperation:
+            if value == "":
+                return None
             raise RecordError(f"{field}: {value!r} is not a number") from None
-        if not number.is_finite():
-            raise RecordError(f"{field}: {value!r} is not a finite number")
-        return number
-    if isinstance(value, bool):
+    elif kind is int:
+        return Decimal(value)
+    elif kind is float:
+        number = Decimal(repr(value))  # 83.64, not the binary fraction nearest to it
+    elif value is None:
+        return None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(int(value))
+    else:
         raise RecordError(f"{field}: expected a number, got {value!r}")
-    if isinstance(value, float):
-        value = repr(value)
-    elif not isinstance(value, (str, int)):
-        raise RecordError(f"{field}: expected a number, got {value!r}")
-    try:
-        number = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise RecordError(f"{field}: {value!r} is not a number") from None
     if not number.is_finite():
         raise RecordError(f"{field}: {value!r} is not a finite number")
     return number
@@ -171,7 +174,12 @@ def parse_int(value: Any, field: str, *, limit: int = INT32) -> int | None:
             return None
         if isinstance(value, bool):
             raise RecordError(f"{field}: expected an integer, got {value!r}")
-        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value) or isinstance(value, float) and value.is_integer():
+        if (
+            isinstance(value, str)
+            and _INTEGER_TEXT.fullmatch(value)
+            or isinstance(value, float)
+            and value.is_integer()
+        ):
             value = int(value)
         elif not isinstance(value, int):
             raise RecordError(f"{field}: expected an integer, got {value!r}")
@@ -180,8 +188,13 @@ def parse_int(value: Any, field: str, *, limit: int = INT32) -> int | None:
     return int(value)
 
 
+_INTEGER_TEXT = re.compile(r"\s*[-+]?\d+\s*")
+
+
 def parse_count(value: Any, field: str) -> int | None:
     """A count of questions or answers: an integer that cannot be negative."""
+    if type(value) is int and 0 <= value <= INT32:  # the usual case, checked first
+        return value
     number = parse_int(value, field)
     if number is not None and number < 0:
         raise RecordError(f"{field}: {number} is negative")
@@ -190,6 +203,8 @@ def parse_count(value: Any, field: str) -> int | None:
 
 def parse_rank(value: Any, field: str) -> int | None:
     """An int, or "NA" (not ranked yet) which becomes null."""
+    if type(value) is int and -INT32 - 1 <= value <= INT32:
+        return value
     if isinstance(value, str) and value.strip().upper() in ("NA", "N/A", ""):
         return None
     return parse_int(value, field)
@@ -217,7 +232,10 @@ def require_id(payload: Any, what: str) -> int:
     """The item's id; an item without a usable one cannot be stored at all."""
     if not isinstance(payload, dict):
         raise RecordError(f"{what}: expected an object, got {type(payload).__name__}")
-    ident = parse_int(payload.get("id"), "id", limit=INT64)
+    ident = payload.get("id")
+    if type(ident) is int and -INT64 - 1 <= ident <= INT64:  # the usual case, checked first
+        return ident
+    ident = parse_int(ident, "id", limit=INT64)
     if ident is None:
         raise RecordError(f"{what}: missing id")
     return ident
@@ -265,21 +283,27 @@ def exam_row(payload: Payload) -> ExamRow:
 
 def user_of(value: Any) -> UserRow:
     """`user` as a plain username string or as the nested user object."""
-    if isinstance(value, str) and value:
-        return UserRow(
-            username=value, user_id=None, display_name=None, first_name=None, last_name=None
-        )
-    if isinstance(value, dict):
-        username = parse_text(value.get("username"), "user.username")
-        if not username:
+    if type(value) is dict:
+        username = value.get("username")
+        if not username or type(username) is not str:
+            parse_text(username, "user.username")
             raise RecordError("user: nested user without a username")
-        return UserRow(
-            username=username,
-            user_id=parse_int(value.get("id"), "user.id", limit=INT64),
-            display_name=parse_text(value.get("display_name"), "user.display_name"),
-            first_name=parse_text(value.get("first_name"), "user.first_name"),
-            last_name=parse_text(value.get("last_name"), "user.last_name"),
-        )
+        get = value.get
+        return {
+            "username": username,
+            "user_id": parse_int(get("id"), "user.id", limit=INT64),
+            "display_name": parse_text(get("display_name"), "user.display_name"),
+            "first_name": parse_text(get("first_name"), "user.first_name"),
+            "last_name": parse_text(get("last_name"), "user.last_name"),
+        }
+    if isinstance(value, str) and value:
+        return {
+            "username": value,
+            "user_id": None,
+            "display_name": None,
+            "first_name": None,
+            "last_name": None,
+        }
     raise RecordError(f"user: expected a username or a user object, got {value!r}")
 
 

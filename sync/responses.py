@@ -18,7 +18,8 @@ _THROTTLE_TEXT = re.compile(r"available in (\d+(?:\.\d+)?) seconds?")
 
 
 def parse_response(status: int, headers: Mapping[str, str], body: bytes, url: str) -> Any:
-    """The JSON document of a successful response; otherwise the ApiError that says why."""
+    """The JSON document of a successful response; otherwise the ApiError that says why.
+    `headers` has lower-case names."""
     if 200 <= status < 300:
         try:
             return orjson.loads(body)
@@ -34,6 +35,12 @@ def parse_response(status: int, headers: Mapping[str, str], body: bytes, url: st
         raise TokenExpiredError(message, url=url, status=status)
     if status in (403, 404):
         raise SkippableError(message, url=url, status=status)
+    if 300 <= status < 400:
+        # Not followed: a redirect would carry the token to wherever it points.
+        message = f"HTTP {status}: redirected to {headers.get('location', 'an unnamed address')}"
+        raise ApiError(
+            f"{message}; set api.base_url to the address the API answers at", url=url, status=status
+        )
     if status in RETRIABLE_STATUSES or status >= 500:
         retry_after = retry_after_seconds(headers, document) if status == 429 else None
         raise RetriableError(message, url=url, status=status, retry_after=retry_after)
@@ -42,7 +49,7 @@ def parse_response(status: int, headers: Mapping[str, str], body: bytes, url: st
 
 def retry_after_seconds(headers: Mapping[str, str], document: Any) -> float | None:
     """Seconds to wait after a 429: the Retry-After header, else DRF's "in N seconds" text."""
-    header = headers.get("Retry-After")
+    header = headers.get("retry-after")
     if header is not None:
         try:
             return max(0.0, float(header.strip()))

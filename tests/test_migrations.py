@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import SCHEMA_HEAD, metadata
@@ -19,6 +22,7 @@ from sync.database import (
     schema_state,
 )
 from sync.errors import DatabaseError
+from tests.conftest import fresh_postgres_database
 
 
 def test_schema_head_constant_is_alembics_head() -> None:
@@ -76,6 +80,68 @@ async def test_downgraded_database_is_migrated_back_by_a_run(engine: AsyncEngine
         await connection.commit()
     state = await ensure_schema(engine)
     assert state.current is None and (await schema_state(engine)).up_to_date
+
+
+def _schema_fingerprint(connection: Connection) -> dict[str, Any]:
+    """Everything about a schema that a migration could get wrong, as comparable data."""
+    inspector = inspect(connection)
+    found: dict[str, Any] = {}
+    for table in sorted(inspector.get_table_names()):
+        found[table] = {
+            "columns": [
+                (c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
+                for c in inspector.get_columns(table)
+            ],
+            "primary key": inspector.get_pk_constraint(table),
+            "foreign keys": sorted(map(repr, inspector.get_foreign_keys(table))),
+            "indexes": sorted(map(repr, inspector.get_indexes(table))),
+            "unique": sorted(map(repr, inspector.get_unique_constraints(table))),
+        }
+    for view in sorted(inspector.get_view_names()):
+        found[f"view {view}"] = inspector.get_view_definition(view)
+    if connection.dialect.name == "sqlite":  # the DDL itself, word for word
+        found["sqlite_master"] = connection.exec_driver_sql(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+        ).all()
+    found["revision"] = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    return found
+
+
+async def test_a_new_database_gets_exactly_the_schema_the_migrations_build(
+    database_url: str, tmp_path: Path
+) -> None:
+    """An empty database is created from the table definitions and stamped (no Alembic
+    import); that must equal running every migration from base."""
+    from alembic import command
+
+    def upgrade(connection: Connection) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async def fingerprint(url: str, *, through_alembic: bool) -> dict[str, Any]:
+        engine = create_engine(database_url_from(url))
+        try:
+            if through_alembic:
+                async with engine.connect() as connection:
+                    await connection.run_sync(upgrade)
+                    await connection.commit()
+            else:
+                await migrate(engine)
+            async with engine.connect() as connection:
+                return await connection.run_sync(_schema_fingerprint)
+        finally:
+            await engine.dispose()
+
+    created = await fingerprint(database_url, through_alembic=False)
+    if database_url.startswith("sqlite"):
+        migrated = await fingerprint(f"sqlite:///{tmp_path / 'migrated.db'}", through_alembic=True)
+    else:
+        with fresh_postgres_database() as other:
+            migrated = await fingerprint(other, through_alembic=True)
+    assert set(created) >= set(metadata.tables) | {f"view {name}" for name in VIEW_NAMES}
+    assert created == migrated
 
 
 async def test_foreign_tables_are_refused(database_url: str) -> None:

@@ -52,9 +52,15 @@ def test_404_is_skippable() -> None:
         answer(404, {"detail": "Not found."})
 
 
+def test_a_redirect_is_not_followed_but_explained() -> None:
+    with pytest.raises(ApiError, match="redirected to https://other.example/api/.*base_url") as caught:
+        answer(301, b"", {"location": "https://other.example/api/"})
+    assert not isinstance(caught.value, RetriableError | SkippableError) and caught.value.status == 301
+
+
 def test_429_honours_retry_after_header() -> None:
     with pytest.raises(RetriableError) as caught:
-        answer(429, {"detail": "Request was throttled. Expected available in 9 seconds."}, {"Retry-After": "3"})
+        answer(429, {"detail": "Request was throttled. Expected available in 9 seconds."}, {"retry-after": "3"})
     assert caught.value.retry_after == 3.0
 
 
