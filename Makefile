@@ -17,8 +17,16 @@ demo: $(BIN)/testpress-sync          ## sync the bundled simulator into ./testpr
 test: $(BIN)/testpress-sync          ## the whole test suite, SQLite and PostgreSQL
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/testpress-sync         ## the performance benchmark (issue #4 targets)
-	$(BIN)/python -m bench
+# dlt, the reference the benchmark runs beside, lives in a venv of its own: its
+# dependencies (rich, among others) would otherwise slow our own start-up down.
+DLT_VENV := .venv-dlt
+$(DLT_VENV)/bin/dlt:
+	$(PYTHON) -m venv $(DLT_VENV)
+	$(DLT_VENV)/bin/pip install --quiet --upgrade pip
+	$(DLT_VENV)/bin/pip install --quiet 'dlt[sqlalchemy,postgres]>=1.0'
+
+bench: $(BIN)/testpress-sync $(DLT_VENV)/bin/dlt  ## the performance benchmark (issue #4 targets)
+	$(BIN)/python -m bench --dlt-python $(DLT_VENV)/bin/python
 
 lint: $(BIN)/testpress-sync          ## ruff and mypy
 	$(BIN)/pip install --quiet -e '.[test,dev]'
@@ -26,4 +34,4 @@ lint: $(BIN)/testpress-sync          ## ruff and mypy
 	$(BIN)/mypy sync schema
 
 clean:
-	rm -rf $(VENV) *.egg-info testpress-demo.db
+	rm -rf $(VENV) $(DLT_VENV) *.egg-info testpress-demo.db

@@ -6,6 +6,7 @@ and reads the child's own CPU time and peak RSS from wait4(). Figures are compar
 one run only: these machines are noisy.
 
     wall     20 ms latency: wall time against the ideal requests × latency ÷ concurrency
+    dlt      the same, beside dlt's rest_api source doing the same job (--dlt-python)
     cpu      zero latency: attempts stored per CPU-second of the sync process
     memory   peak RSS at 10,000 and at 100,000 attempts
     upsert   rows/s: first insert, re-upsert of unchanged rows, plain executemany floor
@@ -29,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sync.config import HttpSettings
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TESTPRESS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -113,48 +116,92 @@ def database(kind: str) -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def sync_run(base: str, database_url: str, kind: str, *, concurrency: int = 16) -> Measurement:
-    """One `testpress-sync run` in a child process, measured."""
+@dataclass(frozen=True)
+class ChildUsage:
+    wall: float
+    cpu: float  # user + system seconds of the child, start-up included
+    peak_rss_mb: float
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def measure_child(command: list[str], env: dict[str, str]) -> ChildUsage:
+    """Run `command` to its end; its own CPU time and peak RSS come from wait4(). Output
+    goes to files, so neither pipe can fill up and stall the child."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return ChildUsage(
+            wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, process.returncode, out.read(), err.read()
+        )
+
+
+def sync_run(base: str, database_url: str, kind: str, *, concurrency: int | None = None) -> Measurement:
+    """One `testpress-sync run` in a child process, measured. Concurrency: the default."""
     env = {
         **os.environ,
         "TESTPRESS_BASE_URL": base,
         "TESTPRESS_USERNAME": "admin",
         "TESTPRESS_PASSWORD": "secret",
         "TESTPRESS_DATABASE_URL": database_url,
-        "TESTPRESS_CONCURRENCY": str(concurrency),
         "TESTPRESS_LOG_FORMAT": "json",
     }
+    env.pop("TESTPRESS_CONCURRENCY", None)
+    if concurrency is not None:
+        env["TESTPRESS_CONCURRENCY"] = str(concurrency)
     before = simulator_stats(base)["requests"]
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sync", "run"], cwd=REPO, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    output = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
+    child = measure_child([sys.executable, "-m", "sync", "run"], env)
     summary = next(
-        (json.loads(line) for line in output.splitlines() if b'"run_finished"' in line), None
+        (json.loads(line) for line in child.stderr.splitlines() if b'"run_finished"' in line), None
     )
-    if summary is None or process.returncode not in (0, 1):
-        raise RuntimeError(f"the sync failed ({process.returncode}):\n{output.decode()[-2000:]}")
+    if summary is None or child.returncode not in (0, 1):
+        raise RuntimeError(f"the sync failed ({child.returncode}):\n{child.stderr.decode()[-2000:]}")
     return Measurement(
         database=kind,
         attempts=summary["attempts_seen"],
         requests=simulator_stats(base)["requests"] - before,
-        wall=wall,
-        cpu=usage.ru_utime + usage.ru_stime,
+        wall=child.wall,
+        cpu=child.cpu,
         run_cpu=summary["cpu_s"],
-        peak_rss_mb=usage.ru_maxrss / 1024,
+        peak_rss_mb=child.peak_rss_mb,
         inserted=summary["rows_inserted"],
         updated=summary["rows_updated"],
         status=summary["status"],
     )
 
 
+def dlt_run(dlt_python: str, base: str, database_url: str) -> tuple[ChildUsage, int, int]:
+    """dlt's rest_api source doing the same job (bench/dlt_job.py), measured alike."""
+    if database_url.startswith("postgresql://"):  # the driver dlt[postgres] installs
+        database_url = database_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    with tempfile.TemporaryDirectory() as pipelines:
+        before = simulator_stats(base)["requests"]
+        child = measure_child(
+            [dlt_python, "-m", "bench.dlt_job", base, database_url, pipelines],
+            {**os.environ, "RUNTIME__LOG_LEVEL": "WARNING"},
+        )
+        requests = simulator_stats(base)["requests"] - before
+    if child.returncode != 0:
+        raise RuntimeError(f"the dlt job failed ({child.returncode}):\n{child.stderr.decode()[-2000:]}")
+    loaded = json.loads(child.stdout.splitlines()[-1])
+    return child, loaded["attempts"], requests
+
+
 # --- scenarios ---------------------------------------------------------------------------
+
+
+DEFAULT_CONCURRENCY = HttpSettings().concurrency
+
+
+def ideal_wall(requests: int, latency: float) -> float:
+    """The issue's ideal: requests × per-request latency ÷ requests in flight."""
+    return requests * latency / DEFAULT_CONCURRENCY
 
 
 def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float) -> list[list[str]]:
@@ -163,13 +210,35 @@ def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float) -
         with simulator(exams, per_exam, latency) as base, database(kind) as url:
             first = sync_run(base, url, kind)
             second = sync_run(base, url, kind)
-        ideal = first.requests * latency / 16
+        ideal = ideal_wall(first.requests, latency)
         rows.append([
             kind, f"{first.attempts:,}", f"{first.requests:,}", f"{first.wall:.2f}", f"{ideal:.2f}",
             f"{first.wall / ideal:.2f}", f"{first.attempts / first.wall:,.0f}", f"{first.cpu:.2f}",
             f"{first.peak_rss_mb:.0f}", f"{first.requests / max(first.attempts, 1):.3f}",
             f"{second.inserted}/{second.updated}",
         ])  # fmt: skip
+    return rows
+
+
+def scenario_dlt(dlt_python: str, kinds: list[str], exams: int, per_exam: int, latency: float) -> list[list[str]]:
+    """Side by side in one run: the same simulator, the same kind of database."""
+    rows = []
+    for kind in kinds:
+        with simulator(exams, per_exam, latency) as base:
+            with database(kind) as url:
+                ours = sync_run(base, url, kind)
+            with database(kind) as url:
+                theirs, attempts, requests = dlt_run(dlt_python, base, url)
+        for tool, wall, cpu, rss, count, sent in (
+            ("testpress-sync", ours.wall, ours.cpu, ours.peak_rss_mb, ours.attempts, ours.requests),
+            ("dlt rest_api", theirs.wall, theirs.cpu, theirs.peak_rss_mb, attempts, requests),
+        ):
+            ideal = ideal_wall(sent, latency)
+            rows.append([
+                kind, tool, f"{count:,}", f"{sent:,}", f"{wall:.2f}", f"{wall / ideal:.2f}", f"{cpu:.2f}",
+                f"{count / cpu:,.0f}", f"{rss:.0f}",
+            ])  # fmt: skip
+        rows.append([kind, "dlt ÷ testpress-sync", "", "", f"{theirs.wall / ours.wall:.1f}×", "", f"{theirs.cpu / ours.cpu:.1f}×", "", f"{theirs.peak_rss_mb / ours.peak_rss_mb:.1f}×"])
     return rows
 
 
@@ -195,8 +264,10 @@ def scenario_memory(kinds: list[str], sizes: list[tuple[int, int]]) -> list[list
                 run = sync_run(base, url, kind)
             peaks.append(run)
         growth = peaks[-1].peak_rss_mb / peaks[0].peak_rss_mb - 1
+        large = peaks[-1]
         rows.append([
             kind, *(f"{run.attempts:,}: {run.peak_rss_mb:.0f} MB" for run in peaks), f"{growth:+.0%}",
+            f"{large.attempts / large.cpu:,.0f}", f"{large.attempts / large.run_cpu:,.0f}",
         ])  # fmt: skip
     return rows
 
@@ -221,18 +292,23 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("wall", "cpu", "memory", "upsert"), action="append")
+    parser.add_argument("--only", choices=("wall", "cpu", "memory", "upsert", "dlt"), action="append")
     parser.add_argument("--databases", default="sqlite,postgres")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    parser.add_argument(
+        "--dlt-python", metavar="PATH",
+        help="a Python with dlt[sqlalchemy,postgres] installed: runs dlt's rest_api source beside us",
+    )  # fmt: skip
     args = parser.parse_args()
     kinds = args.databases.split(",")
-    only = set(args.only or ("wall", "cpu", "memory", "upsert"))
+    only = set(args.only or ("wall", "cpu", "memory", "upsert", "dlt"))
     scale = 10 if args.quick else 1
     print(f"testpress-sync benchmark — {time.strftime('%Y-%m-%d %H:%M')} — {os.cpu_count()} cores", flush=True)
     if "wall" in only:
         rows = scenario_wall(kinds, 1000 // scale, 30, 0.020)
         print(table(
-            "Wall time at 20 ms latency, concurrency 16 (ideal = requests × latency ÷ 16)",
+            f"Wall time at 20 ms latency, default concurrency {DEFAULT_CONCURRENCY} "
+            f"(ideal = requests × latency ÷ {DEFAULT_CONCURRENCY})",
             ["db", "attempts", "requests", "wall s", "ideal s", "ratio", "attempts/s", "cpu s",
              "peak MB", "req/attempt", "2nd run ins/upd"], rows), flush=True)  # fmt: skip
     if "cpu" in only:
@@ -244,7 +320,18 @@ def main() -> None:
     if "memory" in only:
         sizes = [(200 // scale, 50), (2000 // scale, 50)]
         rows = scenario_memory(kinds, sizes)
-        print(table("Peak RSS of the sync process", ["db", "small", "large", "growth"], rows), flush=True)
+        print(table(
+            "Peak RSS of the sync process (and, at the large size, attempts per CPU-second)",
+            ["db", "small", "large", "growth", "large: per process cpu-s", "large: per run cpu-s"], rows), flush=True)  # fmt: skip
+    if "dlt" in only:
+        if not args.dlt_python:
+            print("\ndlt side by side: skipped: no --dlt-python (`make bench` sets one up)", flush=True)
+        else:
+            rows = scenario_dlt(args.dlt_python, kinds, 1000 // scale, 30, 0.020)
+            print(table(
+                "Side by side at 20 ms latency: dlt's rest_api source on the same simulator and database kind",
+                ["db", "tool", "attempts", "requests", "wall s", "wall ÷ ideal", "cpu s", "attempts per cpu-s", "peak MB"],
+                rows), flush=True)  # fmt: skip
     if "upsert" in only:
         rows = scenario_upsert(kinds, 20000 // scale)
         print(table("Upserts, rows/s (attempts table, batches of 500)",
