@@ -41,6 +41,7 @@ from sync.report import SUCCESSFUL, RunRecord
 # Keys per IN (...) list: well under SQLite's limit on bound parameters.
 _CHUNK = 2000
 _USER_FIELDS = ("user_id", "display_name", "first_name", "last_name")
+_user_fields = itemgetter(*_USER_FIELDS)
 
 
 @dataclass
@@ -261,13 +262,15 @@ async def upsert_users(
 ) -> RowCounts:
     """Users by username. A field the new sighting lacks keeps its stored value: a user
     seen once with a name and once as a bare username keeps the name."""
-    merged: dict[str, list[Any]] = {}
+    merged: dict[str, tuple[Any, ...]] = {}
     for user in rows:
         row = cast(Mapping[str, Any], user)
-        known = merged.setdefault(row["username"], [None] * len(_USER_FIELDS))
-        for index, name in enumerate(_USER_FIELDS):
-            if row[name] is not None:
-                known[index] = row[name]
+        fields = _user_fields(row)
+        known = merged.get(row["username"])
+        if known is None:
+            merged[row["username"]] = fields
+        elif known != fields:  # the same user seen twice, once with less: keep what is known
+            merged[row["username"]] = tuple(new if new is not None else old for new, old in zip(fields, known, strict=True))
     if not merged:
         return RowCounts()
     stored = {

@@ -88,6 +88,19 @@ async def test_users_keep_names_when_seen_again_as_a_bare_username(engine: Async
     assert (row["username"], row["user_id"], row["display_name"]) == ("asha", 77, "Asha K")
 
 
+async def test_one_batch_merges_the_sightings_of_a_user(engine: AsyncEngine) -> None:
+    _, bare = attempt_row(attempt_payload(user="asha"), 42)
+    _, named = attempt_row(attempt_payload(), 42)
+    _, renamed = attempt_row(attempt_payload(user={**attempt_payload()["user"], "last_name": "Kumar", "id": None}), 42)
+    async with engine.begin() as connection:
+        counts = await store.upsert_users(connection, [bare, named, bare, renamed, bare], NOW)
+    async with engine.connect() as connection:
+        row = (await connection.execute(select(users))).one()._mapping
+    assert counts.inserted == 1
+    # Later sightings win field by field; a field a sighting lacks keeps the known value.
+    assert (row["user_id"], row["first_name"], row["last_name"]) == (77, "Asha", "Kumar")
+
+
 async def test_missing_attempts_are_marked_deleted_and_restored(engine: AsyncEngine) -> None:
     rows = [attempt_row(attempt_payload(id=n), 42)[0] for n in (1, 2, 3)]
     async with engine.begin() as connection:
