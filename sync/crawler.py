@@ -212,7 +212,9 @@ class Crawler:
                     self.exams_skipped += 1
                 elif row["attempts_url"]:
                     # Absolute in every known server; resolved anyway, in case one is not.
-                    url = urljoin(f"{self._client.api_root}/", row["attempts_url"])
+                    url = row["attempts_url"]
+                    if not url.startswith(("https://", "http://")):
+                        url = urljoin(f"{self._client.api_root}/", url)
                     await self._exams.put(ExamRef(row["id"], url))
                 else:
                     await self._out.put(Failure("exam", row["slug"], "exam has no attempts_url"))
@@ -369,6 +371,10 @@ async def fetch_concurrently(
         except ApiError as exc:
             return url, exc
 
+    urls = list(urls)
+    if len(urls) == 1:  # the usual two-page listing: no task to spawn and wait for
+        yield await fetch(urls[0])
+        return
     pending: set[asyncio.Task[tuple[str, Page | ApiError]]] = set()
     queue = iter(urls)
     try:

@@ -55,6 +55,8 @@ def page_count(first: Page) -> int | None:
 
 def page_url(first_url: str, number: int) -> str:
     """The URL of page `number`: the first page's URL with `page` set, other params kept."""
+    if "?" not in first_url and "#" not in first_url:  # the usual attempts URL: nothing to keep
+        return f"{first_url}?page={number}" if number > 1 else first_url
     parts = urlsplit(first_url)
     query = [(key, value) for key, value in parse_qsl(parts.query) if key != "page"]
     if number > 1:

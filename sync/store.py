@@ -288,6 +288,9 @@ async def upsert_users(
         if before is None:
             counts.inserted += 1
             values = tuple(fresh)
+        elif fresh == before:  # the usual case, checked without building a merged tuple
+            counts.unchanged += 1
+            continue
         else:
             values = tuple(new if new is not None else old for new, old in zip(fresh, before, strict=True))
             if values == before:

@@ -122,6 +122,10 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:
+            # An interim answer (103 Early Hints from a CDN, say): the real one follows.
+            self._headers, self._body, self._headers_done = {}, [], False
+            return
         self.reusable = self._parser.should_keep_alive()
         self._finish()
 
@@ -159,9 +163,8 @@ class _Connection(asyncio.Protocol):
         )
 
     def _finish(self) -> None:
-        assert self._response is not None
-        if self._response.done():
-            return
+        if self._response is None or self._response.done():
+            return  # bytes nobody asked for (a server talking out of turn): dropped
         body = b"".join(self._body)
         try:
             body = _decoded(body, self._headers.get("content-encoding", ""))
@@ -211,7 +214,7 @@ class ConnectionPool:
         self._ssl_context = ssl_context
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._busy: set[_Connection] = set()
-        self._routes: dict[str, tuple[_Origin, str]] = {}
+        self._origins: dict[str, _Origin] = {}
         self._common = (
             f"User-Agent: {user_agent}\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate\r\n"
         )
@@ -319,13 +322,16 @@ class ConnectionPool:
 
     def _route(self, url: str) -> tuple[_Origin, str]:
         location, _, query = url.partition("#")[0].partition("?")
-        route = self._routes.get(location)
-        if route is None:
-            if len(self._routes) >= 10_000:  # each exam has its own URL: keep this bounded
-                self._routes.clear()
-            route = self._routes[location] = _split(location)
-        origin, path = route
-        target = f"{path}?{query}" if query else path
+        scheme, separator, rest = location.partition("://")
+        authority, slash, path = rest.partition("/")
+        key = f"{scheme}://{authority}"
+        origin = self._origins.get(key) if separator else None
+        if origin is None:
+            origin, _ = _split(location)
+            self._origins[key] = origin  # one per host: a run talks to one or two
+        target = f"/{path}" if slash else "/"
+        if query:
+            target = f"{target}?{query}"
         if not target.isascii():
             target = quote(target, safe=_TARGET_SAFE)
         return origin, target

@@ -93,14 +93,14 @@ async def test_post_sends_its_body_and_headers() -> None:
     assert request.endswith(b'\r\n\r\n{"a":1}')
 
 
-async def test_chunked_gzip_and_close_delimited_bodies_are_read_whole() -> None:
+async def test_chunked_gzip_close_delimited_and_interim_answers_are_read_whole() -> None:
     document = b'{"results": [' + b",".join(b'{"id": %d}' % i for i in range(500)) + b"]}"
     packed = gzip.compress(document)
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(packed[i : i + 700]), packed[i : i + 700]) for i in range(0, len(packed), 700))
     answers = [
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n\r\n" + chunked + b"0\r\n\r\n", False),
         (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + document, True),  # ends where the connection does
-        (ok(document), False),
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </x.css>\r\n\r\n" + ok(document), False),  # interim answer first
     ]
 
     async def answer(n: int) -> tuple[bytes, bool]:
