@@ -132,6 +132,12 @@ def test_later_page_urls_keep_other_parameters() -> None:
     ]
 
 
+def test_page_urls_of_a_plain_listing_url() -> None:
+    first = read_page(envelope(45, 20), URL)
+    assert later_page_urls(first) == [f"{URL}?page=2", f"{URL}?page=3"]
+    assert page_url(URL, 1) == URL
+
+
 def test_page_url_replaces_an_existing_page_parameter() -> None:
     assert page_url(f"{URL}?page=4&course=SSC", 2) == f"{URL}?course=SSC&page=2"
 

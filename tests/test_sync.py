@@ -207,6 +207,18 @@ async def test_pages_without_count_are_followed_one_by_one_and_nothing_is_delete
     await assert_matches_server(engine, simulator)
 
 
+async def test_attempts_urls_given_as_paths_are_resolved_against_the_server(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    simulator.state.relative_attempts_urls = True
+    summary = await sync_once(simulator, database_url)
+    assert summary.status == "succeeded" and summary.errors == 0
+    exam_rows, attempt_rows = await stored_rows(engine)
+    assert all(row.attempts_url.startswith("/api/") for row in exam_rows.values())  # stored as served
+    readable = [exam for exam in simulator.dataset.exams if not (exam.forbidden or exam.vanished)]
+    assert {row.id for row in attempt_rows.values()} == {a.id for exam in readable for a in exam.attempts}
+
+
 async def test_rows_the_database_refuses_go_to_sync_errors_and_the_rest_is_stored(
     simulator: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:

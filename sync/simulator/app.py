@@ -40,6 +40,7 @@ class SimulatorState:
     password: str = "secret"
     per_page: int = 20
     envelope_counts: bool = True  # False: pages without `count` and `per_page`
+    relative_attempts_urls: bool = False  # True: exams name their attempts by path only
     secret: bytes = b"simulator-signing-key"
     rng: random.Random = field(default_factory=lambda: random.Random(11))
     requests: int = 0
@@ -294,7 +295,14 @@ async def exam_list(request: web.Request) -> web.Response:
         _drift(dataset, state.faults)
     base = base_url(request)
     exams = _visible_exams(request, dataset)
-    page = paginate(request, exams, state.per_page, lambda exam: dataset.exam_payload(exam, base))
+
+    def render(exam: SimExam) -> dict[str, Any]:
+        payload = dataset.exam_payload(exam, base)
+        if state.relative_attempts_urls:
+            payload["attempts_url"] = payload["attempts_url"].removeprefix(base)
+        return payload
+
+    page = paginate(request, exams, state.per_page, render)
     return json_response(page) if page else json_response(INVALID_PAGE, 404)
 
 
