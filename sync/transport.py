@@ -3,12 +3,13 @@
 The sync sends thousands of small GETs to one host, and at zero latency their CPU cost
 sets its speed. aiohttp's ClientSession spent ~350 µs of CPU per request on the 2-core
 reference machine (URL objects, header multidicts, cookie jar, tracing, stream readers);
-this module does the same exchange in ~100 µs, so the client is measured in
-`python -m bench` rather than assumed. It does only what the Testpress API needs:
+this module does the same exchange in ~100 µs (`python -m bench` shows the effect on a
+whole run). It does only what the Testpress API needs:
 
 - GET and POST with a small body, one request at a time per connection, reused while the
   server keeps it alive, at most `limit` connections (and so requests) at once;
-- bodies by Content-Length, chunked, or until close; gzip and deflate decoded;
+- bodies by Content-Length, chunked, or until close; gzip and deflate decoded; a body
+  larger than `max_body` is refused (a page is tens of kilobytes);
 - TLS always verified (the system's trust, plus an optional CA bundle);
 - one total `timeout` per exchange, connecting included; no redirects (a 3xx is an
   answer for the caller to explain), no proxies, no cookies.
@@ -70,7 +71,9 @@ class _Origin:
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: a request written, its response parsed as it arrives."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_body: int) -> None:
+        self._max_body = max_body
+        self._size = 0
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._response: asyncio.Future[Response] | None = None
@@ -119,6 +122,11 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self._max_body:
+            self._fail(ConnectionFailed(f"the response body exceeds {self._max_body:,} bytes"))
+            self.close()
+            return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -134,7 +142,7 @@ class _Connection(asyncio.Protocol):
     def send(self, request: bytes) -> asyncio.Future[Response]:
         assert self._transport is not None and (self._response is None or self._response.done())
         self._response = asyncio.get_running_loop().create_future()
-        self._headers, self._body, self._headers_done = {}, [], False
+        self._headers, self._body, self._headers_done, self._size = {}, [], False, 0
         self.received = self.reusable = False
         self._transport.write(request)
         return self._response
@@ -208,8 +216,10 @@ class ConnectionPool:
         timeout: float,
         ssl_context: ssl.SSLContext | None = None,
         user_agent: str = "testpress-sync",
+        max_body: int = 64 * 1024 * 1024,
     ) -> None:
         self._slots = asyncio.Semaphore(limit)
+        self._max_body = max_body
         self._timeout = timeout
         self._ssl_context = ssl_context
         self._idle: dict[_Origin, list[_Connection]] = {}
@@ -303,7 +313,11 @@ class ConnectionPool:
         tls = self._tls_context() if origin.scheme == "https" else None
         try:
             _, connection = await loop.create_connection(
-                _Connection, origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None
+                lambda: _Connection(self._max_body),
+                origin.host,
+                origin.port,
+                ssl=tls,
+                server_hostname=origin.host if tls else None,
             )
         except ssl.SSLError as exc:
             raise TLSFailed(f"TLS failed with {origin.host}:{origin.port}: {exc}") from None

@@ -66,7 +66,11 @@ async def raw_server(answer: Answer) -> AsyncIterator[RawServer]:
 
 
 def pool(**changes: float) -> ConnectionPool:
-    return ConnectionPool(limit=int(changes.get("limit", 4)), timeout=changes.get("timeout", 5.0))
+    return ConnectionPool(
+        limit=int(changes.get("limit", 4)),
+        timeout=changes.get("timeout", 5.0),
+        max_body=int(changes.get("max_body", 1024 * 1024)),
+    )
 
 
 async def test_connections_are_kept_alive_and_reused() -> None:
@@ -162,6 +166,16 @@ async def test_a_broken_answer_is_a_connection_failure(data: bytes, says: str) -
     async with raw_server(answer) as server, pool() as client:
         with pytest.raises(ConnectionFailed, match=says):
             await client.request("POST", f"{server.url}/x", body=b"")  # POST: not replayed
+
+
+async def test_a_body_beyond_the_limit_is_refused_and_the_pool_recovers() -> None:
+    async def answer(n: int) -> tuple[bytes, bool]:
+        return ok(b"x" * (5000 if n == 1 else 10)), False
+
+    async with raw_server(answer) as server, pool(max_body=4096) as client:
+        with pytest.raises(ConnectionFailed, match="exceeds 4,096 bytes"):
+            await client.request("GET", f"{server.url}/huge")
+        assert (await client.request("GET", f"{server.url}/small")).body == b"x" * 10
 
 
 async def test_a_silent_server_times_out_and_the_pool_recovers() -> None:
