@@ -212,6 +212,8 @@ class TestpressClient:
             ) from None
         except ConnectionFailed as exc:
             raise RetriableError(f"connection failed: {exc}", url=url) from None
+        except ValueError as exc:  # a URL or header that cannot be sent (from the server's data)
+            raise ApiError(f"cannot request it: {exc}", url=url) from None
         return parse_response(response.status, response.headers, response.body, url)
 
     async def _login_once(self) -> str:

@@ -163,3 +163,12 @@ async def test_requests_in_flight_never_exceed_the_limit(client: TestpressClient
     simulator.state.faults.latency = 0.03
     await asyncio.gather(*(client.get_json(exams_url(simulator)) for _ in range(24)))
     assert simulator.state.max_in_flight == 4  # the limit, reached and never passed
+
+
+async def test_a_url_that_cannot_be_requested_is_an_api_error_not_a_crash(
+    client: TestpressClient, simulator: SimulatorServer
+) -> None:
+    """Attempts URLs come from the server's data; a strange one fails its page, not the run."""
+    with pytest.raises(ApiError, match="cannot request it.*not an http"):
+        await client.get_json("ftp://127.0.0.1/api/v2.1/exams/x/attempts/")
+    assert client.stats.retries == 0
