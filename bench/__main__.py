@@ -6,6 +6,7 @@ and reads the child's own CPU time and peak RSS from wait4(). Figures are compar
 one run only: these machines are noisy.
 
     wall     20 ms latency: wall time against the ideal requests × latency ÷ concurrency
+    latency  the same workload at 20, 50 and 100 ms: where latency, not CPU, sets the wall time
     dlt      the same, beside dlt's rest_api source doing the same job (--dlt-python)
     cpu      zero latency: attempts stored per CPU-second of the sync process
     memory   peak RSS at 10,000 and at 100,000 attempts
@@ -220,6 +221,21 @@ def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float) -
     return rows
 
 
+def scenario_latency(kinds: list[str], exams: int, per_exam: int, latencies: list[float]) -> list[list[str]]:
+    """Where the API's latency, not our CPU, sets the wall time."""
+    rows = []
+    for kind in kinds:
+        for latency in latencies:
+            with simulator(exams, per_exam, latency) as base, database(kind) as url:
+                run = sync_run(base, url, kind)
+            ideal = ideal_wall(run.requests, latency)
+            rows.append([
+                kind, f"{latency * 1000:.0f}", f"{run.wall:.2f}", f"{ideal:.2f}", f"{run.wall / ideal:.2f}",
+                f"{run.cpu:.2f}", f"{run.cpu / run.wall:.0%}",
+            ])  # fmt: skip
+    return rows
+
+
 def scenario_dlt(dlt_python: str, kinds: list[str], exams: int, per_exam: int, latency: float) -> list[list[str]]:
     """Side by side in one run: the same simulator, the same kind of database."""
     rows = []
@@ -292,7 +308,7 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("wall", "cpu", "memory", "upsert", "dlt"), action="append")
+    parser.add_argument("--only", choices=("wall", "latency", "cpu", "memory", "upsert", "dlt"), action="append")
     parser.add_argument("--databases", default="sqlite,postgres")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
     parser.add_argument(
@@ -301,7 +317,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     kinds = args.databases.split(",")
-    only = set(args.only or ("wall", "cpu", "memory", "upsert", "dlt"))
+    only = set(args.only or ("wall", "latency", "cpu", "memory", "upsert", "dlt"))
     scale = 10 if args.quick else 1
     print(f"testpress-sync benchmark — {time.strftime('%Y-%m-%d %H:%M')} — {os.cpu_count()} cores", flush=True)
     if "wall" in only:
@@ -311,6 +327,11 @@ def main() -> None:
             f"(ideal = requests × latency ÷ {DEFAULT_CONCURRENCY})",
             ["db", "attempts", "requests", "wall s", "ideal s", "ratio", "attempts/s", "cpu s",
              "peak MB", "req/attempt", "2nd run ins/upd"], rows), flush=True)  # fmt: skip
+    if "latency" in only:
+        rows = scenario_latency(kinds, 1000 // scale, 30, [0.020, 0.050, 0.100])
+        print(table(
+            f"Wall time against API latency (same workload, concurrency {DEFAULT_CONCURRENCY})",
+            ["db", "latency ms", "wall s", "ideal s", "ratio", "cpu s", "cpu ÷ wall"], rows), flush=True)  # fmt: skip
     if "cpu" in only:
         rows = scenario_cpu(kinds, 1000 // scale, 30)
         print(table(

@@ -55,6 +55,7 @@ class SimulatorState:
         return {
             "requests": self.requests,
             "logins": self.logins,
+            "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "faults_served": self.faults_served,
             "by_path": dict(self.by_path),
