@@ -257,6 +257,11 @@ async def upsert_attempts(
     return await _upsert_payload_rows(connection, attempts, ATTEMPT_CONTENT_COLUMNS, rows, now, write)
 
 
+def _overlay(fresh: tuple[Any, ...], known: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`fresh` where it says something, `known` where it is None."""
+    return tuple(new if new is not None else old for new, old in zip(fresh, known, strict=True))
+
+
 async def upsert_users(
     connection: AsyncConnection, rows: Iterable[UserRow], now: datetime, *, write: bool = True
 ) -> RowCounts:
@@ -270,7 +275,7 @@ async def upsert_users(
         if known is None:
             merged[row["username"]] = fields
         elif known != fields:  # the same user seen twice, once with less: keep what is known
-            merged[row["username"]] = tuple(new if new is not None else old for new, old in zip(fields, known, strict=True))
+            merged[row["username"]] = _overlay(fields, known)
     if not merged:
         return RowCounts()
     stored = {
@@ -292,7 +297,7 @@ async def upsert_users(
             counts.unchanged += 1
             continue
         else:
-            values = tuple(new if new is not None else old for new, old in zip(fresh, before, strict=True))
+            values = _overlay(fresh, before)
             if values == before:
                 counts.unchanged += 1
                 continue
