@@ -143,8 +143,8 @@ def measure_child(command: list[str], env: dict[str, str]) -> ChildUsage:
         )
 
 
-def sync_run(base: str, database_url: str, kind: str, *, concurrency: int | None = None) -> Measurement:
-    """One `testpress-sync run` in a child process, measured. Concurrency: the default."""
+def sync_run(base: str, database_url: str, kind: str) -> Measurement:
+    """One `testpress-sync run` in a child process, measured, at the default concurrency."""
     env = {
         **os.environ,
         "TESTPRESS_BASE_URL": base,
@@ -154,8 +154,6 @@ def sync_run(base: str, database_url: str, kind: str, *, concurrency: int | None
         "TESTPRESS_LOG_FORMAT": "json",
     }
     env.pop("TESTPRESS_CONCURRENCY", None)
-    if concurrency is not None:
-        env["TESTPRESS_CONCURRENCY"] = str(concurrency)
     before = simulator_stats(base)["requests"]
     child = measure_child([sys.executable, "-m", "sync", "run"], env)
     summary = next(
