@@ -268,28 +268,23 @@ class ConnectionPool:
 
     async def _exchange(self, origin: _Origin, request: bytes, *, retry_stale: bool) -> Response:
         connection = self._idle_connection(origin)
-        reused = connection is not None
         if connection is None:
-            connection = await self._connect(origin)
+            return await self._send_on(await self._connect(origin), origin, request)
+        try:
+            return await self._send_on(connection, origin, request)
+        except ConnectionFailed:
+            if not retry_stale or connection.received:
+                raise
+        # The server had closed this idle connection (its keep-alive ran out) as we sent on
+        # it: nothing was processed, so the request goes again, once, on a new connection.
+        return await self._send_on(await self._connect(origin), origin, request)
+
+    async def _send_on(self, connection: _Connection, origin: _Origin, request: bytes) -> Response:
+        """One exchange on `connection`; afterwards it is idle again, or closed."""
         self._busy.add(connection)
         try:
             response = await connection.send(request)
-        except ConnectionFailed:
-            connection.close()
-            if reused and retry_stale and not connection.received:
-                # The server had closed this idle connection (its keep-alive ran out) as we
-                # sent on it: nothing was processed, so the request goes again on a new one.
-                self._busy.discard(connection)
-                connection = await self._connect(origin)
-                self._busy.add(connection)
-                try:
-                    response = await connection.send(request)
-                except BaseException:
-                    connection.close()
-                    raise
-            else:
-                raise
-        except BaseException:  # cancelled or timed out mid-exchange: the state is unknown
+        except BaseException:  # failed, cancelled or timed out mid-exchange: state unknown
             connection.close()
             raise
         finally:

@@ -85,6 +85,16 @@ async def test_connections_are_kept_alive_and_reused() -> None:
     assert first.startswith("GET /api/?page=1 HTTP/1.1\r\n") and f"Host: {server.url[7:]}\r\n" in first
 
 
+async def test_a_connection_the_server_says_it_will_close_is_not_reused() -> None:
+    async def answer(n: int) -> tuple[bytes, bool]:
+        return ok(b"{}", "Connection: close"), False  # says close, but leaves the socket open
+
+    async with raw_server(answer) as server, pool() as client:
+        for _ in range(2):
+            assert (await client.request("GET", f"{server.url}/x")).status == 200
+    assert server.connections == 2
+
+
 async def test_post_sends_its_body_and_headers() -> None:
     async def answer(n: int) -> tuple[bytes, bool]:
         return ok(b"{}"), False
