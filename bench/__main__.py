@@ -47,6 +47,7 @@ class Measurement:
     cpu: float  # the whole child process, start-up included
     run_cpu: float  # the run itself (the summary's cpu_s): parse, normalize, upsert
     peak_rss_mb: float
+    simulator_cpu: float  # what serving the run cost the simulator, on the same machine
     inserted: int
     updated: int
     status: str
@@ -154,8 +155,9 @@ def sync_run(base: str, database_url: str, kind: str) -> Measurement:
         "TESTPRESS_LOG_FORMAT": "json",
     }
     env.pop("TESTPRESS_CONCURRENCY", None)
-    before = simulator_stats(base)["requests"]
+    before = simulator_stats(base)
     child = measure_child([sys.executable, "-m", "sync", "run"], env)
+    after = simulator_stats(base)
     summary = next(
         (json.loads(line) for line in child.stderr.splitlines() if b'"run_finished"' in line), None
     )
@@ -164,11 +166,12 @@ def sync_run(base: str, database_url: str, kind: str) -> Measurement:
     return Measurement(
         database=kind,
         attempts=summary["attempts_seen"],
-        requests=simulator_stats(base)["requests"] - before,
+        requests=after["requests"] - before["requests"],
         wall=child.wall,
         cpu=child.cpu,
         run_cpu=summary["cpu_s"],
         peak_rss_mb=child.peak_rss_mb,
+        simulator_cpu=after["cpu_s"] - before["cpu_s"],
         inserted=summary["rows_inserted"],
         updated=summary["rows_updated"],
         status=summary["status"],
@@ -213,7 +216,7 @@ def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float) -
         rows.append([
             kind, f"{first.attempts:,}", f"{first.requests:,}", f"{first.wall:.2f}", f"{ideal:.2f}",
             f"{first.wall / ideal:.2f}", f"{first.attempts / first.wall:,.0f}", f"{first.cpu:.2f}",
-            f"{first.peak_rss_mb:.0f}", f"{first.requests / max(first.attempts, 1):.3f}",
+            f"{first.simulator_cpu:.2f}", f"{first.peak_rss_mb:.0f}", f"{first.requests / max(first.attempts, 1):.3f}",
             f"{second.inserted}/{second.updated}",
         ])  # fmt: skip
     return rows
@@ -324,7 +327,7 @@ def main() -> None:
             f"Wall time at 20 ms latency, default concurrency {DEFAULT_CONCURRENCY} "
             f"(ideal = requests × latency ÷ {DEFAULT_CONCURRENCY})",
             ["db", "attempts", "requests", "wall s", "ideal s", "ratio", "attempts/s", "cpu s",
-             "peak MB", "req/attempt", "2nd run ins/upd"], rows), flush=True)  # fmt: skip
+             "simulator cpu s", "peak MB", "req/attempt", "2nd run ins/upd"], rows), flush=True)  # fmt: skip
     if "latency" in only:
         rows = scenario_latency(kinds, 1000 // scale, 30, [0.020, 0.050, 0.100])
         print(table(
