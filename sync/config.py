@@ -42,6 +42,7 @@ class HttpSettings:
 @dataclass(frozen=True)
 class SyncSettings:
     batch_size: int = 500  # rows per upsert statement and per transaction
+    commit_interval: float = 1.0  # seconds rows may wait for their batch to fill
     queue_pages: int = 64  # pages buffered between the fetchers and the writer
     database_retry_seconds: float = 60.0  # how long a lost database connection is retried
     course: str | None = None  # the API's own course filter (a course name)
@@ -206,6 +207,7 @@ def validate(settings: Settings) -> Settings:
         (http.backoff_initial >= 0, "http.backoff_initial cannot be negative"),
         (http.backoff_max >= 0, "http.backoff_max cannot be negative"),
         (sync.batch_size >= 1, "sync.batch_size must be at least 1"),
+        (sync.commit_interval >= 0, "sync.commit_interval cannot be negative"),
         (sync.queue_pages >= 1, "sync.queue_pages must be at least 1"),
         (sync.database_retry_seconds >= 0, "sync.database_retry_seconds cannot be negative"),
         (log.format in ("auto", "console", "json"), "log.format must be auto, console or json"),

@@ -157,6 +157,7 @@ async def _crawl_and_write(
         summary,
         redactor,
         batch_size=settings.sync.batch_size,
+        commit_interval=settings.sync.commit_interval,
         record_progress=options.mode == "backfill",
         dry_run=options.dry_run,
         database_retry_seconds=settings.sync.database_retry_seconds,

@@ -98,6 +98,7 @@ class Writer:
         *,
         batch_size: int,
         record_progress: bool,
+        commit_interval: float = 1.0,
         dry_run: bool = False,
         database_retry_seconds: float = 60.0,
         clock: Clock = utc_now,
@@ -106,6 +107,7 @@ class Writer:
         self._summary = summary
         self._redactor = redactor
         self._batch_size = batch_size
+        self._commit_interval = commit_interval
         self._record_progress = record_progress
         self._write = not dry_run
         self._database_retry_seconds = database_retry_seconds
@@ -116,13 +118,30 @@ class Writer:
     async def consume(self, queue: asyncio.Queue[CrawlItem | None]) -> None:
         """Take items until the None that ends the crawl, committing batch by batch.
 
-        A batch is committed when it is full, or when the queue runs dry: then the API is
-        the bottleneck, and rows should not wait for a batch to fill. (No timeout here:
-        Python 3.11's wait_for can swallow a cancellation, and shutdown relies on it.)"""
-        while (item := await queue.get()) is not None:
-            self._take(item)
-            if self._pending.size() >= self._batch_size or queue.empty():
+        A batch is committed when it is full, or when its first item has waited
+        `commit_interval` seconds. When the API is the bottleneck, rows are stored that
+        soon, and one transaction still holds many pages: a transaction costs a few
+        milliseconds of CPU whatever its size, and committing page by page would spend
+        more of it than the rows do. (asyncio.timeout_at, unlike Python 3.11's wait_for,
+        never swallows the cancellation that shutdown relies on.)"""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # when the pending batch is committed, full or not
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await queue.get()
+            except TimeoutError:
                 await self._commit()
+                deadline = None
+                continue
+            if item is None:
+                break
+            self._take(item)
+            if deadline is None:
+                deadline = loop.time() + self._commit_interval
+            if self._pending.size() >= self._batch_size:
+                await self._commit()
+                deadline = None
         await self._commit()
         if self._listing is not None:
             await self._finish_listing(self._listing)

@@ -78,6 +78,7 @@ def test_config_with_password_readable_by_others_warns(tmp_path: Path) -> None:
         ("[nonsense]\nx = 1\n", "unknown section"),
         ("[testpress]\nbase_url = 'ftp://x'\n", "not an http(s) URL"),
         ("[log]\nformat = 'xml'\n", "log.format"),
+        ("[sync]\ncommit_interval = -1\n", "sync.commit_interval cannot be negative"),
         ("this is not toml", "not valid TOML"),
     ],
 )
