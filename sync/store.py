@@ -170,7 +170,15 @@ async def _stored(
     for start in range(0, len(keys), _CHUNK):
         chunk = list(keys[start : start + _CHUNK])
         if dialect == "postgresql":
-            sql = f"SELECT {key}, {columns} FROM {table.name} WHERE {key} = ANY($1)"
+            # A join, not `key = ANY($1)`: PostgreSQL soon runs a prepared statement with
+            # a generic plan made while the table was small, a sequential scan that
+            # compares every row with every key (10 ms a batch for 2,000 users, where
+            # the join takes a fraction of one, whatever the plan).
+            kind = table.c[key].type.compile(dialect=connection.dialect)
+            sql = (
+                f"SELECT t.{key}, {columns} FROM {table.name} AS t "
+                f"JOIN unnest($1::{kind}[]) AS wanted (key) ON t.{key} = wanted.key"
+            )
             result = await connection.exec_driver_sql(sql, (chunk,))
         else:
             marks = ", ".join("?" * len(chunk))
