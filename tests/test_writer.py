@@ -91,3 +91,17 @@ async def test_cancelling_a_writer_waiting_for_its_batch_to_fill_cancels_it(engi
     with pytest.raises(asyncio.CancelledError):
         await consuming
     assert summary.batches == 0
+
+
+async def test_a_zero_interval_commits_whenever_the_writer_catches_up(engine: AsyncEngine) -> None:
+    writer, summary = writer_on(engine, batch_size=500, commit_interval=0)
+    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue()
+    consuming = asyncio.create_task(writer.consume(queue))
+    for first in range(1, 10, 3):
+        await queue.put(exam_batch(first, first + 1, first + 2))
+        async with asyncio.timeout(10):
+            while await stored_exams(engine) < first + 2:  # committed before the next page
+                await asyncio.sleep(0.02)
+    await queue.put(None)
+    await consuming
+    assert summary.batches == 3
