@@ -22,13 +22,24 @@ def exam_batch(*ids: int) -> ExamBatch:
     return ExamBatch([exam_row(exam_payload(id=n, slug=f"exam-{n}")) for n in ids])
 
 
-def writer_on(engine: AsyncEngine, *, batch_size: int, commit_interval: float) -> tuple[Writer, RunSummary]:
+def start_writer(
+    engine: AsyncEngine, *, batch_size: int, commit_interval: float
+) -> tuple[RunSummary, asyncio.Queue[CrawlItem | None], asyncio.Task[None]]:
+    """A writer consuming a queue of its own, as a run's writer does: its summary, the
+    queue to feed it, and the task that consumes."""
     summary = RunSummary(run_id=0, mode="run")
     writer = Writer(
         engine, summary, Redactor(), batch_size=batch_size, record_progress=False,
         commit_interval=commit_interval,
     )  # fmt: skip
-    return writer, summary
+    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue()
+    return summary, queue, asyncio.create_task(writer.consume(queue))
+
+
+async def first_commit(summary: RunSummary) -> None:
+    async with asyncio.timeout(10):
+        while summary.batches == 0:
+            await asyncio.sleep(0.02)
 
 
 async def stored_exams(engine: AsyncEngine) -> int:
@@ -37,15 +48,11 @@ async def stored_exams(engine: AsyncEngine) -> int:
 
 
 async def test_a_batch_that_does_not_fill_is_committed_after_the_interval(engine: AsyncEngine) -> None:
-    writer, summary = writer_on(engine, batch_size=500, commit_interval=0.3)
-    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue()
-    consuming = asyncio.create_task(writer.consume(queue))
+    summary, queue, consuming = start_writer(engine, batch_size=500, commit_interval=0.3)
     await queue.put(exam_batch(1, 2))
     await asyncio.sleep(0.1)
     assert summary.batches == 0  # not yet: the batch may still fill
-    async with asyncio.timeout(10):
-        while summary.batches == 0:
-            await asyncio.sleep(0.05)
+    await first_commit(summary)
     assert not consuming.done()  # committed while the crawl goes on, not at its end
     assert await stored_exams(engine) == 2
     await queue.put(None)
@@ -54,9 +61,7 @@ async def test_a_batch_that_does_not_fill_is_committed_after_the_interval(engine
 
 
 async def test_pages_that_arrive_within_the_interval_share_one_transaction(engine: AsyncEngine) -> None:
-    writer, summary = writer_on(engine, batch_size=500, commit_interval=60)
-    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue()
-    consuming = asyncio.create_task(writer.consume(queue))
+    summary, queue, consuming = start_writer(engine, batch_size=500, commit_interval=60)
     for first in range(1, 10, 3):  # the queue runs dry between pages, as on a slow API
         await queue.put(exam_batch(first, first + 1, first + 2))
         await asyncio.sleep(0.05)
@@ -68,13 +73,9 @@ async def test_pages_that_arrive_within_the_interval_share_one_transaction(engin
 
 
 async def test_a_full_batch_is_committed_at_once(engine: AsyncEngine) -> None:
-    writer, summary = writer_on(engine, batch_size=4, commit_interval=60)
-    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue()
-    consuming = asyncio.create_task(writer.consume(queue))
+    summary, queue, consuming = start_writer(engine, batch_size=4, commit_interval=60)
     await queue.put(exam_batch(1, 2, 3, 4, 5))
-    async with asyncio.timeout(10):
-        while summary.batches == 0:
-            await asyncio.sleep(0.02)
+    await first_commit(summary)
     assert await stored_exams(engine) == 5
     await queue.put(None)
     await consuming
@@ -82,9 +83,7 @@ async def test_a_full_batch_is_committed_at_once(engine: AsyncEngine) -> None:
 
 
 async def test_cancelling_a_writer_waiting_for_its_batch_to_fill_cancels_it(engine: AsyncEngine) -> None:
-    writer, summary = writer_on(engine, batch_size=500, commit_interval=60)
-    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue()
-    consuming = asyncio.create_task(writer.consume(queue))
+    summary, queue, consuming = start_writer(engine, batch_size=500, commit_interval=60)
     await queue.put(exam_batch(1))
     await asyncio.sleep(0.05)
     consuming.cancel()
@@ -94,9 +93,7 @@ async def test_cancelling_a_writer_waiting_for_its_batch_to_fill_cancels_it(engi
 
 
 async def test_a_zero_interval_commits_whenever_the_writer_catches_up(engine: AsyncEngine) -> None:
-    writer, summary = writer_on(engine, batch_size=500, commit_interval=0)
-    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue()
-    consuming = asyncio.create_task(writer.consume(queue))
+    summary, queue, consuming = start_writer(engine, batch_size=500, commit_interval=0)
     for first in range(1, 10, 3):
         await queue.put(exam_batch(first, first + 1, first + 2))
         async with asyncio.timeout(10):
