@@ -3,7 +3,8 @@
 Every scenario runs the real `testpress-sync run` in a child process against the bundled
 simulator in another child process (so the simulator's CPU is not counted), on loopback,
 and reads the child's own CPU time and peak RSS from wait4(). Figures are compared within
-one run only: these machines are noisy.
+one run only: these machines are noisy. The wall and cpu scenarios run `--repeat` times
+(3 by default), each into a fresh database, and show the median run and the range.
 
     wall     20 ms latency: wall time against the ideal requests × latency ÷ concurrency
     latency  the same workload at 20, 50 and 100 ms: where latency, not CPU, sets the wall time
@@ -26,7 +27,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,17 +207,34 @@ def ideal_wall(requests: int, latency: float) -> float:
     return requests * latency / DEFAULT_CONCURRENCY
 
 
-def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float) -> list[list[str]]:
+def median_run(runs: list[Measurement], key: Callable[[Measurement], float]) -> Measurement:
+    """The run in the middle by `key`: every figure of a table row comes from one real run."""
+    return sorted(runs, key=key)[len(runs) // 2]
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{min(values):{fmt}}–{max(values):{fmt}}" if len(values) > 1 else ""
+
+
+def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float, repeat: int) -> list[list[str]]:
+    """`repeat` first runs, each into a fresh database, against one simulator; the row shows
+    the median run by wall time and the range of the ratio. A second run follows the last."""
     rows = []
     for kind in kinds:
-        with simulator(exams, per_exam, latency) as base, database(kind) as url:
-            first = sync_run(base, url, kind)
-            second = sync_run(base, url, kind)
+        runs = []
+        with simulator(exams, per_exam, latency) as base:
+            for _ in range(repeat):
+                with database(kind) as url:
+                    runs.append(sync_run(base, url, kind))
+                    if len(runs) == repeat:
+                        second = sync_run(base, url, kind)
+        first = median_run(runs, lambda run: run.wall)
         ideal = ideal_wall(first.requests, latency)
         rows.append([
             kind, f"{first.attempts:,}", f"{first.requests:,}", f"{first.wall:.2f}", f"{ideal:.2f}",
-            f"{first.wall / ideal:.2f}", f"{first.attempts / first.wall:,.0f}", f"{first.cpu:.2f}",
-            f"{first.simulator_cpu:.2f}", f"{first.peak_rss_mb:.0f}", f"{first.requests / max(first.attempts, 1):.3f}",
+            f"{first.wall / ideal:.2f}", spread([run.wall / ideal for run in runs], ".2f"),
+            f"{first.attempts / first.wall:,.0f}", f"{first.cpu:.2f}", f"{first.simulator_cpu:.2f}",
+            f"{first.peak_rss_mb:.0f}", f"{first.requests / max(first.attempts, 1):.3f}",
             f"{second.inserted}/{second.updated}",
         ])  # fmt: skip
     return rows
@@ -259,15 +277,21 @@ def scenario_dlt(dlt_python: str, kinds: list[str], exams: int, per_exam: int, l
     return rows
 
 
-def scenario_cpu(kinds: list[str], exams: int, per_exam: int) -> list[list[str]]:
+def scenario_cpu(kinds: list[str], exams: int, per_exam: int, repeat: int) -> list[list[str]]:
+    """`repeat` runs at zero latency, each into a fresh database; the median run by process
+    CPU, and the range of attempts per process CPU-second."""
     rows = []
     for kind in kinds:
-        with simulator(exams, per_exam, 0.0) as base, database(kind) as url:
-            run = sync_run(base, url, kind)
+        with simulator(exams, per_exam, 0.0) as base:
+            runs = []
+            for _ in range(repeat):
+                with database(kind) as url:
+                    runs.append(sync_run(base, url, kind))
+        run = median_run(runs, lambda run: run.cpu)
         rows.append([
             kind, f"{run.attempts:,}", f"{run.wall:.2f}", f"{run.cpu:.2f}",
-            f"{run.attempts / run.cpu:,.0f}", f"{run.run_cpu:.2f}",
-            f"{run.attempts / run.run_cpu:,.0f}", f"{run.peak_rss_mb:.0f}",
+            f"{run.attempts / run.cpu:,.0f}", spread([r.attempts / r.cpu for r in runs], ",.0f"),
+            f"{run.run_cpu:.2f}", f"{run.attempts / run.run_cpu:,.0f}", f"{run.peak_rss_mb:.0f}",
         ])  # fmt: skip
     return rows
 
@@ -313,6 +337,11 @@ def main() -> None:
     parser.add_argument("--databases", default="sqlite,postgres")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
     parser.add_argument(
+        "--repeat", type=int, metavar="N",
+        help="runs per database in the wall and cpu scenarios; the table shows the median run "
+             "and the range (default 3, 1 with --quick)",
+    )  # fmt: skip
+    parser.add_argument(
         "--dlt-python", metavar="PATH",
         help="a Python with dlt[sqlalchemy,postgres] installed: runs dlt's rest_api source beside us",
     )  # fmt: skip
@@ -320,13 +349,16 @@ def main() -> None:
     kinds = args.databases.split(",")
     only = set(args.only or ("wall", "latency", "cpu", "memory", "upsert", "dlt"))
     scale = 10 if args.quick else 1
+    repeat = args.repeat or (1 if args.quick else 3)
+    if repeat < 1:
+        parser.error("--repeat must be at least 1")
     print(f"testpress-sync benchmark — {time.strftime('%Y-%m-%d %H:%M')} — {os.cpu_count()} cores", flush=True)
     if "wall" in only:
-        rows = scenario_wall(kinds, 1000 // scale, 30, 0.020)
+        rows = scenario_wall(kinds, 1000 // scale, 30, 0.020, repeat)
         print(table(
             f"Wall time at 20 ms latency, default concurrency {DEFAULT_CONCURRENCY} "
-            f"(ideal = requests × latency ÷ {DEFAULT_CONCURRENCY})",
-            ["db", "attempts", "requests", "wall s", "ideal s", "ratio", "attempts/s", "cpu s",
+            f"(ideal = requests × latency ÷ {DEFAULT_CONCURRENCY}; median of {repeat} run(s) by wall)",
+            ["db", "attempts", "requests", "wall s", "ideal s", "ratio", "ratio range", "attempts/s", "cpu s",
              "simulator cpu s", "peak MB", "req/attempt", "2nd run ins/upd"], rows), flush=True)  # fmt: skip
     if "latency" in only:
         rows = scenario_latency(kinds, 1000 // scale, 30, [0.020, 0.050, 0.100])
@@ -334,10 +366,11 @@ def main() -> None:
             f"Wall time against API latency (same workload, concurrency {DEFAULT_CONCURRENCY})",
             ["db", "latency ms", "wall s", "ideal s", "ratio", "cpu s", "cpu ÷ wall"], rows), flush=True)  # fmt: skip
     if "cpu" in only:
-        rows = scenario_cpu(kinds, 1000 // scale, 30)
+        rows = scenario_cpu(kinds, 1000 // scale, 30, repeat)
         print(table(
-            "CPU at zero latency (process: start-up included; run: the sync itself)",
-            ["db", "attempts", "wall s", "process cpu s", "attempts per cpu-s",
+            "CPU at zero latency (process: start-up included; run: the sync itself; "
+            f"median of {repeat} run(s) by process cpu)",
+            ["db", "attempts", "wall s", "process cpu s", "attempts per cpu-s", "range",
              "run cpu s", "attempts per run cpu-s", "peak MB"], rows), flush=True)  # fmt: skip
     if "memory" in only:
         sizes = [(200 // scale, 50), (2000 // scale, 50)]
