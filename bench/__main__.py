@@ -239,7 +239,7 @@ def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float, r
             f"{first.run_wall:.2f}", f"{first.run_wall / ideal:.2f}",
             f"{first.attempts / first.wall:,.0f}", f"{first.cpu:.2f}", f"{first.simulator_cpu:.2f}",
             f"{first.peak_rss_mb:.0f}", f"{first.requests / max(first.attempts, 1):.3f}",
-            f"{second.inserted}/{second.updated}",
+            f"{second.wall:.2f}", f"{second.cpu:.2f}", f"{second.inserted}/{second.updated}",
         ])  # fmt: skip
     return rows
 
@@ -364,7 +364,8 @@ def main() -> None:
             f"(ideal = requests × latency ÷ {DEFAULT_CONCURRENCY}; median of {repeat} run(s) by wall)",
             ["db", "attempts", "requests", "wall s", "ideal s", "ratio", "ratio range", "run s", "run ÷ ideal",
              "attempts/s", "cpu s",
-             "simulator cpu s", "peak MB", "req/attempt", "2nd run ins/upd"], rows), flush=True)  # fmt: skip
+             "simulator cpu s", "peak MB", "req/attempt",
+             "2nd run wall s", "2nd run cpu s", "2nd run ins/upd"], rows), flush=True)  # fmt: skip
     if "latency" in only:
         rows = scenario_latency(kinds, 1000 // scale, 30, [0.020, 0.050, 0.100])
         print(table(
