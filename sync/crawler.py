@@ -5,8 +5,9 @@
           └──────── batches and markers ──▶ out queue (bounded) ──▶ the writer
 
 Requests in flight are bounded by the client's semaphore; pages waiting for the writer
-by the out queue, so memory does not grow with the data. Every page's items are
-normalized here (pure functions), so the writer receives rows.
+by the out queue, so memory does not grow with the data. Exams are normalized here (the
+walk needs their attempts_url); attempts go to the writer as fetched, with their ids,
+and are normalized there only if they are new or changed since the last run.
 
 A listing can shift while it is walked (new items push later ones down a page), which
 can show an item twice or hide one. A walk is *consistent* when every page reported the
@@ -27,7 +28,7 @@ import structlog
 
 from sync.client import TestpressClient
 from sync.errors import ApiError, RecordError, SkippableError
-from sync.normalize import AttemptRow, ExamRow, UserRow, attempt_row, exam_row, require_id
+from sync.normalize import ExamRow, Payload, exam_row, require_id
 from sync.pagination import Page, later_page_urls, page_count, read_page
 
 log = structlog.get_logger("testpress_sync.crawler")
@@ -44,8 +45,7 @@ class ExamBatch:
 @dataclass(frozen=True)
 class AttemptBatch:
     exam_id: int
-    rows: list[AttemptRow]
-    users: list[UserRow]
+    items: list[tuple[int, Payload]]  # (id, payload as fetched)
 
 
 @dataclass(frozen=True)
@@ -253,17 +253,11 @@ class Crawler:
     def _attempt_page_handler(
         self, exam_id: int, seen: set[int]
     ) -> Callable[[list[Any], _Walk], Any]:
-        def normalize(payload: Any) -> tuple[AttemptRow, UserRow]:
-            return attempt_row(payload, exam_id)
-
         async def handle(items: list[Any], walk: _Walk) -> None:
-            normalized, failures = normalize_items(items, "attempt", normalize, walk.ids)
-            fresh = [(row, user) for row, user in normalized if row["id"] not in seen]
-            seen.update(row["id"] for row, _ in fresh)
-            batch = None
-            if fresh:
-                batch = AttemptBatch(exam_id, [row for row, _ in fresh], [user for _, user in fresh])
-            await self._hand_over(batch, failures)
+            identified, failures = identify_items(items, "attempt", walk.ids)
+            fresh = [(ident, payload) for ident, payload in identified if ident not in seen]
+            seen.update(ident for ident, _ in fresh)
+            await self._hand_over(AttemptBatch(exam_id, fresh) if fresh else None, failures)
 
         return handle
 
@@ -336,12 +330,10 @@ class Crawler:
         await self._out.put(Failure("page", error.url, str(error), http_status=error.status))
 
 
-def normalize_items(
-    items: list[Any], entity: str, normalize: Callable[[Any], Any], ids: set[int]
-) -> tuple[list[Any], list[Failure]]:
-    """Each item of a page normalized, or a Failure for it; every id seen goes to `ids`
-    (malformed items included: they exist, and must not count as deleted)."""
-    results: list[Any] = []
+def identify_items(items: list[Any], entity: str, ids: set[int]) -> tuple[list[tuple[int, Any]], list[Failure]]:
+    """Each item of a page with its id, or a Failure for an item without a usable one;
+    every id seen goes to `ids`."""
+    identified: list[tuple[int, Any]] = []
     failures: list[Failure] = []
     for payload in items:
         try:
@@ -350,6 +342,18 @@ def normalize_items(
             failures.append(Failure(entity, None, str(exc), payload=payload))
             continue
         ids.add(ident)
+        identified.append((ident, payload))
+    return identified, failures
+
+
+def normalize_items(
+    items: list[Any], entity: str, normalize: Callable[[Any], Any], ids: set[int]
+) -> tuple[list[Any], list[Failure]]:
+    """Each item of a page normalized, or a Failure for it; every id seen goes to `ids`
+    (malformed items included: they exist, and must not count as deleted)."""
+    identified, failures = identify_items(items, entity, ids)
+    results: list[Any] = []
+    for ident, payload in identified:
         try:
             results.append(normalize(payload))
         except RecordError as exc:

@@ -7,7 +7,8 @@ and go straight to the driver's executemany, with values converted once, here. W
 to write is decided in Python: one SELECT per batch reads the stored `content_hash` (a
 digest of the payload a row was written from), and only new and changed rows are sent,
 as `INSERT … ON CONFLICT DO UPDATE` in each dialect's spelling. A row whose payload did not
-change is not rewritten, and a second run over unchanged data writes nothing.
+change is not rewritten, and a second run over unchanged data writes nothing. Attempts
+arrive as fetched and are normalized only once the lookup shows them new or changed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from schema import (
     users,
 )
 from schema.types import ExactDecimal, UTCDateTime
-from sync.normalize import NORMALIZER_VERSION, AttemptRow, ExamRow, UserRow
+from sync.errors import RecordError
+from sync.normalize import NORMALIZER_VERSION, AttemptRow, ExamRow, Payload, UserRow
 from sync.report import SUCCESSFUL, RunRecord
 
 # Keys per IN (...) list: well under SQLite's limit on bound parameters.
@@ -188,6 +190,78 @@ async def _stored(
     return found
 
 
+# Turns an incoming payload (by its id) into the row to store and what else came with it
+# (an attempt's user); raises RecordError for a payload that cannot be stored.
+Normalizer = Callable[[int, Payload], tuple[Mapping[str, Any], Any]]
+
+
+@dataclass
+class PayloadOutcome:
+    counts: RowCounts
+    extras: list[Any]  # what the normalizer returned beside each row written
+    malformed: list[tuple[int, Payload, RecordError]]  # (id, payload, why), not written
+
+
+async def upsert_payloads(
+    connection: AsyncConnection,
+    table: Table,
+    content: tuple[str, ...],
+    payloads: Mapping[int, Payload],
+    normalize: Normalizer,
+    now: datetime,
+    *,
+    write: bool = True,
+) -> PayloadOutcome:
+    """Insert new payloads, rewrite changed ones (or deleted ones seen again), count the rest.
+
+    A payload whose digest matches its stored row is not even normalized: on the nightly
+    run over mostly unchanged data, normalizing is most of the work saved. The others are
+    normalized here, after the lookup; one that raises RecordError is returned in
+    `malformed` and not written. With write=False only count (a dry run)."""
+    if not payloads:
+        return PayloadOutcome(RowCounts(), [], [])
+    dialect = connection.dialect.name
+    plan = _payload_upsert(table, "id", content, dialect)
+    stored = {
+        ident: (digest, gone)
+        for ident, digest, gone in await _stored(
+            connection, table, "id", "content_hash, deleted_at IS NOT NULL", list(payloads)
+        )
+    }
+    stamp = plan.stamp(now)
+    outcome = PayloadOutcome(RowCounts(), [], [])
+    counts = outcome.counts
+    to_write = []
+    for ident, payload in payloads.items():
+        raw_json = orjson.dumps(payload)
+        digest = content_hash(raw_json)
+        before = stored.get(ident)
+        if before is not None and before[0] == digest and not before[1]:
+            counts.unchanged += 1
+            continue
+        try:
+            row, extra = normalize(ident, payload)
+        except RecordError as error:
+            outcome.malformed.append((ident, payload, error))
+            continue
+        if before is None:
+            counts.inserted += 1
+        else:
+            counts.updated += 1
+        outcome.extras.append(extra)
+        values = plan.values(row)
+        stored_json = raw_json
+        if dialect == "postgresql" and b"\\u0000" in raw_json:
+            # PostgreSQL's text and jsonb cannot hold a NUL character: it is dropped.
+            stored_json = orjson.dumps(without_nul(payload))
+            values = [without_nul(value) for value in values]
+        values += (stored_json.decode(), digest, stamp, stamp)
+        to_write.append(tuple(values))
+    if to_write and write:
+        await connection.exec_driver_sql(plan.sql, to_write)
+    return outcome
+
+
 async def _upsert_payload_rows(
     connection: AsyncConnection,
     table: Table,
@@ -196,44 +270,13 @@ async def _upsert_payload_rows(
     now: datetime,
     write: bool,
 ) -> RowCounts:
-    """Insert new rows, rewrite changed ones (or deleted ones seen again), count the rest.
-    With write=False only count (a dry run)."""
+    """upsert_payloads for rows normalized already."""
     unique = {row["id"]: row for row in rows}  # one statement may not touch a row twice
-    if not unique:
-        return RowCounts()
-    dialect = connection.dialect.name
-    plan = _payload_upsert(table, "id", content, dialect)
-    stored = {
-        ident: (digest, gone)
-        for ident, digest, gone in await _stored(
-            connection, table, "id", "content_hash, deleted_at IS NOT NULL", list(unique)
-        )
-    }
-    stamp = plan.stamp(now)
-    counts = RowCounts()
-    to_write = []
-    for ident, row in unique.items():
-        raw_json = orjson.dumps(row["raw"])
-        digest = content_hash(raw_json)
-        before = stored.get(ident)
-        if before is None:
-            counts.inserted += 1
-        elif before[0] != digest or before[1]:
-            counts.updated += 1
-        else:
-            counts.unchanged += 1
-            continue
-        values = plan.values(row)
-        stored_json = raw_json
-        if dialect == "postgresql" and b"\\u0000" in raw_json:
-            # PostgreSQL's text and jsonb cannot hold a NUL character: it is dropped.
-            stored_json = orjson.dumps(without_nul(row["raw"]))
-            values = [without_nul(value) for value in values]
-        values += (stored_json.decode(), digest, stamp, stamp)
-        to_write.append(tuple(values))
-    if to_write and write:
-        await connection.exec_driver_sql(plan.sql, to_write)
-    return counts
+    payloads = {ident: row["raw"] for ident, row in unique.items()}
+    outcome = await upsert_payloads(
+        connection, table, content, payloads, lambda ident, _: (unique[ident], None), now, write=write
+    )
+    return outcome.counts
 
 
 async def upsert_exams(
@@ -263,6 +306,21 @@ async def upsert_attempts(
     connection: AsyncConnection, rows: Iterable[AttemptRow], now: datetime, *, write: bool = True
 ) -> RowCounts:
     return await _upsert_payload_rows(connection, attempts, ATTEMPT_CONTENT_COLUMNS, rows, now, write)
+
+
+async def upsert_attempt_payloads(
+    connection: AsyncConnection,
+    payloads: Mapping[int, Payload],
+    normalize: Normalizer,
+    now: datetime,
+    *,
+    write: bool = True,
+) -> PayloadOutcome:
+    """Attempts as fetched (id → payload), normalized only when new or changed; the
+    outcome's extras are the users of the attempts written."""
+    return await upsert_payloads(
+        connection, attempts, ATTEMPT_CONTENT_COLUMNS, payloads, normalize, now, write=write
+    )
 
 
 def _overlay(fresh: tuple[Any, ...], known: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -1,17 +1,19 @@
 """The writer: takes row batches and markers from the crawler's queue and commits them.
 
-It is the only task that touches the database during a run. A batch (exams, then users,
-then attempts, then the markers that depend on them) is one transaction, so a crash leaves
-whole batches only; a lost connection retries the whole batch on a fresh one.
+It is the only task that touches the database during a run. A batch (exams, then attempts
+and their users, then the markers that depend on them) is one transaction, so a crash
+leaves whole batches only; a lost connection retries the whole batch on a fresh one.
+Attempts arrive as fetched: the store normalizes those that are new or changed, and the
+ones that cannot be normalized are recorded in sync_errors with the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -28,7 +30,7 @@ from sync import store
 from sync.crawler import AttemptBatch, AttemptsDone, CrawlItem, ExamBatch, Failure, ListingDone
 from sync.errors import DatabaseError, error_text
 from sync.logs import Redactor
-from sync.normalize import AttemptRow, ExamRow, UserRow
+from sync.normalize import AttemptRow, ExamRow, Payload, UserRow, attempt_row
 from sync.store import RowCounts
 from sync.summary import RunSummary
 
@@ -45,8 +47,7 @@ class _Pending:
     """Rows and markers waiting for the next commit."""
 
     exams: list[ExamRow] = field(default_factory=list)
-    attempts: list[AttemptRow] = field(default_factory=list)
-    users: list[UserRow] = field(default_factory=list)
+    attempts: dict[int, tuple[int, Payload]] = field(default_factory=dict)  # id → (exam id, payload)
     failures: list[Failure] = field(default_factory=list)
     done: list[AttemptsDone] = field(default_factory=list)
 
@@ -60,9 +61,16 @@ class _Tally:
 
     by_table: dict[str, RowCounts] = field(default_factory=dict)
     refused: list[Failure] = field(default_factory=list)  # rows the database would not take
+    malformed: list[Failure] = field(default_factory=list)  # attempts that would not normalize
 
     def count(self, table: str, counts: RowCounts) -> None:
         self.by_table.setdefault(table, RowCounts()).add(counts)
+
+    def add(self, other: _Tally) -> None:
+        for table, counts in other.by_table.items():
+            self.count(table, counts)
+        self.refused += other.refused
+        self.malformed += other.malformed
 
 
 # PostgreSQL SQLSTATEs that mean "the server is away", not "the statement is wrong":
@@ -152,9 +160,9 @@ class Writer:
             pending.exams.extend(item.rows)
             self._summary.exams_seen += len(item.rows)
         elif isinstance(item, AttemptBatch):
-            pending.attempts.extend(item.rows)
-            pending.users.extend(item.users)
-            self._summary.attempts_seen += len(item.rows)
+            # The last sighting of an id wins: one statement may not touch a row twice.
+            pending.attempts.update((ident, (item.exam_id, payload)) for ident, payload in item.items)
+            self._summary.attempts_seen += len(item.items)
         elif isinstance(item, Failure):
             pending.failures.append(item)
         elif isinstance(item, AttemptsDone):
@@ -175,7 +183,7 @@ class Writer:
             else:
                 await self._upsert_batch(connection, pending, tally, now)
             if self._write:
-                for failure in [*pending.failures, *tally.refused]:
+                for failure in [*pending.failures, *tally.malformed, *tally.refused]:
                     await self._record_failure(connection, failure, now)
             await self._finish_exams(connection, pending.done, tally, now)
 
@@ -189,7 +197,8 @@ class Writer:
         self._add(tally)
         self._summary.batches += 1
         self._summary.exams_done += len(pending.done)
-        for failure in [*pending.failures, *tally.refused]:
+        self._summary.attempts_seen -= len(tally.malformed)  # seen, but not as attempts
+        for failure in [*pending.failures, *tally.malformed, *tally.refused]:
             self._summary.errors += 1
             log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
         for done in pending.done:
@@ -202,31 +211,60 @@ class Writer:
     ) -> None:
         write = self._write
         tally.count("exams", await store.upsert_exams(connection, pending.exams, now, write=write))
-        tally.count("users", await store.upsert_users(connection, pending.users, now, write=write))
-        tally.count("attempts", await store.upsert_attempts(connection, pending.attempts, now, write=write))
+        payloads = {ident: payload for ident, (_, payload) in pending.attempts.items()}
+        await self._upsert_attempts(connection, payloads, pending, tally, now)
+
+    async def _upsert_attempts(
+        self,
+        connection: AsyncConnection,
+        payloads: dict[int, Payload],
+        pending: _Pending,
+        tally: _Tally,
+        now: datetime,
+    ) -> None:
+        """Attempts (new or changed ones normalized by the store), then their users."""
+
+        def normalize(ident: int, payload: Payload) -> tuple[AttemptRow, UserRow]:
+            return attempt_row(payload, pending.attempts[ident][0])
+
+        outcome = await store.upsert_attempt_payloads(connection, payloads, normalize, now, write=self._write)
+        tally.count("attempts", outcome.counts)
+        tally.count("users", await store.upsert_users(connection, outcome.extras, now, write=self._write))
+        tally.malformed += [
+            Failure("attempt", str(ident), str(error), payload=payload) for ident, payload, error in outcome.malformed
+        ]
 
     async def _upsert_one_by_one(
         self, connection: AsyncConnection, pending: _Pending, tally: _Tally, now: datetime
     ) -> None:
-        """Each row in a savepoint of its own: the ones the database refuses become
-        failures, the rest is stored."""
-        steps: list[tuple[str, str, Any, Callable[..., Awaitable[RowCounts]]]] = [
-            *(("exams", "exam", row, store.upsert_exams) for row in pending.exams),
-            *(("users", "user", row, store.upsert_users) for row in pending.users),
-            *(("attempts", "attempt", row, store.upsert_attempts) for row in pending.attempts),
-        ]
-        for table, entity, row, upsert in steps:
+        """Each row (an attempt with its user) in a savepoint of its own: the ones the
+        database refuses become failures, the rest is stored. A row's counts join the
+        batch's only once its savepoint is released."""
+
+        async def exam(row: ExamRow, step: _Tally) -> None:
+            step.count("exams", await store.upsert_exams(connection, [row], now, write=self._write))
+
+        async def attempt(ident: int, payload: Payload, step: _Tally) -> None:
+            await self._upsert_attempts(connection, {ident: payload}, pending, step, now)
+
+        steps: list[tuple[str, str, Payload, Callable[[_Tally], Awaitable[None]]]] = [
+            *(("exam", row["slug"], row["raw"], functools.partial(exam, row)) for row in pending.exams),
+            *(("attempt", str(ident), payload, functools.partial(attempt, ident, payload))
+              for ident, (_, payload) in pending.attempts.items()),
+        ]  # fmt: skip
+        for entity, key, payload, upsert in steps:
+            step = _Tally()
             try:
                 async with connection.begin_nested():
-                    tally.count(table, await upsert(connection, [row], now, write=self._write))
+                    await upsert(step)
             except DBAPIError as exc:
                 if connection_lost(exc):
                     raise
-                key = row.get("slug") or row.get("username") if entity != "attempt" else str(row["id"])
                 tally.refused.append(
-                    Failure(entity, str(key), f"the database refused it: {error_text(exc)}",
-                            payload=row.get("raw", dict(row)))
+                    Failure(entity, key, f"the database refused it: {error_text(exc)}", payload=payload)
                 )
+            else:
+                tally.add(step)
 
     async def _in_transaction(self, work: Callable[[AsyncConnection, _Tally], Awaitable[None]]) -> _Tally:
         retrying = AsyncRetrying(

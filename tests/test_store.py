@@ -150,3 +150,44 @@ async def test_a_slug_taken_over_by_another_exam_does_not_block_the_sync(engine:
         slugs = dict((await connection.execute(select(exams.c.id, exams.c.slug))).all())
     assert counts.inserted == 1 and swap.updated == 2
     assert slugs == {1: "mock#1", 2: "other", 3: "mock"}
+
+
+class CountingNormalizer:
+    """attempt_row for exam 42, remembering which attempt ids it was asked to normalize."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def __call__(self, ident: int, payload: dict[str, Any]) -> tuple[Any, Any]:
+        self.asked.append(ident)
+        return attempt_row(payload, 42)
+
+
+async def test_only_new_and_changed_attempts_are_normalized(engine: AsyncEngine) -> None:
+    payloads = {n: attempt_payload(id=n) for n in (1, 2, 3)}
+    first, second, third = CountingNormalizer(), CountingNormalizer(), CountingNormalizer()
+    async with engine.begin() as connection:
+        await store.upsert_exams(connection, [exam_row(exam_payload())], NOW)
+        stored = await store.upsert_attempt_payloads(connection, payloads, first, NOW)
+    async with engine.begin() as connection:
+        again = await store.upsert_attempt_payloads(connection, payloads, second, LATER)
+    payloads[2] = attempt_payload(id=2, score="7.50")
+    async with engine.begin() as connection:
+        changed = await store.upsert_attempt_payloads(connection, payloads, third, LATER)
+    assert (first.asked, second.asked, third.asked) == ([1, 2, 3], [], [2])
+    assert (stored.counts.inserted, again.counts.unchanged, changed.counts.updated, changed.counts.unchanged) == (3, 3, 1, 2)
+    assert [user["username"] for user in stored.extras] == ["asha"] * 3 and again.extras == []
+    async with engine.connect() as connection:
+        scores = dict((await connection.execute(select(attempts.c.id, attempts.c.score))).all())
+    assert scores == {1: Decimal("2.00"), 2: Decimal("7.50"), 3: Decimal("2.00")}
+
+
+async def test_an_attempt_that_will_not_normalize_is_returned_not_written(engine: AsyncEngine) -> None:
+    payloads = {1: attempt_payload(id=1), 2: attempt_payload(id=2, score="twelve"), 3: attempt_payload(id=3)}
+    async with engine.begin() as connection:
+        await store.upsert_exams(connection, [exam_row(exam_payload())], NOW)
+        outcome = await store.upsert_attempt_payloads(connection, payloads, CountingNormalizer(), NOW)
+        stored = (await connection.execute(select(attempts.c.id).order_by(attempts.c.id))).scalars().all()
+    [(ident, payload, error)] = outcome.malformed
+    assert (ident, payload["score"]) == (2, "twelve") and "score" in str(error)
+    assert outcome.counts.inserted == 2 and stored == [1, 3]

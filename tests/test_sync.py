@@ -237,9 +237,32 @@ async def test_rows_the_database_refuses_go_to_sync_errors_and_the_rest_is_store
     errors = await error_rows(engine)
     assert {int(row.key) for row in errors} == refused
     assert all(row.entity == "attempt" and "refused" in row.message and row.payload["id"] % 100 == 7 for row in errors)
-    _, attempt_rows = await stored_rows(engine)
+    exam_rows, attempt_rows = await stored_rows(engine)
     served = {a.id for e in simulator.dataset.exams if not e.forbidden for a in e.attempts}
     assert set(attempt_rows) == served - refused
+    assert summary.rows.inserted == len(exam_rows) + len(attempt_rows)  # a refused row is not counted
+
+
+async def test_an_attempt_whose_user_is_refused_is_refused_with_it(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    # Row by row, an attempt and its user share a savepoint: neither is stored or counted.
+    async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(text("ALTER TABLE users ADD CONSTRAINT refuse_7 CHECK (username <> 'student00007')"))
+        else:
+            await connection.execute(text(
+                "CREATE TRIGGER refuse_7 BEFORE INSERT ON users WHEN NEW.username = 'student00007' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+            ))  # fmt: skip
+    summary = await sync_once(simulator, database_url)
+    readable = [e for e in simulator.dataset.exams if not e.forbidden]
+    refused = {a.id for e in readable for a in e.attempts if a.user.username == "student00007"}
+    assert refused and summary.status == "partial" and summary.errors == len(refused)
+    assert {int(row.key) for row in await error_rows(engine)} == refused
+    exam_rows, attempt_rows = await stored_rows(engine)
+    assert set(attempt_rows) == {a.id for e in readable for a in e.attempts} - refused
+    assert summary.rows.inserted == len(exam_rows) + len(attempt_rows)
 
 
 async def test_nul_characters_do_not_stop_a_run(
