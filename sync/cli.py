@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--users", type=int, default=200, help="distinct students")
     add("--seed", type=int, default=7)
     add("--per-page", type=int, default=20, help="items per page (Testpress: 20)")
-    add("--latency", type=float, default=0.0, help="seconds added to each request")
+    add("--latency", type=float, default=0.0, help="seconds each API request takes to be answered")
     add("--token-lifetime", type=float, default=3600.0, help="seconds a login token lasts")
     add("--username", default="admin")
     add("--password", default="secret")

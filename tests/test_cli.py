@@ -153,8 +153,8 @@ def test_second_run_while_one_holds_the_lock_exits_5(
 def test_secrets_never_reach_logs_or_tables(
     cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cli_environment.state.faults.token_lifetime = 0.05  # several tokens over the run
-    cli_environment.state.faults.latency = 0.01
+    cli_environment.state.faults.token_lifetime = 0.05  # several tokens over the run,
+    cli_environment.state.faults.latency = 0.03  # which lasts a few latencies at least
     next(e for e in cli_environment.dataset.exams if not e.forbidden).attempts[0].malformed = True
     assert main(["run", "--log-format", "json", "--log-level", "debug"]) == 1
     output = capsys.readouterr()

@@ -171,9 +171,18 @@ async def accounting(request: web.Request, handler: Any) -> web.StreamResponse:
     state.in_flight += 1
     state.max_in_flight = max(state.max_in_flight, state.in_flight)
     try:
-        if state.faults.latency:
-            await asyncio.sleep(state.faults.latency)
-        return await handler(request)
+        if not state.faults.latency:
+            return await handler(request)
+        # The answer leaves `latency` after the request arrived, however long rendering
+        # it took. Rendering after the wait instead would queue the requests in flight
+        # behind one another on this one thread, and add the simulator's own CPU to the
+        # latency every client sees.
+        loop = asyncio.get_running_loop()
+        answer_at = loop.time() + state.faults.latency
+        response = await handler(request)
+        if (wait := answer_at - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        return response
     finally:
         state.in_flight -= 1
 

@@ -27,7 +27,7 @@ class Faults:
     server_error_rate: float = 0.0  # 500/502/503/504, JSON or an HTML proxy page
     drop_rate: float = 0.0  # the connection closes with no response
     truncate_rate: float = 0.0  # a 200 whose body is cut short
-    latency: float = 0.0  # seconds added to every API request
+    latency: float = 0.0  # seconds every API request takes to be answered, rendering included
     token_lifetime: float = 3600.0  # seconds a login token stays valid
     listing_inserts: int = 0  # new exams slipped in, one per listing page, during a walk
     listing_deletes: int = 0  # exams removed, one per listing page, during a walk
