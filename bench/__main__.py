@@ -368,7 +368,7 @@ def main() -> None:
     if "latency" in only:
         rows = scenario_latency(kinds, 1000 // scale, 30, [0.020, 0.050, 0.100])
         print(table(
-            f"Wall time against API latency (same workload, concurrency {DEFAULT_CONCURRENCY})",
+            f"Wall time against API latency (same workload, concurrency {DEFAULT_CONCURRENCY}; one run each)",
             ["db", "latency ms", "wall s", "ideal s", "ratio", "cpu s", "cpu ÷ wall"], rows), flush=True)  # fmt: skip
     if "cpu" in only:
         rows = scenario_cpu(kinds, 1000 // scale, 30, repeat)
