@@ -137,6 +137,8 @@ async def test_malformed_items_go_to_sync_errors_and_the_rest_is_stored(
         attempt.malformed = True
     summary = await sync_once(simulator, database_url)
     assert summary.status == "partial" and summary.errors == 2
+    # Everything else is unchanged; the two are errors, not attempts seen.
+    assert summary.rows.unchanged == summary.exams_seen + summary.attempts_seen
     errors = await error_rows(engine)
     assert {(row.entity, row.key) for row in errors} == {("attempt", str(a.id)) for a in bad}
     assert all("score" in row.message and row.payload["score"] == "twelve" for row in errors)
