@@ -3,8 +3,9 @@
 Every scenario runs the real `testpress-sync run` in a child process against the bundled
 simulator in another child process (so the simulator's CPU is not counted), on loopback,
 and reads the child's own CPU time and peak RSS from wait4(). Figures are compared within
-one run only: these machines are noisy. The wall and cpu scenarios run `--repeat` times
-(3 by default), each into a fresh database, and show the median run and the range.
+one run only: these machines are noisy. The wall, latency and cpu scenarios run
+`--repeat` times (3 by default), each into a fresh database, and show the median run and
+the range.
 
     wall     20 ms latency: wall time against the ideal requests × latency ÷ concurrency,
              for the whole process and for the run alone (without start-up and exit)
@@ -244,17 +245,24 @@ def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float, r
     return rows
 
 
-def scenario_latency(kinds: list[str], exams: int, per_exam: int, latencies: list[float]) -> list[list[str]]:
-    """Where the API's latency, not our CPU, sets the wall time."""
+def scenario_latency(
+    kinds: list[str], exams: int, per_exam: int, latencies: list[float], repeat: int
+) -> list[list[str]]:
+    """Where the API's latency, not our CPU, sets the wall time: the median of `repeat`
+    runs at each latency, each into a fresh database."""
     rows = []
     for kind in kinds:
         for latency in latencies:
-            with simulator(exams, per_exam, latency) as base, database(kind) as url:
-                run = sync_run(base, url, kind)
+            with simulator(exams, per_exam, latency) as base:
+                runs = []
+                for _ in range(repeat):
+                    with database(kind) as url:
+                        runs.append(sync_run(base, url, kind))
+            run = median_run(runs, lambda run: run.wall)
             ideal = ideal_wall(run.requests, latency)
             rows.append([
                 kind, f"{latency * 1000:.0f}", f"{run.wall:.2f}", f"{ideal:.2f}", f"{run.wall / ideal:.2f}",
-                f"{run.cpu:.2f}", f"{run.cpu / run.wall:.0%}",
+                spread([r.wall / ideal for r in runs], ".2f"), f"{run.cpu:.2f}", f"{run.cpu / run.wall:.0%}",
             ])  # fmt: skip
     return rows
 
@@ -342,7 +350,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
     parser.add_argument(
         "--repeat", type=int, metavar="N",
-        help="runs per database in the wall and cpu scenarios; the table shows the median run "
+        help="runs per figure in the wall, latency and cpu scenarios; the table shows the median run "
              "and the range (default 3, 1 with --quick)",
     )  # fmt: skip
     parser.add_argument(
@@ -366,10 +374,11 @@ def main() -> None:
              "attempts/s", "cpu s", "simulator cpu s", "peak MB", "req/attempt",
              "2nd run wall s", "2nd run cpu s", "2nd run ins/upd"], rows), flush=True)  # fmt: skip
     if "latency" in only:
-        rows = scenario_latency(kinds, 1000 // scale, 30, [0.020, 0.050, 0.100])
+        rows = scenario_latency(kinds, 1000 // scale, 30, [0.020, 0.050, 0.100], repeat)
         print(table(
-            f"Wall time against API latency (same workload, concurrency {DEFAULT_CONCURRENCY}; one run each)",
-            ["db", "latency ms", "wall s", "ideal s", "ratio", "cpu s", "cpu ÷ wall"], rows), flush=True)  # fmt: skip
+            f"Wall time against API latency (same workload, concurrency {DEFAULT_CONCURRENCY}; "
+            f"median of {repeat} run(s) by wall)",
+            ["db", "latency ms", "wall s", "ideal s", "ratio", "ratio range", "cpu s", "cpu ÷ wall"], rows), flush=True)  # fmt: skip
     if "cpu" in only:
         rows = scenario_cpu(kinds, 1000 // scale, 30, repeat)
         print(table(
