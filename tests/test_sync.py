@@ -221,18 +221,23 @@ async def test_attempts_urls_given_as_paths_are_resolved_against_the_server(
     assert {row.id for row in attempt_rows.values()} == {a.id for exam in readable for a in exam.attempts}
 
 
+async def refuse_inserts(engine: AsyncEngine, table: str, column: str, refused: str) -> None:
+    """A constraint of the user's own (or a disk quirk): the database refuses the rows of
+    `table` whose `column` (an SQL expression starting with the column) equals `refused`."""
+    async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT refused CHECK ({column} <> {refused})"))
+        else:
+            await connection.execute(text(
+                f"CREATE TRIGGER refused BEFORE INSERT ON {table} WHEN NEW.{column} = {refused} "
+                "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+            ))  # fmt: skip
+
+
 async def test_rows_the_database_refuses_go_to_sync_errors_and_the_rest_is_stored(
     simulator: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:
-    # A constraint of the user's own (or a disk quirk) that refuses some rows.
-    async with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            await connection.execute(text("ALTER TABLE attempts ADD CONSTRAINT refuse_07 CHECK (id % 100 <> 7)"))
-        else:
-            await connection.execute(text(
-                "CREATE TRIGGER refuse_07 BEFORE INSERT ON attempts WHEN NEW.id % 100 = 7 "
-                "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
-            ))  # fmt: skip
+    await refuse_inserts(engine, "attempts", "id % 100", "7")
     summary = await sync_once(simulator, database_url)
     refused = {a.id for e in simulator.dataset.exams if not e.forbidden for a in e.attempts if a.id % 100 == 7}
     assert refused and summary.status == "partial" and summary.errors == len(refused)
@@ -249,14 +254,7 @@ async def test_an_attempt_whose_user_is_refused_is_refused_with_it(
     simulator: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:
     # Row by row, an attempt and its user share a savepoint: neither is stored or counted.
-    async with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            await connection.execute(text("ALTER TABLE users ADD CONSTRAINT refuse_7 CHECK (username <> 'student00007')"))
-        else:
-            await connection.execute(text(
-                "CREATE TRIGGER refuse_7 BEFORE INSERT ON users WHEN NEW.username = 'student00007' "
-                "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
-            ))  # fmt: skip
+    await refuse_inserts(engine, "users", "username", "'student00007'")
     summary = await sync_once(simulator, database_url)
     readable = [e for e in simulator.dataset.exams if not e.forbidden]
     refused = {a.id for e in readable for a in e.attempts if a.user.username == "student00007"}
