@@ -216,6 +216,18 @@ def median_run(runs: list[Measurement], key: Callable[[Measurement], float]) -> 
     return sorted(runs, key=key)[len(runs) // 2]
 
 
+def first_runs(base: str, kind: str, repeat: int, *, then_second: bool = False) -> tuple[list[Measurement], Measurement | None]:
+    """`repeat` first runs, each into a fresh database; with then_second, also a second run
+    over what the last of them stored (as a nightly run over unchanged data)."""
+    runs, second = [], None
+    for number in range(repeat):
+        with database(kind) as url:
+            runs.append(sync_run(base, url, kind))
+            if then_second and number == repeat - 1:
+                second = sync_run(base, url, kind)
+    return runs, second
+
+
 def spread(values: list[float], fmt: str) -> str:
     return f"{min(values):{fmt}}–{max(values):{fmt}}" if len(values) > 1 else ""
 
@@ -225,13 +237,9 @@ def scenario_wall(kinds: list[str], exams: int, per_exam: int, latency: float, r
     the median run by wall time and the range of the ratio. A second run follows the last."""
     rows = []
     for kind in kinds:
-        runs = []
         with simulator(exams, per_exam, latency) as base:
-            for number in range(repeat):
-                with database(kind) as url:
-                    runs.append(sync_run(base, url, kind))
-                    if number == repeat - 1:  # over the data the last run stored
-                        second = sync_run(base, url, kind)
+            runs, second = first_runs(base, kind, repeat, then_second=True)
+        assert second is not None
         first = median_run(runs, lambda run: run.wall)
         ideal = ideal_wall(first.requests, latency)
         rows.append([
@@ -254,10 +262,7 @@ def scenario_latency(
     for kind in kinds:
         for latency in latencies:
             with simulator(exams, per_exam, latency) as base:
-                runs = []
-                for _ in range(repeat):
-                    with database(kind) as url:
-                        runs.append(sync_run(base, url, kind))
+                runs, _ = first_runs(base, kind, repeat)
             run = median_run(runs, lambda run: run.wall)
             ideal = ideal_wall(run.requests, latency)
             rows.append([
@@ -295,10 +300,7 @@ def scenario_cpu(kinds: list[str], exams: int, per_exam: int, repeat: int) -> li
     rows = []
     for kind in kinds:
         with simulator(exams, per_exam, 0.0) as base:
-            runs = []
-            for _ in range(repeat):
-                with database(kind) as url:
-                    runs.append(sync_run(base, url, kind))
+            runs, _ = first_runs(base, kind, repeat)
         run = median_run(runs, lambda run: run.cpu)
         rows.append([
             kind, f"{run.attempts:,}", f"{run.wall:.2f}", f"{run.cpu:.2f}",
