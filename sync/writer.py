@@ -211,22 +211,21 @@ class Writer:
     ) -> None:
         write = self._write
         tally.count("exams", await store.upsert_exams(connection, pending.exams, now, write=write))
-        payloads = {ident: payload for ident, (_, payload) in pending.attempts.items()}
-        await self._upsert_attempts(connection, payloads, pending, tally, now)
+        await self._upsert_attempts(connection, pending.attempts, tally, now)
 
     async def _upsert_attempts(
         self,
         connection: AsyncConnection,
-        payloads: dict[int, Payload],
-        pending: _Pending,
+        attempts: dict[int, tuple[int, Payload]],  # id → (exam id, payload)
         tally: _Tally,
         now: datetime,
     ) -> None:
         """Attempts (new or changed ones normalized by the store), then their users."""
 
         def normalize(ident: int, payload: Payload) -> tuple[AttemptRow, UserRow]:
-            return attempt_row(payload, pending.attempts[ident][0])
+            return attempt_row(payload, attempts[ident][0])
 
+        payloads = {ident: payload for ident, (_, payload) in attempts.items()}
         outcome = await store.upsert_attempt_payloads(connection, payloads, normalize, now, write=self._write)
         tally.count("attempts", outcome.counts)
         tally.count("users", await store.upsert_users(connection, outcome.extras, now, write=self._write))
@@ -244,13 +243,13 @@ class Writer:
         async def exam(row: ExamRow, step: _Tally) -> None:
             step.count("exams", await store.upsert_exams(connection, [row], now, write=self._write))
 
-        async def attempt(ident: int, payload: Payload, step: _Tally) -> None:
-            await self._upsert_attempts(connection, {ident: payload}, pending, step, now)
+        async def attempt(ident: int, exam_and_payload: tuple[int, Payload], step: _Tally) -> None:
+            await self._upsert_attempts(connection, {ident: exam_and_payload}, step, now)
 
         steps: list[tuple[str, str, Payload, Callable[[_Tally], Awaitable[None]]]] = [
             *(("exam", row["slug"], row["raw"], functools.partial(exam, row)) for row in pending.exams),
-            *(("attempt", str(ident), payload, functools.partial(attempt, ident, payload))
-              for ident, (_, payload) in pending.attempts.items()),
+            *(("attempt", str(ident), item[1], functools.partial(attempt, ident, item))
+              for ident, item in pending.attempts.items()),
         ]  # fmt: skip
         for entity, key, payload, upsert in steps:
             step = _Tally()
