@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import (
     AsyncRetrying,
@@ -28,6 +28,7 @@ from tenacity import (
 
 from sync import store
 from sync.crawler import AttemptBatch, AttemptsDone, CrawlItem, ExamBatch, Failure, ListingDone
+from sync.database_faults import DatabaseFault, classify, connection_lost, database_unusable
 from sync.errors import DatabaseError, error_text
 from sync.logs import Redactor
 from sync.normalize import AttemptRow, ExamRow, Payload, UserRow, attempt_row
@@ -71,24 +72,6 @@ class _Tally:
             self.count(table, counts)
         self.refused += other.refused
         self.malformed += other.malformed
-
-
-# PostgreSQL SQLSTATEs that mean "the server is away", not "the statement is wrong":
-# 08 connection exceptions, 57P operator intervention (shutdown, restart, cannot connect
-# now), 53 insufficient resources, 55000 the database not accepting connections.
-_SERVER_AWAY = ("08", "57P", "53", "55000")
-
-
-def connection_lost(error: BaseException) -> bool:
-    """A database error worth retrying: the server went away, not the statement was wrong."""
-    if isinstance(error, OSError):
-        return True
-    if not isinstance(error, DBAPIError):
-        return False
-    if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
-        return True
-    code = getattr(error.orig, "sqlstate", None)
-    return isinstance(code, str) and code.startswith(_SERVER_AWAY)
 
 
 class Writer:
@@ -257,8 +240,8 @@ class Writer:
                 async with connection.begin_nested():
                     await upsert(step)
             except DBAPIError as exc:
-                if connection_lost(exc):
-                    raise
+                if classify(exc) is not DatabaseFault.ROW:
+                    raise  # not this row's fault: the transaction is retried, or the run stops
                 tally.refused.append(
                     Failure(entity, key, f"the database refused it: {error_text(exc)}", payload=payload)
                 )
@@ -281,6 +264,12 @@ class Writer:
                         await work(connection, tally)
                     return tally
         except DBAPIError as exc:
+            if database_unusable(exc):
+                raise DatabaseError(
+                    f"the database cannot run the statements testpress-sync writes with: "
+                    f"{self._redactor.redact(error_text(exc))}. Its tables are not the ones "
+                    "testpress-sync made (changed by hand?), or the database user may not write to them"
+                ) from exc
             if not connection_lost(exc):
                 raise
             raise DatabaseError(

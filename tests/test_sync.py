@@ -6,10 +6,11 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schema import sync_runs
+from schema import attempts, sync_runs
+from sync.errors import DatabaseError
 from sync.simulator import SimulatorServer
 from tests.helpers import assert_matches_server, error_rows, stored_rows, sync_once
 
@@ -263,6 +264,25 @@ async def test_an_attempt_whose_user_is_refused_is_refused_with_it(
     exam_rows, attempt_rows = await stored_rows(engine)
     assert set(attempt_rows) == {a.id for e in readable for a in e.attempts} - refused
     assert summary.rows.inserted == len(exam_rows) + len(attempt_rows)
+
+
+async def test_a_table_changed_by_hand_stops_the_run_at_once_and_says_so(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    # Not an outage to wait out (database_retry_seconds is 60 by default), nor a thousand
+    # rows each refused the same way: the run stops with the database's own words.
+    async with engine.begin() as connection:
+        await connection.execute(text("ALTER TABLE attempts RENAME COLUMN review_url TO review_link"))
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DatabaseError, match="review_url.*changed by hand") as caught:
+        await sync_once(simulator, database_url)
+    assert asyncio.get_running_loop().time() - started < 10
+    assert "unreachable" not in str(caught.value)
+    async with engine.connect() as connection:
+        run = (await connection.execute(select(sync_runs.c.status, sync_runs.c.error))).one()
+        stored = (await connection.execute(select(func.count()).select_from(attempts))).scalar()
+    assert run.status == "failed" and "review_url" in run.error
+    assert stored == 0 and await error_rows(engine) == []
 
 
 async def test_nul_characters_do_not_stop_a_run(
