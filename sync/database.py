@@ -282,6 +282,11 @@ async def run_lock(engine: AsyncEngine) -> AsyncIterator[None]:
         yield
         return
     lock_path = Path(database).with_name(Path(database).name + ".lock")
+    if not lock_path.parent.is_dir():
+        raise DatabaseError(
+            f"the folder {lock_path.parent} of the SQLite database does not exist: "
+            "create it, or point TESTPRESS_DATABASE_URL at another path"
+        )
     descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -92,6 +92,15 @@ def test_unreachable_database_exits_4(cli_environment: SimulatorServer, capsys: 
     assert "database" in capsys.readouterr().err
 
 
+def test_a_sqlite_database_in_a_missing_folder_exits_4_and_names_the_folder(
+    cli_environment: SimulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "not-mounted"
+    assert main(["run", "--database-url", f"sqlite:///{folder}/sync.db", "--log-format", "json"]) == 4
+    assert f"the folder {folder} of the SQLite database does not exist" in capsys.readouterr().err
+    assert not folder.exists()
+
+
 def test_foreign_tables_are_refused_with_exit_4(
     cli_environment: SimulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
