@@ -13,7 +13,9 @@ arrive as fetched and are normalized only once the lookup shows them new or chan
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -23,6 +25,7 @@ from typing import Any, cast
 
 import orjson
 from sqlalchemy import Table, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schema import (
@@ -42,6 +45,9 @@ from sync.report import SUCCESSFUL, RunRecord
 
 # Keys per IN (...) list: well under SQLite's limit on bound parameters.
 _CHUNK = 2000
+# Rows normalized between two turns of the event loop: with larger batches, one
+# uninterrupted pass kept responses waiting past their latency and idled the fetchers.
+_YIELD_EVERY = 250
 _USER_FIELDS = ("user_id", "display_name", "first_name", "last_name")
 _user_fields = itemgetter(*_USER_FIELDS)
 
@@ -163,6 +169,38 @@ def content_hash(raw_json: bytes) -> str:
     return hashlib.blake2b(NORMALIZER_VERSION + raw_json, digest_size=16).hexdigest()
 
 
+# --- statements on the driver's connection -------------------------------------------------
+#
+# SQLAlchemy's aiosqlite adapter spends four hops to its driver thread on a statement
+# (open a cursor, execute, fetch, close it): ~230 µs of CPU, against ~45 µs for aiosqlite's
+# own execute_fetchall or executemany in one hop. A batch runs up to nine statements, so on
+# SQLite its lookups, upserts and marks go to the driver connection directly, inside the
+# transaction that SQLAlchemy began on it: 8% less CPU per run. PostgreSQL keeps
+# SQLAlchemy: the asyncpg adapter is what opens the transaction, and its overhead is a
+# fifth of this.
+
+
+async def _on_sqlite_driver(connection: AsyncConnection, method: str, sql: str, parameters: Any) -> Any:
+    """aiosqlite's `method` (execute, executemany, execute_fetchall) on the connection
+    under `connection`, in its transaction. An error is wrapped as SQLAlchemy wraps it
+    (OperationalError, IntegrityError …), so the writer tells outages from refused rows
+    the same way on both paths."""
+    driver = (await connection.get_raw_connection()).driver_connection
+    try:
+        return await getattr(driver, method)(sql, parameters)
+    except sqlite3.Error as error:
+        raise DBAPIError.instance(
+            sql, None, error, sqlite3.Error, hide_parameters=True, dialect=connection.dialect
+        ) from error
+
+
+async def _execute_many(connection: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    if connection.dialect.name == "sqlite":
+        await _on_sqlite_driver(connection, "executemany", sql, rows)
+    else:
+        await connection.exec_driver_sql(sql, rows)
+
+
 async def _stored(
     connection: AsyncConnection, table: Table, key: str, columns: str, keys: Sequence[Any]
 ) -> list[Any]:
@@ -181,12 +219,11 @@ async def _stored(
                 f"SELECT t.{key}, {columns} FROM {table.name} AS t "
                 f"JOIN unnest($1::{kind}[]) AS wanted (key) ON t.{key} = wanted.key"
             )
-            result = await connection.exec_driver_sql(sql, (chunk,))
+            found.extend((await connection.exec_driver_sql(sql, (chunk,))).all())
         else:
             marks = ", ".join("?" * len(chunk))
             sql = f"SELECT {key}, {columns} FROM {table.name} WHERE {key} IN ({marks})"
-            result = await connection.exec_driver_sql(sql, tuple(chunk))
-        found.extend(result.all())
+            found.extend(await _on_sqlite_driver(connection, "execute_fetchall", sql, chunk))
     return found
 
 
@@ -232,7 +269,9 @@ async def upsert_payloads(
     outcome = PayloadOutcome(RowCounts(), [], [])
     counts = outcome.counts
     to_write = []
-    for ident, payload in payloads.items():
+    for number, (ident, payload) in enumerate(payloads.items(), 1):
+        if number % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
         raw_json = orjson.dumps(payload)
         digest = content_hash(raw_json)
         before = stored.get(ident)
@@ -258,7 +297,7 @@ async def upsert_payloads(
         values += (stored_json.decode(), digest, stamp, stamp)
         to_write.append(tuple(values))
     if to_write and write:
-        await connection.exec_driver_sql(plan.sql, to_write)
+        await _execute_many(connection, plan.sql, to_write)
     return outcome
 
 
@@ -371,7 +410,7 @@ async def upsert_users(
         record = (username, *values, stamp, stamp)
         to_write.append(tuple(without_nul(value) for value in record) if dialect == "postgresql" else record)
     if to_write and write:
-        await connection.exec_driver_sql(_user_upsert(dialect), to_write)
+        await _execute_many(connection, _user_upsert(dialect), to_write)
     return counts
 
 
@@ -412,13 +451,17 @@ async def mark_attempts_deleted(
     """Attempts that a complete fetch of their exam's attempts no longer shows, for every
     exam in `present_by_exam` (exam id → the attempt ids the fetch showed)."""
     missing: list[int] = []
-    exam_ids = list(present_by_exam)
-    for chunk in _chunks(exam_ids):
-        live = await connection.execute(
-            select(attempts.c.id, attempts.c.exam_id).where(
-                attempts.c.exam_id.in_(chunk), attempts.c.deleted_at.is_(None)
+    for chunk in _chunks(list(present_by_exam)):
+        if connection.dialect.name == "sqlite":
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT id, exam_id FROM attempts WHERE exam_id IN ({marks}) AND deleted_at IS NULL"
+            live = await _on_sqlite_driver(connection, "execute_fetchall", sql, chunk)
+        else:
+            live = await connection.execute(
+                select(attempts.c.id, attempts.c.exam_id).where(
+                    attempts.c.exam_id.in_(chunk), attempts.c.deleted_at.is_(None)
+                )
             )
-        )
         missing.extend(ident for ident, exam_id in live if ident not in present_by_exam[exam_id])
     return await _mark_deleted(connection, attempts, missing, now, write)
 
@@ -430,6 +473,11 @@ async def set_attempts_status(connection: AsyncConnection, statuses: dict[int, s
         by_status.setdefault(status, []).append(exam_id)
     for status, exam_ids in by_status.items():
         for chunk in _chunks(exam_ids):
+            if connection.dialect.name == "sqlite":
+                marks = ", ".join("?" * len(chunk))
+                sql = f"UPDATE exams SET attempts_status = ? WHERE id IN ({marks}) AND attempts_status IS NOT ?"
+                await _on_sqlite_driver(connection, "execute", sql, (status, *chunk, status))
+                continue
             await connection.execute(
                 update(exams)
                 .where(exams.c.id.in_(chunk), exams.c.attempts_status.is_distinct_from(status))
