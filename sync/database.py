@@ -187,6 +187,26 @@ async def schema_state(engine: AsyncEngine) -> SchemaState:
         return await connection.run_sync(_read_schema_state)
 
 
+def _missing_parts(connection: Connection) -> list[str]:
+    inspector = inspect(connection)
+    present = set(inspector.get_table_names())
+    missing = []
+    for table in schema.metadata.sorted_tables:
+        if table.name not in present:
+            missing.append(f"table {table.name}")
+            continue
+        columns = {column["name"] for column in inspector.get_columns(table.name)}
+        missing += [f"column {table.name}.{column.name}" for column in table.columns if column.name not in columns]
+    return missing
+
+
+async def missing_schema_parts(engine: AsyncEngine) -> list[str]:
+    """The tables and columns of the head schema that the database lacks (renamed or
+    dropped by hand, say); empty when it has them all. Columns of its own are allowed."""
+    async with _connected(engine) as connection:
+        return await connection.run_sync(_missing_parts)
+
+
 def _create_head_schema(connection: Connection) -> None:
     """An empty database gets the head schema from the table definitions, stamped at head.
 

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from sync.client import TestpressClient, open_session
 from sync.config import Settings
-from sync.database import create_engine, database_url_from, describe, missing_sqlite_file, schema_state
+from sync.database import (
+    create_engine,
+    database_url_from,
+    describe,
+    missing_schema_parts,
+    missing_sqlite_file,
+    schema_state,
+)
 from sync.errors import ApiError, AuthError, ConfigError, DatabaseError, SyncError
 from sync.logs import Redactor
 from sync.transport import ConnectionPool, TransportError
@@ -106,6 +113,7 @@ async def _check_database(settings: Settings) -> Check:
     engine = create_engine(url)
     try:
         state = await schema_state(engine)
+        changed = await missing_schema_parts(engine) if state.up_to_date else []
     except DatabaseError as exc:
         return Check(
             "database", False, str(exc),
@@ -115,6 +123,15 @@ async def _check_database(settings: Settings) -> Check:
     finally:
         await engine.dispose()
     where = describe(url)
+    if changed:
+        return Check(
+            "database", False,
+            f"{where}: schema at revision {state.current}, but {', '.join(changed)} "
+            f"{'is' if len(changed) == 1 else 'are'} missing (changed by hand?)",
+            "restore them as testpress-sync made them (docs/schema.md), or sync into a new "
+            "database: a run stops at the first statement that needs them",
+            exit_code=4,
+        )  # fmt: skip
     if state.up_to_date:
         return Check("database", True, f"{where}: schema at revision {state.current}")
     if not state.known:

@@ -3,6 +3,7 @@ runs, the summary and metrics files, the progress line."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from schema import attempts, exams
 from sync.cli import main
+from sync.database import create_engine, database_url_from
 from sync.pipeline import Progress
 from sync.progress import TerminalStatus, progress_text
 from sync.simulator import SimulatorServer
@@ -99,6 +101,32 @@ def test_doctor_names_an_unreachable_server(
     out = capsys.readouterr().out
     assert "FAIL  server" in out and "skipped: the server is not reachable" in out
     assert "ok    database" in out
+
+
+def test_doctor_names_what_was_changed_by_hand_in_the_schema(
+    cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate"]) == 0
+    rename_column(database_url, "attempts", "review_url", "review_link")
+    assert main(["doctor"]) == 4
+    out = capsys.readouterr().out
+    assert "FAIL  database" in out and "column attempts.review_url is missing (changed by hand?)" in out
+    assert "a run stops at the first statement that needs them" in out
+    assert main(["run"]) == 4  # as the doctor said
+    rename_column(database_url, "attempts", "review_link", "review_url")
+    assert main(["doctor"]) == 0 and main(["run"]) == 0
+
+
+def rename_column(database_url: str, table: str, old: str, new: str) -> None:
+    async def rename() -> None:
+        engine = create_engine(database_url_from(database_url))
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(text(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(rename())
 
 
 def test_doctor_names_an_unreachable_database(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
