@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import schema
 from schema import SCHEMA_HEAD
-from schema.views import create_view_statements
+from schema.views import VIEW_NAMES, create_view_statements
 from sync.errors import ConfigError, DatabaseError, LockHeldError, error_text
 
 _DRIVERS = {
@@ -197,12 +197,15 @@ def _missing_parts(connection: Connection) -> list[str]:
             continue
         columns = {column["name"] for column in inspector.get_columns(table.name)}
         missing += [f"column {table.name}.{column.name}" for column in table.columns if column.name not in columns]
+    views = set(inspector.get_view_names())
+    missing += [f"view {name}" for name in VIEW_NAMES if name not in views]
     return missing
 
 
 async def missing_schema_parts(engine: AsyncEngine) -> list[str]:
-    """The tables and columns of the head schema that the database lacks (renamed or
-    dropped by hand, say); empty when it has them all. Columns of its own are allowed."""
+    """The tables, columns and dashboard views of the head schema that the database lacks
+    (renamed or dropped by hand, say); empty when it has them all. Tables, columns and
+    views of the user's own are allowed."""
     async with _connected(engine) as connection:
         return await connection.run_sync(_missing_parts)
 

@@ -129,7 +129,8 @@ async def _check_database(settings: Settings) -> Check:
             f"{where}: schema at revision {state.current}, but {', '.join(changed)} "
             f"{'is' if len(changed) == 1 else 'are'} missing (changed by hand?)",
             "restore them as testpress-sync made them (docs/schema.md), or sync into a new "
-            "database: a run stops at the first statement that needs them",
+            "database: a run stops at the first statement that needs a missing table or "
+            "column, and dashboards need the views",
             exit_code=4,
         )  # fmt: skip
     if state.up_to_date:

@@ -111,22 +111,28 @@ def test_doctor_names_what_was_changed_by_hand_in_the_schema(
     assert main(["doctor"]) == 4
     out = capsys.readouterr().out
     assert "FAIL  database" in out and "column attempts.review_url is missing (changed by hand?)" in out
-    assert "a run stops at the first statement that needs them" in out
+    assert "a run stops at the first statement that needs a missing table or column" in out
     assert main(["run"]) == 4  # as the doctor said
     rename_column(database_url, "attempts", "review_link", "review_url")
     assert main(["doctor"]) == 0 and main(["run"]) == 0
+    execute(database_url, "DROP VIEW user_results")  # dashboards would break; a run would not
+    assert main(["doctor"]) == 4 and "view user_results is missing" in capsys.readouterr().out
 
 
 def rename_column(database_url: str, table: str, old: str, new: str) -> None:
-    async def rename() -> None:
+    execute(database_url, f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
+
+
+def execute(database_url: str, statement: str) -> None:
+    async def run() -> None:
         engine = create_engine(database_url_from(database_url))
         try:
             async with engine.begin() as connection:
-                await connection.execute(text(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}"))
+                await connection.execute(text(statement))
         finally:
             await engine.dispose()
 
-    asyncio.run(rename())
+    asyncio.run(run())
 
 
 def test_doctor_names_an_unreachable_database(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
