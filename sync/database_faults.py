@@ -26,8 +26,8 @@ class DatabaseFault(enum.Enum):
 
 
 # SQLite's primary result codes (the low byte of sqlite3.Error.sqlite_errorcode).
-# Both databases report a wrong statement and a busy file alike as OperationalError, so
-# the code, not the class, tells them apart.
+# SQLite reports a wrong statement and a busy file alike as OperationalError, so the
+# code, not the class, tells them apart.
 _SQLITE_OUTAGE = frozenset({
     5,  # BUSY: another connection holds the lock past busy_timeout
     6,  # LOCKED

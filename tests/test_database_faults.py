@@ -1,8 +1,8 @@
 """How database errors are told apart: real errors from real SQLite and real PostgreSQL.
 
-Both databases report a missing column and a busy file with the same exception class
-(SQLite: OperationalError for both), so these tests provoke each error for real and check
-what the writer would make of it."""
+SQLite reports a missing column and a busy file with the same exception class
+(OperationalError), so these tests provoke each error for real and check what the writer
+would make of it."""
 
 from __future__ import annotations
 
@@ -44,11 +44,7 @@ async def test_a_missing_table_or_column_makes_the_database_unusable(engine: Asy
 
 
 async def test_a_row_the_database_refuses_is_the_rows_fault(engine: AsyncEngine) -> None:
-    duplicate = await error_of(
-        engine,
-        insert_user("twice"),
-        insert_user("twice"),
-    )
+    duplicate = await error_of(engine, insert_user("twice"), insert_user("twice"))
     missing_exam = await error_of(
         engine,
         "INSERT INTO attempts (id, exam_id, raw, content_hash, first_seen_at, last_seen_at) "
