@@ -176,15 +176,20 @@ def content_hash(raw_json: bytes) -> str:
 # own execute_fetchall or executemany in one hop. A batch runs up to nine statements, so on
 # SQLite its lookups, upserts and marks go to the driver connection directly, inside the
 # transaction that SQLAlchemy began on it: 12% less CPU for a first run at zero latency.
-# PostgreSQL keeps SQLAlchemy: the asyncpg adapter is what opens the transaction, and its
-# overhead is a fifth of this.
+# PostgreSQL keeps exec_driver_sql: the asyncpg adapter is what opens the transaction,
+# and its overhead is a fifth of this.
 
 
-async def _on_sqlite_driver(connection: AsyncConnection, method: str, sql: str, parameters: Any) -> Any:
-    """aiosqlite's `method` (execute, executemany, execute_fetchall) on the connection
-    under `connection`, in its transaction. An error is wrapped as SQLAlchemy wraps it
-    (OperationalError, IntegrityError …), so the writer tells outages from refused rows
-    the same way on both paths."""
+async def _run_sql(connection: AsyncConnection, method: str, sql: str, parameters: Any) -> Any:
+    """`sql` (in the dialect's placeholders) as aiosqlite's `method` names it: "execute",
+    "executemany" (a list of rows) or "execute_fetchall" (which returns the rows).
+
+    On SQLite it runs on the aiosqlite connection under `connection`, in its transaction,
+    and an error is wrapped as SQLAlchemy wraps it (OperationalError, IntegrityError …),
+    so the writer tells outages from refused rows the same way on both paths."""
+    if connection.dialect.name != "sqlite":
+        result = await connection.exec_driver_sql(sql, parameters)
+        return result.all() if method == "execute_fetchall" else None
     driver = (await connection.get_raw_connection()).driver_connection
     try:
         return await getattr(driver, method)(sql, parameters)
@@ -192,13 +197,6 @@ async def _on_sqlite_driver(connection: AsyncConnection, method: str, sql: str, 
         raise DBAPIError.instance(
             sql, None, error, sqlite3.Error, hide_parameters=True, dialect=connection.dialect
         ) from error
-
-
-async def _execute_many(connection: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    if connection.dialect.name == "sqlite":
-        await _on_sqlite_driver(connection, "executemany", sql, rows)
-    else:
-        await connection.exec_driver_sql(sql, rows)
 
 
 async def _stored(
@@ -223,7 +221,7 @@ async def _stored(
         else:
             marks = ", ".join("?" * len(chunk))
             sql = f"SELECT {key}, {columns} FROM {table.name} WHERE {key} IN ({marks})"
-            found.extend(await _on_sqlite_driver(connection, "execute_fetchall", sql, chunk))
+            found.extend(await _run_sql(connection, "execute_fetchall", sql, tuple(chunk)))
     return found
 
 
@@ -297,7 +295,7 @@ async def upsert_payloads(
         values += (stored_json.decode(), digest, stamp, stamp)
         to_write.append(tuple(values))
     if to_write and write:
-        await _execute_many(connection, plan.sql, to_write)
+        await _run_sql(connection, "executemany", plan.sql, to_write)
     return outcome
 
 
@@ -410,7 +408,7 @@ async def upsert_users(
         record = (username, *values, stamp, stamp)
         to_write.append(tuple(without_nul(value) for value in record) if dialect == "postgresql" else record)
     if to_write and write:
-        await _execute_many(connection, _user_upsert(dialect), to_write)
+        await _run_sql(connection, "executemany", _user_upsert(dialect), to_write)
     return counts
 
 
@@ -451,17 +449,11 @@ async def mark_attempts_deleted(
     """Attempts that a complete fetch of their exam's attempts no longer shows, for every
     exam in `present_by_exam` (exam id → the attempt ids the fetch showed)."""
     missing: list[int] = []
+    dialect = connection.dialect.name
     for chunk in _chunks(list(present_by_exam)):
-        if connection.dialect.name == "sqlite":
-            marks = ", ".join("?" * len(chunk))
-            sql = f"SELECT id, exam_id FROM attempts WHERE exam_id IN ({marks}) AND deleted_at IS NULL"
-            live = await _on_sqlite_driver(connection, "execute_fetchall", sql, chunk)
-        else:
-            live = await connection.execute(
-                select(attempts.c.id, attempts.c.exam_id).where(
-                    attempts.c.exam_id.in_(chunk), attempts.c.deleted_at.is_(None)
-                )
-            )
+        marks = ", ".join(_placeholders(dialect, len(chunk)))
+        sql = f"SELECT id, exam_id FROM attempts WHERE exam_id IN ({marks}) AND deleted_at IS NULL"
+        live = await _run_sql(connection, "execute_fetchall", sql, tuple(chunk))
         missing.extend(ident for ident, exam_id in live if ident not in present_by_exam[exam_id])
     return await _mark_deleted(connection, attempts, missing, now, write)
 
@@ -471,18 +463,15 @@ async def set_attempts_status(connection: AsyncConnection, statuses: dict[int, s
     by_status: dict[str, list[int]] = {}
     for exam_id, status in statuses.items():
         by_status.setdefault(status, []).append(exam_id)
+    dialect = connection.dialect.name
     for status, exam_ids in by_status.items():
         for chunk in _chunks(exam_ids):
-            if connection.dialect.name == "sqlite":
-                marks = ", ".join("?" * len(chunk))
-                sql = f"UPDATE exams SET attempts_status = ? WHERE id IN ({marks}) AND attempts_status IS NOT ?"
-                await _on_sqlite_driver(connection, "execute", sql, (status, *chunk, status))
-                continue
-            await connection.execute(
-                update(exams)
-                .where(exams.c.id.in_(chunk), exams.c.attempts_status.is_distinct_from(status))
-                .values(attempts_status=status)
+            first, *ids, last = _placeholders(dialect, len(chunk) + 2)
+            sql = (
+                f"UPDATE exams SET attempts_status = {first} WHERE id IN ({', '.join(ids)}) "
+                f"AND (attempts_status IS NULL OR attempts_status <> {last})"
             )
+            await _run_sql(connection, "execute", sql, (status, *chunk, status))
 
 
 # --- runs, progress, errors --------------------------------------------------------------
