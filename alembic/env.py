@@ -33,7 +33,7 @@ def _configure_and_run(connection: Connection) -> None:
 
 
 async def _run_with_own_engine() -> None:
-    from sync.database import create_engine, database_url_from
+    from sync.sink.database import create_engine, database_url_from
 
     url = database_url_from(os.environ.get("TESTPRESS_DATABASE_URL", "sqlite:///testpress.db"))
     engine = create_engine(url)

@@ -26,19 +26,41 @@ from typing import Any, NoReturn
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
-from sync import __version__, commands
+from sync import __version__
+from sync.commands import Outcome, Result
+from sync.commands import demo as demo_command
+from sync.commands import doctor as doctor_command
+from sync.commands import status as status_command
+from sync.commands import sync as sync_command
 from sync.config import Settings, load_settings
-from sync.database import database_url_from
 from sync.errors import AuthError, ConfigError, DatabaseError, LockHeldError, SyncError, error_text
-from sync.logs import Redactor, configure_logging
-from sync.pipeline import RunOptions
-from sync.progress import TerminalStatus
-from sync.report import parse_age
+from sync.model.run import RunOptions
+from sync.ops.logs import Redactor, configure_logging
+from sync.ops.progress import TerminalStatus
+from sync.ops.report import parse_age
+from sync.sink.database import database_url_from
 
 log = structlog.get_logger("testpress_sync.cli")
 
 EXIT_OK, EXIT_PARTIAL, EXIT_CONFIG, EXIT_AUTH, EXIT_DATABASE, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_OUTCOME = {Outcome.OK: EXIT_OK, Outcome.INCOMPLETE: EXIT_PARTIAL}
+# The error tree's exit codes, most specific first; any other SyncError ends a run that
+# could not finish: 1.
+EXIT_ERROR: tuple[tuple[type[SyncError], int], ...] = (
+    (ConfigError, EXIT_CONFIG),
+    (AuthError, EXIT_AUTH),
+    (LockHeldError, EXIT_LOCKED),
+    (DatabaseError, EXIT_DATABASE),
+    (SyncError, EXIT_PARTIAL),
+)
+
+
+def exit_code(result: Result) -> int:
+    """The exit code of a command's outcome, or of the kind of error it ended with."""
+    if isinstance(result, Outcome):
+        return EXIT_OUTCOME[result]
+    return next(code for kind, code in EXIT_ERROR if issubclass(result, kind))
 SYNC_COMMANDS = ("run", "backfill", "demo")
 
 
@@ -129,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands_.add_parser(
         "demo", parents=[common, run_options], help="try it now: sync the bundled simulator into SQLite",
         description=f"Start the bundled Testpress simulator on a free loopback port, sync it "
-        f"into a local SQLite file (default ./{commands.DEMO_DATABASE}) and show what was stored.",
+        f"into a local SQLite file (default ./{demo_command.DEMO_DATABASE}) and show what was stored.",
     )
     demo.add_argument("--exams", type=_positive, default=40, help="exams to generate (default 40)")
     demo.add_argument("--attempts-per-exam", type=int, default=45, help="attempts per exam (default 45)")
@@ -237,8 +259,8 @@ def _command(
     redactor: Redactor,
     stop: asyncio.Event,
     terminal: TerminalStatus | None,
-) -> Callable[[], Awaitable[int]]:
-    outputs = commands.Outputs(
+) -> Callable[[], Awaitable[Result]]:
+    outputs = sync_command.Outputs(
         summary_json=getattr(args, "summary_json", None),
         metrics_file=getattr(args, "metrics_file", None),
         on_progress=terminal.show if terminal is not None else None,
@@ -251,21 +273,21 @@ def _command(
             limit=args.limit,
             dry_run=args.dry_run,
         )
-        return lambda: commands.sync(settings, redactor, stop, options, outputs)
+        return lambda: sync_command.sync(settings, redactor, stop, options, outputs)
     if args.command == "demo":
-        return lambda: commands.demo(
+        return lambda: demo_command.demo(
             settings, redactor, stop, outputs,
             database_url=args.database_url, exams=args.exams, attempts_per_exam=args.attempts_per_exam,
         )  # fmt: skip
     if args.command == "status":
-        return lambda: commands.show_status(settings, limit=args.limit, as_json=args.json, max_age=args.max_age)
+        return lambda: status_command.show_status(settings, limit=args.limit, as_json=args.json, max_age=args.max_age)
     if args.command == "doctor":
-        return lambda: commands.doctor(settings, redactor)
-    return lambda: commands.migrate_database(settings)
+        return lambda: doctor_command.doctor(settings, redactor)
+    return lambda: status_command.migrate_database(settings)
 
 
 def _run_until_signal(
-    command: Callable[[], Awaitable[int]], stop: asyncio.Event, redactor: Redactor
+    command: Callable[[], Awaitable[Result]], stop: asyncio.Event, redactor: Redactor
 ) -> int:
     """Run `command` on a fresh loop. The first SIGINT/SIGTERM sets `stop`: fetching
     ends, the batch in progress is committed, the run is recorded as interrupted, and we
@@ -273,7 +295,7 @@ def _run_until_signal(
     batch) after logging what the run was still waiting on."""
     received: list[signal.Signals] = []
 
-    async def supervised() -> int:
+    async def supervised() -> Result:
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: signal.Signals) -> None:
@@ -294,26 +316,26 @@ def _run_until_signal(
                 loop.remove_signal_handler(signum)
 
     try:
-        code = asyncio.run(supervised())
+        result = asyncio.run(supervised())
     except ConfigError as exc:
         log.error("configuration_error", error=str(exc))
-        return EXIT_CONFIG
+        return exit_code(ConfigError)
     except AuthError as exc:
         log.error("login_refused", error=str(exc), hint="check TESTPRESS_USERNAME and the password")
-        return EXIT_AUTH
+        return exit_code(AuthError)
     except LockHeldError as exc:
         log.error("another_run_is_going", error=str(exc), hint="wait for it; `testpress-sync status` shows it")
-        return EXIT_LOCKED
+        return exit_code(LockHeldError)
     except DatabaseError as exc:
         log.error("database_error", error=redactor.redact(str(exc)))
-        return EXIT_DATABASE
+        return exit_code(DatabaseError)
     except (SQLAlchemyError, OSError) as exc:
         log.error("database_error", error=redactor.redact(error_text(exc)))
-        return EXIT_DATABASE
+        return exit_code(DatabaseError)
     except SyncError as exc:
         log.error("sync_failed", error=redactor.redact(str(exc)))
-        return EXIT_PARTIAL
-    return EXIT_SIGNAL[received[0]] if received else code
+        return exit_code(type(exc))
+    return EXIT_SIGNAL[received[0]] if received else exit_code(result)
 
 
 def _pending_work() -> list[str]:
@@ -337,5 +359,5 @@ def _simulate(args: argparse.Namespace) -> int:
         )
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
-        asyncio.run(commands.simulate(vars(args), ready))
+        asyncio.run(demo_command.simulate(vars(args), ready))
     return EXIT_OK

@@ -23,8 +23,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync.config import ApiSettings, HttpSettings, Settings, SyncSettings
-from sync.database import create_engine, database_url_from, migrate
 from sync.simulator import Dataset, Faults, SimulatorServer
+from sync.sink.database import create_engine, database_url_from, migrate
 
 PG_URL = os.environ.get("TESTPRESS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 USERNAME, PASSWORD = "teacher", "pa55-w0rd-sekret"

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schema import attempts, exams, sync_errors
-from sync.client import TestpressClient, open_session
 from sync.config import Settings
-from sync.database import create_engine, database_url_from, ensure_schema
-from sync.logs import Redactor
-from sync.pipeline import RunOptions, RunSummary, run_sync
+from sync.model.resources import ATTEMPTS, EXAMS
+from sync.model.run import RowCounts
+from sync.ops.logs import Redactor
+from sync.run import RunOptions, RunSummary, run_sync
 from sync.simulator import SimulatorServer
+from sync.sink.database import create_engine, database_url_from, ensure_schema
+from sync.sink.writer import write_payloads
+from sync.source.client import TestpressClient, open_session
 from tests.conftest import fast_settings
 
 T = TypeVar("T")
@@ -122,3 +125,15 @@ def select_rows(database_url: str, statement: Any) -> list[Any]:
 def select_value(database_url: str, statement: Any) -> Any:
     rows = select_rows(database_url, statement)
     return rows[0][0] if rows else None
+
+
+async def upsert_exams(connection: AsyncConnection, rows: Iterable[Mapping[str, Any]], now: datetime) -> RowCounts:
+    """Exams (normalized rows, by their payloads) through the writer's one write path."""
+    items = {row["id"]: (None, row["raw"]) for row in rows}
+    return (await write_payloads(connection, EXAMS, items, now)).counts
+
+
+async def upsert_attempts(connection: AsyncConnection, rows: Iterable[Mapping[str, Any]], now: datetime) -> RowCounts:
+    """Attempts (normalized rows, by their payloads) through the writer's one write path."""
+    items = {row["id"]: (row["exam_id"], row["raw"]) for row in rows}
+    return (await write_payloads(connection, ATTEMPTS, items, now)).counts

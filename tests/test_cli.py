@@ -12,8 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync.cli import main
-from sync.database import create_engine, database_url_from, migrate, run_lock
 from sync.simulator import SimulatorServer
+from sync.sink.database import create_engine, database_url_from, migrate, run_lock
 from tests.conftest import PASSWORD
 from tests.helpers import assert_matches_server, on_engine
 

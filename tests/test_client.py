@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sync.client import TestpressClient, open_session
 from sync.errors import ApiError, AuthError, RetriableError, SkippableError
-from sync.logs import Redactor
+from sync.ops.logs import Redactor
 from sync.simulator import SimulatorServer
+from sync.source.client import TestpressClient, open_session
 from tests.conftest import fast_settings
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from sync.database_faults import DatabaseFault, classify, connection_lost, database_unusable
+from sync.sink.faults import DatabaseFault, classify, connection_lost, database_unusable
 
 
 def insert_user(username: str) -> str:

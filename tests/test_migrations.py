@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import SCHEMA_HEAD, metadata
 from schema.views import VIEW_NAMES
-from sync.database import (
+from sync.errors import DatabaseError
+from sync.sink.database import (
     create_engine,
     database_url_from,
     ensure_schema,
@@ -21,7 +22,6 @@ from sync.database import (
     migrations_dir,
     schema_state,
 )
-from sync.errors import DatabaseError
 from tests.conftest import fresh_postgres_database
 
 

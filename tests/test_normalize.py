@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sync.errors import RecordError
-from sync.normalize import (
+from sync.model.normalize import (
     attempt_row,
     exam_row,
     parse_decimal,

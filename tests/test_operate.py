@@ -19,10 +19,10 @@ from sqlalchemy import func, select, text
 
 from schema import attempts, exams
 from sync.cli import main
-from sync.database import create_engine, database_url_from
-from sync.pipeline import Progress
-from sync.progress import TerminalStatus, progress_text
+from sync.ops.progress import TerminalStatus, progress_text
+from sync.run import Progress
 from sync.simulator import SimulatorServer
+from sync.sink.database import create_engine, database_url_from
 from tests.conftest import PASSWORD, USERNAME, SimulatorThread, small_dataset
 from tests.helpers import select_rows, select_value
 from tests.test_cli import dump_database, log_lines

@@ -25,9 +25,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import attempts, sync_progress, sync_runs
-from sync.database import migrate
 from sync.errors import DatabaseError
 from sync.simulator import SimulatorServer
+from sync.sink.database import migrate
 from tests.conftest import PASSWORD, USERNAME, SimulatorThread, _asyncpg_dsn, fast_settings, small_dataset
 from tests.helpers import assert_matches_server, on_engine, select_rows, select_value, stored_rows, sync_with
 

@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from sync.errors import ApiError, RetriableError, SkippableError, TokenExpiredError
-from sync.pagination import later_page_urls, page_count, page_url, read_page
-from sync.responses import parse_response
+from sync.source.pagination import later_page_urls, page_count, page_url, read_page
+from sync.source.responses import parse_response
 
 URL = "https://demo.testpress.in/api/v2.1/exams/"
 

@@ -7,7 +7,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from sync.normalize import attempt_row
+from sync.model.normalize import attempt_row
 from sync.simulator import Dataset, Faults
 from sync.simulator.app import STATE_KEY, SimulatorState, accounting
 

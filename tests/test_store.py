@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -10,8 +11,11 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schema import attempts, exams, users
-from sync import store
-from sync.normalize import attempt_row, exam_row
+from sync.model.normalize import attempt_row, exam_row
+from sync.model.resources import ATTEMPTS, EXAMS
+from sync.sink import store
+from sync.sink.writer import write_payloads
+from tests.helpers import upsert_attempts, upsert_exams
 from tests.test_normalize import attempt_payload, exam_payload
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
@@ -29,10 +33,10 @@ async def rows_written(connection: AsyncConnection) -> Any:
 async def test_first_upsert_inserts_and_second_changes_nothing(engine: AsyncEngine) -> None:
     rows = [exam_row(exam_payload(id=n, slug=f"e{n}")) for n in range(1, 6)]
     async with engine.begin() as connection:
-        first = await store.upsert_exams(connection, rows, NOW)
+        first = await upsert_exams(connection, rows, NOW)
     async with engine.begin() as connection:
         before = await rows_written(connection)
-        second = await store.upsert_exams(connection, rows, LATER)
+        second = await upsert_exams(connection, rows, LATER)
         after = await rows_written(connection)
     assert (first.inserted, first.updated, first.unchanged) == (5, 0, 0)
     assert (second.inserted, second.updated, second.unchanged) == (0, 0, 5)
@@ -45,10 +49,10 @@ async def test_first_upsert_inserts_and_second_changes_nothing(engine: AsyncEngi
 async def test_a_changed_field_updates_only_that_row(engine: AsyncEngine) -> None:
     rows = [exam_row(exam_payload(id=n, slug=f"e{n}")) for n in range(1, 4)]
     async with engine.begin() as connection:
-        await store.upsert_exams(connection, rows, NOW)
+        await upsert_exams(connection, rows, NOW)
     rows[1] = exam_row(exam_payload(id=2, slug="e2", title="Renamed"))
     async with engine.begin() as connection:
-        counts = await store.upsert_exams(connection, rows, LATER)
+        counts = await upsert_exams(connection, rows, LATER)
     assert (counts.inserted, counts.updated, counts.unchanged) == (0, 1, 2)
     async with engine.connect() as connection:
         stored = (await connection.execute(select(exams.c.id, exams.c.title, exams.c.first_seen_at, exams.c.last_seen_at).order_by(exams.c.id))).all()
@@ -60,9 +64,9 @@ async def test_values_round_trip_exactly(engine: AsyncEngine) -> None:
     exam = exam_row(exam_payload(negative_marks="0.33", mark_per_question="1.25"))
     attempt, user = attempt_row(attempt_payload(score="-1.75", percentile=83.64, time_taken="20 days, 3:58:48.000001"), 42)
     async with engine.begin() as connection:
-        await store.upsert_exams(connection, [exam], NOW)
+        await upsert_exams(connection, [exam], NOW)
         await store.upsert_users(connection, [user], NOW)
-        await store.upsert_attempts(connection, [attempt], NOW)
+        await upsert_attempts(connection, [attempt], NOW)
     async with engine.connect() as connection:
         stored_exam = (await connection.execute(select(exams))).one()._mapping
         stored = (await connection.execute(select(attempts))).one()._mapping
@@ -104,13 +108,13 @@ async def test_one_batch_merges_the_sightings_of_a_user(engine: AsyncEngine) -> 
 async def test_missing_attempts_are_marked_deleted_and_restored(engine: AsyncEngine) -> None:
     rows = [attempt_row(attempt_payload(id=n), 42)[0] for n in (1, 2, 3)]
     async with engine.begin() as connection:
-        await store.upsert_exams(connection, [exam_row(exam_payload())], NOW)
-        await store.upsert_attempts(connection, rows, NOW)
-        deleted = await store.mark_attempts_deleted(connection, {42: frozenset({1, 3})}, NOW)
+        await upsert_exams(connection, [exam_row(exam_payload())], NOW)
+        await upsert_attempts(connection, rows, NOW)
+        deleted = await store.mark_missing_children_deleted(connection, ATTEMPTS, {42: frozenset({1, 3})}, NOW)
     assert deleted == 1
     async with engine.begin() as connection:
-        restored = await store.upsert_attempts(connection, rows, LATER)
-        again = await store.mark_attempts_deleted(connection, {42: frozenset({1, 2, 3})}, LATER)
+        restored = await upsert_attempts(connection, rows, LATER)
+        again = await store.mark_missing_children_deleted(connection, ATTEMPTS, {42: frozenset({1, 2, 3})}, LATER)
     async with engine.connect() as connection:
         marks = (await connection.execute(select(attempts.c.id, attempts.c.deleted_at).order_by(attempts.c.id))).all()
     assert (restored.updated, restored.unchanged, again) == (1, 2, 0)
@@ -120,8 +124,8 @@ async def test_missing_attempts_are_marked_deleted_and_restored(engine: AsyncEng
 async def test_exam_deletion_is_limited_to_the_course_walked(engine: AsyncEngine) -> None:
     rows = [exam_row(exam_payload(id=n, slug=f"e{n}", course=course)) for n, course in ((1, "SSC"), (2, "SSC"), (3, "IBPS"))]
     async with engine.begin() as connection:
-        await store.upsert_exams(connection, rows, NOW)
-        deleted = await store.mark_exams_deleted(connection, frozenset({1}), NOW, "SSC")
+        await upsert_exams(connection, rows, NOW)
+        deleted = await store.mark_missing_deleted(connection, EXAMS, frozenset({1}), NOW, {"course": "SSC"})
     async with engine.connect() as connection:
         marks = dict((await connection.execute(select(exams.c.id, exams.c.deleted_at))).all())
     assert deleted == 1 and marks == {1: None, 2: NOW, 3: None}
@@ -130,22 +134,22 @@ async def test_exam_deletion_is_limited_to_the_course_walked(engine: AsyncEngine
 async def test_duplicates_in_one_batch_are_stored_once(engine: AsyncEngine) -> None:
     row = exam_row(exam_payload())
     async with engine.begin() as connection:
-        counts = await store.upsert_exams(connection, [row, row, row], NOW)
+        counts = await upsert_exams(connection, [row, row, row], NOW)
         stored = (await connection.execute(select(exams.c.id))).scalars().all()
     assert counts.inserted == 1 and stored == [42]
 
 
 async def test_a_slug_taken_over_by_another_exam_does_not_block_the_sync(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
-        await store.upsert_exams(connection, [exam_row(exam_payload(id=1, slug="mock"))], NOW)
-        await store.mark_exams_deleted(connection, frozenset(), NOW, None)
+        await upsert_exams(connection, [exam_row(exam_payload(id=1, slug="mock"))], NOW)
+        await store.mark_missing_deleted(connection, EXAMS, frozenset(), NOW, {})
     # Exam 1 is gone; a new exam 2 now has its slug. Then two live exams swap slugs.
     async with engine.begin() as connection:
-        counts = await store.upsert_exams(connection, [exam_row(exam_payload(id=2, slug="mock"))], LATER)
-        await store.upsert_exams(connection, [exam_row(exam_payload(id=3, slug="other"))], LATER)
+        counts = await upsert_exams(connection, [exam_row(exam_payload(id=2, slug="mock"))], LATER)
+        await upsert_exams(connection, [exam_row(exam_payload(id=3, slug="other"))], LATER)
     async with engine.begin() as connection:
         swapped = [exam_row(exam_payload(id=2, slug="other")), exam_row(exam_payload(id=3, slug="mock"))]
-        swap = await store.upsert_exams(connection, swapped, LATER)
+        swap = await upsert_exams(connection, swapped, LATER)
     async with engine.connect() as connection:
         slugs = dict((await connection.execute(select(exams.c.id, exams.c.slug))).all())
     assert counts.inserted == 1 and swap.updated == 2
@@ -153,30 +157,36 @@ async def test_a_slug_taken_over_by_another_exam_does_not_block_the_sync(engine:
 
 
 class CountingNormalizer:
-    """attempt_row for exam 42, remembering which attempt ids it was asked to normalize."""
+    """The attempts' normalizer, remembering which attempt ids it was asked to normalize."""
 
     def __init__(self) -> None:
         self.asked: list[int] = []
 
-    def __call__(self, ident: int, payload: dict[str, Any]) -> tuple[Any, Any]:
-        self.asked.append(ident)
-        return attempt_row(payload, 42)
+    def __call__(self, payload: dict[str, Any], exam_id: int | None) -> tuple[Any, Any]:
+        self.asked.append(payload["id"])
+        return ATTEMPTS.normalize(payload, exam_id)
+
+
+async def write_attempts(connection: AsyncConnection, payloads: dict[int, Any], normalizer: CountingNormalizer, now: datetime) -> Any:
+    """Attempts of exam 42 as fetched, through the writer's one write path."""
+    items = {ident: (42, payload) for ident, payload in payloads.items()}
+    return await write_payloads(connection, replace(ATTEMPTS, normalize=normalizer), items, now)
 
 
 async def test_only_new_and_changed_attempts_are_normalized(engine: AsyncEngine) -> None:
     payloads = {n: attempt_payload(id=n) for n in (1, 2, 3)}
     first, second, third = CountingNormalizer(), CountingNormalizer(), CountingNormalizer()
     async with engine.begin() as connection:
-        await store.upsert_exams(connection, [exam_row(exam_payload())], NOW)
-        stored = await store.upsert_attempt_payloads(connection, payloads, first, NOW)
+        await upsert_exams(connection, [exam_row(exam_payload())], NOW)
+        stored = await write_attempts(connection, payloads, first, NOW)
     async with engine.begin() as connection:
-        again = await store.upsert_attempt_payloads(connection, payloads, second, LATER)
+        again = await write_attempts(connection, payloads, second, LATER)
     payloads[2] = attempt_payload(id=2, score="7.50")
     async with engine.begin() as connection:
-        changed = await store.upsert_attempt_payloads(connection, payloads, third, LATER)
+        changed = await write_attempts(connection, payloads, third, LATER)
     assert (first.asked, second.asked, third.asked) == ([1, 2, 3], [], [2])
     assert (stored.counts.inserted, again.counts.unchanged, changed.counts.updated, changed.counts.unchanged) == (3, 3, 1, 2)
-    assert [user["username"] for user in stored.extras] == ["asha"] * 3 and again.extras == []
+    assert [user["username"] for user in stored.users] == ["asha"] * 3 and again.users == []
     async with engine.connect() as connection:
         scores = dict((await connection.execute(select(attempts.c.id, attempts.c.score))).all())
     assert scores == {1: Decimal("2.00"), 2: Decimal("7.50"), 3: Decimal("2.00")}
@@ -185,9 +195,9 @@ async def test_only_new_and_changed_attempts_are_normalized(engine: AsyncEngine)
 async def test_an_attempt_that_will_not_normalize_is_returned_not_written(engine: AsyncEngine) -> None:
     payloads = {1: attempt_payload(id=1), 2: attempt_payload(id=2, score="twelve"), 3: attempt_payload(id=3)}
     async with engine.begin() as connection:
-        await store.upsert_exams(connection, [exam_row(exam_payload())], NOW)
-        outcome = await store.upsert_attempt_payloads(connection, payloads, CountingNormalizer(), NOW)
+        await upsert_exams(connection, [exam_row(exam_payload())], NOW)
+        outcome = await write_attempts(connection, payloads, CountingNormalizer(), NOW)
         stored = (await connection.execute(select(attempts.c.id).order_by(attempts.c.id))).scalars().all()
-    [(ident, payload, error)] = outcome.malformed
-    assert (ident, payload["score"]) == (2, "twelve") and "score" in str(error)
+    [failure] = outcome.malformed
+    assert (failure.key, failure.payload["score"]) == ("2", "twelve") and "score" in failure.message
     assert outcome.counts.inserted == 2 and stored == [1, 3]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from sync.client import TestpressClient, open_session
 from sync.config import load_settings
 from sync.errors import ApiError, ConfigError
-from sync.logs import Redactor
+from sync.ops.logs import Redactor
 from sync.simulator import SimulatorServer
+from sync.source.client import TestpressClient, open_session
 from tests.conftest import PASSWORD, USERNAME, fast_settings, small_dataset
 
 

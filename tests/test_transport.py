@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from sync.transport import ConnectionFailed, ConnectionPool
+from sync.source.transport import ConnectionFailed, ConnectionPool
 
 # What the server does with one request: returns the bytes to send, and whether to close.
 Answer = Callable[[int], Awaitable[tuple[bytes, bool]]]

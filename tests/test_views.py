@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import metadata
-from sync.database import create_engine, database_url_from
 from sync.simulator import SimulatorServer
+from sync.sink.database import create_engine, database_url_from
 from tests.conftest import fresh_postgres_database
 from tests.helpers import sync_once
 

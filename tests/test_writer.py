@@ -10,21 +10,20 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import exams
-from sync.crawler import CrawlItem, ExamBatch
-from sync.logs import Redactor
-from sync.normalize import exam_row
-from sync.summary import RunSummary
-from sync.writer import Writer
+from sync.model.batches import Batch, Message
+from sync.model.run import RunSummary
+from sync.ops.logs import Redactor
+from sync.sink.writer import Writer
 from tests.test_normalize import exam_payload
 
 
-def exam_batch(*ids: int) -> ExamBatch:
-    return ExamBatch([exam_row(exam_payload(id=n, slug=f"exam-{n}")) for n in ids])
+def exam_batch(*ids: int) -> Batch:
+    return Batch("exams", [(n, exam_payload(id=n, slug=f"exam-{n}")) for n in ids])
 
 
 def start_writer(
     engine: AsyncEngine, *, batch_size: int, commit_interval: float
-) -> tuple[RunSummary, asyncio.Queue[CrawlItem | None], asyncio.Task[None]]:
+) -> tuple[RunSummary, asyncio.Queue[Message | None], asyncio.Task[None]]:
     """A writer consuming a queue of its own, as a run's writer does: its summary, the
     queue to feed it, and the task that consumes."""
     summary = RunSummary(run_id=0, mode="run")
@@ -32,7 +31,7 @@ def start_writer(
         engine, summary, Redactor(), batch_size=batch_size, record_progress=False,
         commit_interval=commit_interval,
     )  # fmt: skip
-    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue()
+    queue: asyncio.Queue[Message | None] = asyncio.Queue()
     return summary, queue, asyncio.create_task(writer.consume(queue))
 
 

@@ -1,10 +1,10 @@
 """One run, start to finish: run record, crawl, write, summary.
 
-    crawler ──(bounded queue of row batches and markers)──▶ writer ──▶ database
+    crawler ──(bounded queue of batches and markers)──▶ writer ──▶ database
 
-The crawler (sync.crawler) fetches and normalizes; the writer (sync.writer) is the only
-task that touches the database. This module starts both, stops them cleanly on request,
-and records the run's outcome in sync_runs.
+The crawler (sync.source.crawler) fetches; the writer (sync.sink.writer) normalizes and
+is the only task that touches the database. This module starts both, stops them cleanly
+on request, and records the run's outcome in sync_runs.
 """
 
 from __future__ import annotations
@@ -12,52 +12,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schema import sync_progress, sync_runs
-from sync import store
-from sync.client import TestpressClient
 from sync.config import Settings
-from sync.crawler import Crawler, CrawlItem
 from sync.errors import error_text
-from sync.logs import Redactor
-from sync.summary import RunSummary
-from sync.writer import Clock, Writer, utc_now
+from sync.model.batches import Message
+from sync.model.resources import ATTEMPTS, EXAMS
+from sync.model.run import Clock, Progress, RunOptions, RunSummary, utc_now
+from sync.ops.logs import Redactor
+from sync.sink import store
+from sync.sink.writer import Writer
+from sync.source.client import TestpressClient
+from sync.source.crawler import Crawler
 
 __all__ = ["Progress", "RunOptions", "RunSummary", "run_sync", "utc_now"]
 
-log = structlog.get_logger("testpress_sync.pipeline")
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What this invocation asks for, beyond the settings."""
-
-    mode: str = "run"  # run, backfill
-    resume: bool = False  # backfill --resume
-    exam_slugs: tuple[str, ...] = ()  # --exam: only these exams
-    limit: int | None = None  # --limit: only the first N exams of the listing
-    dry_run: bool = False  # fetch and compare, write nothing
-
+log = structlog.get_logger("testpress_sync.run")
 
 DEFAULT_OPTIONS = RunOptions()
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A snapshot for a live progress line."""
-
-    elapsed: float
-    exams_total: int | None
-    exams_done: int
-    attempts_seen: int
-    requests: int
-    retries: int
-    done: bool = False  # the last snapshot: the crawl and the writes have ended
 
 
 async def run_sync(
@@ -92,7 +66,8 @@ async def run_sync(
         if abandoned:
             log.warning("abandoned_runs_closed", runs=abandoned, status="interrupted")
         if options.resume:
-            resumed_from, skip = await _resume_point(engine)
+            async with engine.connect() as connection:
+                resumed_from, skip = await store.resume_point(connection)
             if resumed_from is None:
                 log.info("nothing_to_resume", hint="the last backfill finished; walking everything")
         async with engine.begin() as connection:
@@ -142,15 +117,17 @@ async def _crawl_and_write(
     stop: asyncio.Event,
     on_progress: Callable[[Progress], None] | None,
 ) -> None:
-    queue: asyncio.Queue[CrawlItem | None] = asyncio.Queue(maxsize=settings.sync.queue_pages)
+    queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=settings.sync.queue_pages)
     crawler = Crawler(
         client,
         queue,  # type: ignore[arg-type]  # the crawler never puts the closing None
+        EXAMS,
+        children=(ATTEMPTS,),
         workers=settings.http.concurrency,
-        course=settings.sync.course,
-        exam_slugs=options.exam_slugs,
+        filters={"course": settings.sync.course} if settings.sync.course else None,
+        keys=options.exam_slugs,
         limit=options.limit,
-        skip_attempts_of=skip,
+        skip_children_of=skip,
     )
     writer = Writer(
         engine,
@@ -193,8 +170,8 @@ async def _crawl_and_write(
     def snapshot(done: bool = False) -> Progress:
         return Progress(
             elapsed=time.monotonic() - started,
-            exams_total=crawler.exams_total,
-            exams_done=summary.exams_done + crawler.exams_skipped,
+            exams_total=crawler.total,
+            exams_done=summary.exams_done + crawler.skipped,
             attempts_seen=summary.attempts_seen,
             requests=client.stats.requests,
             retries=client.stats.retries,
@@ -222,36 +199,7 @@ async def _crawl_and_write(
             on_progress(snapshot(done=True))
     if crawl_failure:
         raise crawl_failure[0]
-    summary.exams_skipped = crawler.exams_skipped
-
-
-async def _resume_point(engine: AsyncEngine) -> tuple[int | None, frozenset[int]]:
-    """The last unfinished backfill, and the exams whose attempts it (and the backfills
-    that resumed it) stored completely."""
-    async with engine.connect() as connection:
-        last = (
-            await connection.execute(
-                select(sync_runs.c.id, sync_runs.c.status, sync_runs.c.resumed_from)
-                .where(sync_runs.c.mode == "backfill")
-                .order_by(sync_runs.c.id.desc())
-                .limit(1)
-            )
-        ).first()
-        if last is None or last.status in ("succeeded", "partial"):
-            return None, frozenset()
-        chain = [last.id]
-        parent = last.resumed_from
-        while parent is not None:
-            chain.append(parent)
-            parent = (
-                await connection.execute(
-                    select(sync_runs.c.resumed_from).where(sync_runs.c.id == parent)
-                )
-            ).scalar()
-        done = await connection.execute(
-            select(sync_progress.c.exam_id).where(sync_progress.c.run_id.in_(chain))
-        )
-        return last.id, frozenset(done.scalars())
+    summary.exams_skipped = crawler.skipped
 
 
 async def _finish(engine: AsyncEngine, summary: RunSummary, clock: Clock) -> None:

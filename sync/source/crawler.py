@@ -1,13 +1,16 @@
-"""The walk: the exam listing and every exam's attempts, concurrently, as row batches.
+"""The walk: a resource's listing and, for each of its items, the listings that belong to
+it (each exam's attempts), concurrently, as batches of payloads.
 
-    listing walker ──ExamRef──▶ exam queue ──▶ N attempt workers
-          │                                         │
-          └──────── batches and markers ──▶ out queue (bounded) ──▶ the writer
+    root listing walker ──ChildListing──▶ queue ──▶ N child workers
+            │                                            │
+            └──────── batches and markers ──▶ out queue (bounded) ──▶ the writer
 
-Requests in flight are bounded by the client's semaphore; pages waiting for the writer
-by the out queue, so memory does not grow with the data. Exams are normalized here (the
-walk needs their attempts_url); attempts go to the writer as fetched, with their ids,
-and are normalized there only if they are new or changed since the last run.
+Any resource spec (sync.model.resources) can be walked: the crawler reads only its path,
+its API version, its parent and the field that names each child listing. Items go to the
+writer as fetched, with their ids; the writer normalizes them.
+
+Requests in flight are bounded by the client's semaphore; pages waiting for the writer by
+the out queue, so memory does not grow with the data.
 
 A listing can shift while it is walked (new items push later ones down a page), which
 can show an item twice or hide one. A walk is *consistent* when every page reported the
@@ -19,70 +22,32 @@ walk may mark rows deleted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
 import structlog
 
-from sync.client import TestpressClient
 from sync.errors import ApiError, RecordError, SkippableError
-from sync.normalize import ExamRow, Payload, exam_row, require_id
-from sync.pagination import Page, later_page_urls, page_count, read_page
+from sync.model.batches import Batch, Failure, Message, Payload, ResourceDone
+from sync.model.normalize import require_id
+from sync.model.resources import Resource
+from sync.source.client import TestpressClient
+from sync.source.pagination import Page, later_page_urls, page_count, read_page
 
 log = structlog.get_logger("testpress_sync.crawler")
 
-
-# --- what the crawler hands to the writer --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExamBatch:
-    rows: list[ExamRow]
+PageHandler = Callable[[list[Any], "_Walk"], Any]
 
 
 @dataclass(frozen=True)
-class AttemptBatch:
-    exam_id: int
-    items: list[tuple[int, Payload]]  # (id, payload as fetched)
+class ChildListing:
+    """One listing that belongs to an item of the root resource: its attempts, say."""
 
-
-@dataclass(frozen=True)
-class Failure:
-    """Something that could not be stored: a malformed item or a page that kept failing."""
-
-    entity: str  # exam, attempt, page
-    key: str | None
-    message: str
-    http_status: int | None = None
-    payload: Any = None
-
-
-@dataclass(frozen=True)
-class AttemptsDone:
-    """Every attempt page of one exam has been handed over (or could not be)."""
-
-    exam_id: int
-    status: str  # ok, forbidden, not_found, error
-    complete: bool
-    seen_ids: frozenset[int]
-
-
-@dataclass(frozen=True)
-class ListingDone:
-    complete: bool
-    seen_ids: frozenset[int]
-    course: str | None
-
-
-CrawlItem = ExamBatch | AttemptBatch | Failure | AttemptsDone | ListingDone
-
-
-@dataclass(frozen=True)
-class ExamRef:
-    id: int
-    attempts_url: str
+    resource: Resource
+    parent_id: int
+    url: str
 
 
 @dataclass
@@ -105,136 +70,155 @@ class _Walk:
         )
 
 
-# --- the crawler ---------------------------------------------------------------------------
-
-
 class Crawler:
+    """Walks `root`'s listing (or only the items named by `keys`) and every child listing
+    of each item it shows, handing batches and markers to `out`."""
+
     def __init__(
         self,
         client: TestpressClient,
-        out: asyncio.Queue[CrawlItem],
+        out: asyncio.Queue[Message],
+        root: Resource,
         *,
+        children: Sequence[Resource] = (),
         workers: int,
-        course: str | None = None,
-        exam_slugs: tuple[str, ...] = (),
+        filters: Mapping[str, str] | None = None,
+        keys: tuple[str, ...] = (),
         limit: int | None = None,
-        skip_attempts_of: frozenset[int] = frozenset(),
+        skip_children_of: frozenset[int] = frozenset(),
         max_passes: int = 3,
     ) -> None:
         self._client = client
         self._out = out
+        self._root = root
+        self._children = children
         self._workers = workers
-        self._course = course
-        self._slugs = exam_slugs
+        self._filters = dict(filters or {})
+        self._keys = keys
         self._limit = limit
-        self._skip = skip_attempts_of
+        self._skip = skip_children_of
         self._max_passes = max_passes
-        self._exams: asyncio.Queue[ExamRef | None] = asyncio.Queue(maxsize=workers * 4)
-        self.exams_skipped = 0
-        self.exams_total: int | None = None  # known once the listing's first page arrived
+        self._listings: asyncio.Queue[ChildListing | None] = asyncio.Queue(maxsize=workers * 4)
+        self.skipped = 0  # root items whose children were not walked (backfill --resume)
+        self.total: int | None = None  # root items, known once the listing's first page arrived
 
     def listing_url(self) -> str:
-        url = f"{self._client.api_root}/exams/"
-        if self._course:
-            url += "?" + urlencode({"course": self._course})
+        url = self._client.url(self._root.listing_path())
+        if self._filters:
+            url += "?" + urlencode(self._filters)
         return url
 
     async def crawl(self) -> None:
         """Walk everything; returns when every batch and marker is in the out queue."""
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._fetch_named_exams() if self._slugs else self._walk_listing())
+                group.create_task(self._fetch_named_items() if self._keys else self._walk_root())
                 for _ in range(self._workers):
-                    group.create_task(self._attempt_worker())
+                    group.create_task(self._child_worker())
         except BaseExceptionGroup as failure:
             # Several workers may hit the same fatal error (a refused login, a long
             # throttle); the first says it.
             raise failure.exceptions[0] from None
 
-    # --- the exam listing ------------------------------------------------------------
+    # --- the root listing --------------------------------------------------------------
 
-    async def _walk_listing(self) -> None:
-        seen: set[int] = set()  # exams handed to the writer
-        present: set[int] = set()  # every exam id the listing showed, malformed ones included
-        complete = False
+    async def _walk_root(self) -> None:
+        seen: set[int] = set()  # items handed to the writer
+        present: set[int] = set()  # every id the listing showed, malformed items included
+        complete = failed = False
         for number in range(1, self._max_passes + 1):
-            walk = await self._walk(self.listing_url(), self._exam_page_handler(seen), self._limit)
+            walk = await self._walk(self.listing_url(), self._root_page_handler(seen), self._limit)
             present |= walk.ids
+            failed = walk.failed
             if walk.failed or walk.uncounted or self._limit is not None:
                 break  # a limited walk is a sample: never complete, never a reason to delete
             if walk.consistent:
                 complete = True
                 break
-            log.info("listing_shifted_walking_again", entity="exam", walk=number)
-        await self._close_exam_queue()
-        await self._out.put(ListingDone(complete, frozenset(present), self._course))
+            log.info("listing_shifted_walking_again", entity=self._root.entity, walk=number)
+        await self._close_child_queue()
+        status = "error" if failed else "ok"
+        await self._out.put(ResourceDone(self._root.name, status, complete, frozenset(present), scope=self._filters))
 
-    async def _fetch_named_exams(self) -> None:
-        """--exam SLUG: those exams from their detail pages, not the listing."""
-        self.exams_total = len(self._slugs)
+    async def _fetch_named_items(self) -> None:
+        """--exam SLUG: those items from their detail pages, not the listing."""
+        self.total = len(self._keys)
         seen: set[int] = set()
-        handle = self._exam_page_handler(seen)
-        for slug in self._slugs:
-            url = f"{self._client.api_root}/exams/{slug}/"
+        handle = self._root_page_handler(seen)
+        assert self._root.detail_path is not None, f"{self._root.name} cannot be read one by one"
+        for key in self._keys:
+            url = self._client.url(f"/api/{self._root.api_version}/{self._root.detail_path.format(key=key)}")
             try:
                 detail = await self._client.get_json(url)
             except SkippableError as exc:
-                await self._out.put(Failure("exam", slug, f"cannot read exam {slug!r}: {exc}", exc.status))
+                message = f"cannot read {self._root.entity} {key!r}: {exc}"
+                await self._out.put(Failure(self._root.entity, key, message, exc.status))
                 continue
             except ApiError as exc:
                 await self._page_failed(exc)
                 continue
             if isinstance(detail, dict):
-                detail.pop("attempts", None)  # the embedded list names users by username only
+                for child in self._children:  # an embedded child list (exam detail: usernames only)
+                    detail.pop(child.name, None)
             await handle([detail], _Walk())
-        await self._close_exam_queue()
-        await self._out.put(ListingDone(False, frozenset(seen), self._course))
+        await self._close_child_queue()
+        await self._out.put(ResourceDone(self._root.name, "ok", False, frozenset(seen), scope=self._filters))
 
-    async def _close_exam_queue(self) -> None:
+    async def _close_child_queue(self) -> None:
         # Not in a `finally`: on an error the task group cancels the workers anyway, and a
         # put on a full queue would block the cancellation.
         for _ in range(self._workers):
-            await self._exams.put(None)
+            await self._listings.put(None)
 
-    def _exam_page_handler(self, seen: set[int]) -> Callable[[list[Any], _Walk], Any]:
+    def _root_page_handler(self, seen: set[int]) -> PageHandler:
         async def handle(items: list[Any], walk: _Walk) -> None:
-            if self.exams_total is None and walk.counts:  # the listing's first page
+            if self.total is None and walk.counts:  # the listing's first page
                 listed = next(iter(walk.counts))
-                self.exams_total = listed if self._limit is None else min(listed, self._limit)
+                self.total = listed if self._limit is None else min(listed, self._limit)
             if self._limit is not None:
                 items = items[: max(0, self._limit - len(seen))]
-            normalized, failures = normalize_items(items, "exam", exam_row, walk.ids)
-            rows = [row for row in normalized if row["id"] not in seen]
-            seen.update(row["id"] for row in rows)
-            await self._hand_over(ExamBatch(rows) if rows else None, failures)
-            for row in rows:
-                if row["id"] in self._skip:
-                    self.exams_skipped += 1
-                elif row["attempts_url"]:
-                    # Absolute in every known server; resolved anyway, in case one is not.
-                    url = row["attempts_url"]
-                    if not url.startswith(("https://", "http://")):
-                        url = urljoin(f"{self._client.api_root}/", url)
-                    await self._exams.put(ExamRef(row["id"], url))
-                else:
-                    await self._out.put(Failure("exam", row["slug"], "exam has no attempts_url"))
+            identified, failures = identify_items(items, self._root.entity, walk.ids)
+            fresh = [(ident, payload) for ident, payload in identified if ident not in seen]
+            seen.update(ident for ident, _ in fresh)
+            await self._hand_over(Batch(self._root.name, fresh) if fresh else None, failures)
+            for ident, payload in fresh:
+                if ident in self._skip:
+                    self.skipped += 1
+                    continue
+                for child in self._children:
+                    await self._queue_child_listing(child, ident, payload)
 
         return handle
 
-    # --- attempts of each exam -------------------------------------------------------
+    async def _queue_child_listing(self, child: Resource, parent_id: int, parent: Payload) -> None:
+        url = parent.get(child.listing_url_field) if child.listing_url_field else None
+        if child.listing_url_field and not (isinstance(url, str) and url):
+            key = self._root.key_of(parent, parent_id)
+            message = f"{self._root.entity} has no {child.listing_url_field}"
+            await self._out.put(Failure(self._root.entity, key, message))
+            return
+        if url is None:
+            url = self._client.url(f"/api/{child.api_version}/{child.path.format(parent=parent_id)}")
+        elif not url.startswith(("https://", "http://")):
+            # Absolute in every known server; resolved anyway, in case one is not.
+            url = urljoin(self._client.url(f"/api/{child.api_version}/"), url)
+        await self._listings.put(ChildListing(child, parent_id, url))
 
-    async def _attempt_worker(self) -> None:
-        while (ref := await self._exams.get()) is not None:
-            await self._crawl_attempts(ref)
+    # --- the child listings ----------------------------------------------------------
 
-    async def _crawl_attempts(self, exam: ExamRef) -> None:
-        seen: set[int] = set()  # attempts handed to the writer
-        present: set[int] = set()  # every attempt id the pages showed
+    async def _child_worker(self) -> None:
+        while (listing := await self._listings.get()) is not None:
+            await self._crawl_child_listing(listing)
+
+    async def _crawl_child_listing(self, listing: ChildListing) -> None:
+        resource, parent_id = listing.resource, listing.parent_id
+        seen: set[int] = set()  # items handed to the writer
+        present: set[int] = set()  # every id the pages showed
         status, complete = "ok", False
-        handle = self._attempt_page_handler(exam.id, seen)
+        handle = self._child_page_handler(resource, parent_id, seen)
         for number in range(1, self._max_passes + 1):
             try:
-                walk = await self._walk(exam.attempts_url, handle)
+                walk = await self._walk(listing.url, handle)
             except SkippableError as exc:
                 status = "forbidden" if exc.status == 403 else "not_found"
                 break
@@ -247,21 +231,19 @@ class Crawler:
             if walk.consistent:
                 complete = True
                 break
-            log.info("listing_shifted_walking_again", entity="attempt", exam_id=exam.id, walk=number)
-        await self._out.put(AttemptsDone(exam.id, status, complete, frozenset(present)))
+            log.info("listing_shifted_walking_again", entity=resource.entity, parent_id=parent_id, walk=number)
+        await self._out.put(ResourceDone(resource.name, status, complete, frozenset(present), parent_id=parent_id))
 
-    def _attempt_page_handler(
-        self, exam_id: int, seen: set[int]
-    ) -> Callable[[list[Any], _Walk], Any]:
+    def _child_page_handler(self, resource: Resource, parent_id: int, seen: set[int]) -> PageHandler:
         async def handle(items: list[Any], walk: _Walk) -> None:
-            identified, failures = identify_items(items, "attempt", walk.ids)
+            identified, failures = identify_items(items, resource.entity, walk.ids)
             fresh = [(ident, payload) for ident, payload in identified if ident not in seen]
             seen.update(ident for ident, _ in fresh)
-            await self._hand_over(AttemptBatch(exam_id, fresh) if fresh else None, failures)
+            await self._hand_over(Batch(resource.name, fresh, parent_id) if fresh else None, failures)
 
         return handle
 
-    async def _hand_over(self, batch: CrawlItem | None, failures: list[Failure]) -> None:
+    async def _hand_over(self, batch: Batch | None, failures: list[Failure]) -> None:
         if batch is not None:
             await self._out.put(batch)
         for failure in failures:
@@ -269,12 +251,7 @@ class Crawler:
 
     # --- shared: one pass over a paginated listing -----------------------------------
 
-    async def _walk(
-        self,
-        first_url: str,
-        handle: Callable[[list[Any], _Walk], Any],
-        max_items: int | None = None,
-    ) -> _Walk:
+    async def _walk(self, first_url: str, handle: PageHandler, max_items: int | None = None) -> _Walk:
         """Fetch every page of a listing (or enough for `max_items`), page 1 first, the
         rest concurrently.
 
@@ -309,7 +286,7 @@ class Crawler:
                 walk.failed = True
         return walk
 
-    async def _follow_next(self, page: Page, handle: Callable[[list[Any], _Walk], Any], walk: _Walk) -> None:
+    async def _follow_next(self, page: Page, handle: PageHandler, walk: _Walk) -> None:
         """A listing without `count`: one page after another, as `next` says."""
         walk.uncounted = True
         log.warning("listing_without_count", url=page.url,
@@ -332,7 +309,8 @@ class Crawler:
 
 def identify_items(items: list[Any], entity: str, ids: set[int]) -> tuple[list[tuple[int, Any]], list[Failure]]:
     """Each item of a page with its id, or a Failure for an item without a usable one;
-    every id seen goes to `ids`."""
+    every id seen goes to `ids` (malformed items included: they exist, and must not count
+    as deleted)."""
     identified: list[tuple[int, Any]] = []
     failures: list[Failure] = []
     for payload in items:
@@ -344,21 +322,6 @@ def identify_items(items: list[Any], entity: str, ids: set[int]) -> tuple[list[t
         ids.add(ident)
         identified.append((ident, payload))
     return identified, failures
-
-
-def normalize_items(
-    items: list[Any], entity: str, normalize: Callable[[Any], Any], ids: set[int]
-) -> tuple[list[Any], list[Failure]]:
-    """Each item of a page normalized, or a Failure for it; every id seen goes to `ids`
-    (malformed items included: they exist, and must not count as deleted)."""
-    identified, failures = identify_items(items, entity, ids)
-    results: list[Any] = []
-    for ident, payload in identified:
-        try:
-            results.append(normalize(payload))
-        except RecordError as exc:
-            failures.append(Failure(entity, str(ident), str(exc), payload=payload))
-    return results, failures
 
 
 async def fetch_concurrently(

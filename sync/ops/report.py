@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-SUCCESSFUL = ("succeeded", "partial")  # a run that finished and stored what it could
+from sync.model.run import SUCCESSFUL, RunRecord
+
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -20,46 +21,6 @@ def parse_age(text: str) -> timedelta:
     if match is None:
         raise ValueError(f"{text!r} is not an age like 26h, 90m, 2d or 3600")
     return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One row of sync_runs, as the reports need it."""
-
-    id: int
-    mode: str
-    status: str
-    started_at: datetime
-    finished_at: datetime | None
-    requests: int
-    retries: int
-    exams_seen: int
-    attempts_seen: int
-    rows_inserted: int
-    rows_updated: int
-    rows_unchanged: int
-    rows_deleted: int
-    errors: int
-    exams_skipped: int
-    error: str | None
-
-    @property
-    def duration(self) -> timedelta | None:
-        return None if self.finished_at is None else self.finished_at - self.started_at
-
-    @property
-    def rows_changed(self) -> int:
-        return self.rows_inserted + self.rows_updated + self.rows_deleted
-
-    def as_dict(self) -> dict[str, Any]:
-        duration = self.duration
-        return {
-            **{name: getattr(self, name) for name in self.__dataclass_fields__},
-            "started_at": self.started_at.isoformat(),
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-            "duration_seconds": None if duration is None else round(duration.total_seconds(), 3),
-            "rows_changed": self.rows_changed,
-        }
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The database: URLs, engines, migrations and the one-run-at-a-time lock.
+"""The database: URLs, engines, schema state, migrations and the one-run-at-a-time lock
+(each dialect's own part of these lives in sync.sink.dialects).
 
 Users write the URLs they know (`sqlite:///sync.db`, `postgresql://user@host/db`); we
 pick the async driver. The schema is Alembic's: a run on an empty database creates it,
@@ -7,37 +8,23 @@ on one that is behind migrates it, and refuses anything it does not recognise.
 
 from __future__ import annotations
 
-import fcntl
-import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, event, inspect, text
+from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, inspect
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import schema
 from schema import SCHEMA_HEAD
 from schema.views import VIEW_NAMES, create_view_statements
-from sync.errors import ConfigError, DatabaseError, LockHeldError, error_text
-
-_DRIVERS = {
-    "sqlite": "sqlite+aiosqlite",
-    "sqlite+pysqlite": "sqlite+aiosqlite",
-    "sqlite+aiosqlite": "sqlite+aiosqlite",
-    "postgres": "postgresql+asyncpg",
-    "postgresql": "postgresql+asyncpg",
-    "postgresql+psycopg2": "postgresql+asyncpg",
-    "postgresql+psycopg": "postgresql+asyncpg",
-    "postgresql+asyncpg": "postgresql+asyncpg",
-}
-# Any number that is ours alone: the key of the PostgreSQL advisory lock.
-_PG_LOCK_KEY = 0x7E57_5915
+from sync.errors import ConfigError, DatabaseError, error_text
+from sync.sink.dialects import Dialect, dialect_for_scheme, dialect_named
 
 
 def database_url_from(text_url: str) -> URL:
@@ -49,22 +36,22 @@ def database_url_from(text_url: str) -> URL:
             f"TESTPRESS_DATABASE_URL {text_url!r} is not a database URL; "
             "use sqlite:///path.db or postgresql://user@host/db"
         ) from None
-    driver = _DRIVERS.get(url.drivername)
-    if driver is None:
+    dialect = dialect_for_scheme(url.drivername)
+    if dialect is None:
         raise ConfigError(
             f"TESTPRESS_DATABASE_URL: {url.drivername!r} is not supported; "
             "use sqlite:///path.db or postgresql://user@host/db"
         )
-    return url.set(drivername=driver)
+    return url.set(drivername=dialect.async_driver)
 
 
-def missing_sqlite_file(url: URL) -> Path | None:
-    """The SQLite file a read-only command would otherwise create empty, if it is missing."""
-    database = url.database
-    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return None
-    path = Path(database)
-    return None if path.exists() else path
+def dialect_of_url(url: URL) -> Dialect:
+    return dialect_named(url.get_backend_name())
+
+
+def missing_database_file(url: URL) -> Path | None:
+    """The database file a read-only command would otherwise create empty, if it is missing."""
+    return dialect_of_url(url).missing_file(url)
 
 
 def describe(url: URL) -> str:
@@ -77,41 +64,7 @@ def _orjson_text(value: Any) -> str:
 
 
 def create_engine(url: URL) -> AsyncEngine:
-    if url.get_backend_name() == "sqlite":
-        engine = create_async_engine(
-            url,
-            json_serializer=_orjson_text,
-            json_deserializer=orjson.loads,
-            connect_args={"timeout": 30},
-        )
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin)
-        return engine
-    return create_async_engine(
-        url,
-        json_serializer=_orjson_text,
-        json_deserializer=orjson.loads,
-        pool_size=4,
-        pool_pre_ping=True,
-    )
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # The sqlite3 module opens transactions on its own, late (at the first write) and
-    # not for SAVEPOINT; we turn that off and BEGIN ourselves (below), so a transaction
-    # spans all its statements and savepoints work. (SQLAlchemy's documented recipe.)
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    # WAL: dashboards can read while a sync writes. Foreign keys are off by default.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def _sqlite_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN")
+    return dialect_of_url(url).create_engine(url, _orjson_text, orjson.loads)
 
 
 # --- migrations --------------------------------------------------------------------------
@@ -280,44 +233,7 @@ async def _connected(engine: AsyncEngine) -> AsyncIterator[Any]:
 # --- one run at a time -------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def run_lock(engine: AsyncEngine) -> AsyncIterator[None]:
-    """Hold the database's run lock, or raise LockHeldError at once.
-
-    PostgreSQL: a session advisory lock on a connection held for the run. SQLite: flock
-    on a file beside the database. Both die with the process, so a killed run never
-    leaves a lock behind.
-    """
-    if engine.url.get_backend_name() == "postgresql":
-        async with _connected(engine) as connection:
-            got = (await connection.execute(text(f"SELECT pg_try_advisory_lock({_PG_LOCK_KEY})"))).scalar()
-            await connection.commit()
-            if not got:
-                raise LockHeldError(f"another testpress-sync run is writing to {describe(engine.url)}")
-            try:
-                yield
-            finally:
-                await connection.execute(text(f"SELECT pg_advisory_unlock({_PG_LOCK_KEY})"))
-                await connection.commit()
-        return
-    database = engine.url.database
-    if not database or database == ":memory:":
-        yield
-        return
-    lock_path = Path(database).with_name(Path(database).name + ".lock")
-    if not lock_path.parent.is_dir():
-        raise DatabaseError(
-            f"the folder {lock_path.parent} of the SQLite database does not exist: "
-            "create it, or point TESTPRESS_DATABASE_URL at another path"
-        )
-    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockHeldError(f"another testpress-sync run is writing to {database}") from None
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(descriptor)
+def run_lock(engine: AsyncEngine) -> AbstractAsyncContextManager[None]:
+    """Hold the database's run lock, or raise LockHeldError at once. The lock dies with
+    the process, so a killed run never leaves one behind."""
+    return dialect_of_url(engine.url).run_lock(engine)

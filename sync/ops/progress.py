@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from sync.pipeline import Progress
+from sync.model.run import Progress
 
 
 def progress_text(progress: Progress) -> str:

@@ -7,18 +7,24 @@ sync_errors and stores the rest.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypedDict
 
 from sync.errors import RecordError
-
-Payload = dict[str, Any]
+from sync.model.batches import Payload
 
 # Part of every row's content_hash: bump it when a rule here changes, and the next run
 # rewrites every row with the new rule instead of skipping rows whose payload is the same.
 NORMALIZER_VERSION = b"1"
+
+
+def payload_digest(raw_json: bytes) -> str:
+    """The digest a stored row is compared by: its payload (as JSON bytes), and the rules
+    that normalized it. Equal digests mean the row would be written the same again."""
+    return hashlib.blake2b(NORMALIZER_VERSION + raw_json, digest_size=16).hexdigest()
 
 
 class ExamRow(TypedDict):

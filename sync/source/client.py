@@ -32,9 +32,9 @@ from tenacity import (
 from sync import __version__
 from sync.config import ApiSettings, HttpSettings
 from sync.errors import ApiError, AuthError, RetriableError, ThrottledError, TokenExpiredError
-from sync.logs import Redactor
-from sync.responses import error_message, parse_response
-from sync.transport import ConnectionFailed, ConnectionPool, TLSFailed
+from sync.ops.logs import Redactor
+from sync.source.responses import error_message, parse_response
+from sync.source.transport import ConnectionFailed, ConnectionPool, TLSFailed
 
 log = structlog.get_logger("testpress_sync.client")
 Sleep = Callable[[float], Awaitable[None]]
@@ -128,7 +128,12 @@ class TestpressClient:
 
     @property
     def api_root(self) -> str:
+        """Where the login route lives; resources name their own API versions."""
         return f"{self._api.base_url}/api/{self._api.api_version}"
+
+    def url(self, path: str) -> str:
+        """The absolute URL of `path` (from the root, e.g. /api/v2.1/exams/) on this server."""
+        return f"{self._api.base_url}{path}"
 
     async def login(self) -> None:
         """Log in now (the first request would otherwise); raises AuthError if refused."""

@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from sync.client import TestpressClient, open_session
+from sync.commands import Outcome, Result
 from sync.config import Settings
-from sync.database import (
+from sync.errors import ApiError, AuthError, ConfigError, DatabaseError, SyncError
+from sync.model.resources import EXAMS
+from sync.ops.logs import Redactor
+from sync.sink.database import (
     create_engine,
     database_url_from,
     describe,
+    missing_database_file,
     missing_schema_parts,
-    missing_sqlite_file,
     schema_state,
 )
-from sync.errors import ApiError, AuthError, ConfigError, DatabaseError, SyncError
-from sync.logs import Redactor
-from sync.transport import ConnectionPool, TransportError
+from sync.source.client import TestpressClient, open_session
+from sync.source.transport import ConnectionPool, TransportError
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,9 @@ class Check:
     ok: bool
     detail: str
     remedy: str = ""
-    exit_code: int = 0  # what `doctor` exits with when this is the first failure
+    # The kind of error a failure is (the CLI maps it to the exit code `doctor` ends
+    # with when this is the first failure).
+    failure: type[SyncError] = ApiError
 
 
 async def run_checks(settings: Settings, redactor: Redactor) -> list[Check]:
@@ -41,7 +45,7 @@ async def run_checks(settings: Settings, redactor: Redactor) -> list[Check]:
             if reachable.ok:
                 checks.append(await _guarded("login", _check_login(client)))
             else:
-                checks.append(Check("login", False, "skipped: the server is not reachable", exit_code=1))
+                checks.append(Check("login", False, "skipped: the server is not reachable", failure=ApiError))
     checks.append(await _guarded("database", _check_database(settings)))
     return checks
 
@@ -50,7 +54,7 @@ async def _guarded(name: str, check: Awaitable[Check]) -> Check:
     try:
         return await check
     except SyncError as exc:  # anything unforeseen still becomes a failed check, not a traceback
-        return Check(name, False, str(exc), exit_code=1)
+        return Check(name, False, str(exc), failure=ApiError)
 
 
 def _check_configuration(settings: Settings) -> Check:
@@ -61,13 +65,13 @@ def _check_configuration(settings: Settings) -> Check:
         return Check(
             "configuration", False, str(exc),
             "set it in the environment, the config file (--config) or a flag; see config.example.toml",
-            exit_code=2,
+            failure=ConfigError,
         )  # fmt: skip
     return Check("configuration", True, f"{settings.api.base_url} as {settings.api.username!r}")
 
 
 async def _check_server(session: ConnectionPool, settings: Settings) -> Check:
-    url = f"{settings.api.base_url}/api/{settings.api.api_version}/exams/"
+    url = f"{settings.api.base_url}{EXAMS.listing_path()}"
     try:
         status = (await session.request("GET", url)).status
     except (TransportError, TimeoutError) as exc:
@@ -75,29 +79,29 @@ async def _check_server(session: ConnectionPool, settings: Settings) -> Check:
             "server", False, f"{url}: {type(exc).__name__}: {exc}",
             "check TESTPRESS_BASE_URL, DNS, proxies and firewalls; with a TLS-inspecting "
             "proxy set api.ca_bundle",
-            exit_code=1,
+            failure=ApiError,
         )  # fmt: skip
     if status in (200, 401, 403):  # it answers like the API: it wants a login
         return Check("server", True, f"{url} answers (HTTP {status} without a login)")
     return Check(
         "server", False, f"{url} answered HTTP {status}, not like the Testpress API",
         "check TESTPRESS_BASE_URL: it is the institute's root, e.g. https://demo.testpress.in",
-        exit_code=1,
+        failure=ApiError,
     )  # fmt: skip
 
 
 async def _check_login(client: TestpressClient) -> Check:
     try:
         await client.login()
-        listing = await client.get_json(f"{client.api_root}/exams/")
+        listing = await client.get_json(client.url(EXAMS.listing_path()))
     except AuthError as exc:
         return Check(
             "login", False, str(exc),
             "check TESTPRESS_USERNAME and the password (TESTPRESS_PASSWORD or TESTPRESS_PASSWORD_FILE)",
-            exit_code=3,
+            failure=AuthError,
         )  # fmt: skip
     except ApiError as exc:
-        return Check("login", False, str(exc), "try again later; if it persists, ask Testpress", exit_code=1)
+        return Check("login", False, str(exc), "try again later; if it persists, ask Testpress", failure=ApiError)
     count = listing.get("count") if isinstance(listing, dict) else None
     return Check("login", True, f"logged in; the exam listing shows {count} exams")
 
@@ -106,8 +110,8 @@ async def _check_database(settings: Settings) -> Check:
     try:
         url = database_url_from(settings.database_url)
     except ConfigError as exc:
-        return Check("database", False, str(exc), exit_code=2)
-    missing = missing_sqlite_file(url)
+        return Check("database", False, str(exc), failure=ConfigError)
+    missing = missing_database_file(url)
     if missing is not None:
         return Check("database", True, f"no SQLite file at {missing} yet: the first run creates it")
     engine = create_engine(url)
@@ -118,7 +122,7 @@ async def _check_database(settings: Settings) -> Check:
         return Check(
             "database", False, str(exc),
             "check TESTPRESS_DATABASE_URL, that the server runs and accepts this user",
-            exit_code=4,
+            failure=DatabaseError,
         )  # fmt: skip
     finally:
         await engine.dispose()
@@ -131,16 +135,16 @@ async def _check_database(settings: Settings) -> Check:
             "restore them as testpress-sync made them (docs/schema.md), or sync into a new "
             "database: a run stops at the first statement that needs a missing table or "
             "column, and dashboards need the views",
-            exit_code=4,
+            failure=DatabaseError,
         )  # fmt: skip
     if state.up_to_date:
         return Check("database", True, f"{where}: schema at revision {state.current}")
     if not state.known:
         return Check("database", False, f"{where}: schema at unknown revision {state.current}",
-                     "upgrade testpress-sync: a newer version migrated this database", exit_code=4)
+                     "upgrade testpress-sync: a newer version migrated this database", failure=DatabaseError)
     if state.has_tables and state.current is None:
         return Check("database", False, f"{where}: holds tables testpress-sync did not create",
-                     "point TESTPRESS_DATABASE_URL at an empty database", exit_code=4)
+                     "point TESTPRESS_DATABASE_URL at an empty database", failure=DatabaseError)
     return Check(
         "database", True,
         f"{where}: schema {'empty' if state.empty else f'at {state.current}'}, head is {state.head}; "
@@ -151,12 +155,16 @@ async def _check_database(settings: Settings) -> Check:
 Printer = Callable[[str], None]
 
 
-def print_checks(checks: list[Check], out: Printer) -> int:
-    """Print each check; return the exit code of the first failure (0 if none)."""
+def print_checks(checks: list[Check], out: Printer) -> Result:
+    """Print each check; return the kind of the first failure (Outcome.OK if none)."""
     for check in checks:
         out(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<14} {check.detail}")
         if not check.ok and check.remedy:
             out(f"      {'':<14} → {check.remedy}")
     failures = [check for check in checks if not check.ok]
     out("All checks passed." if not failures else f"{len(failures)} check(s) failed.")
-    return failures[0].exit_code if failures else 0
+    return failures[0].failure if failures else Outcome.OK
+
+
+async def doctor(settings: Settings, redactor: Redactor) -> Result:
+    return print_checks(await run_checks(settings, redactor), print)

@@ -1,0 +1,95 @@
+"""What a database dialect must provide. Everything that differs between SQLite and
+PostgreSQL lives in one module per dialect beside this one; the store, the writer and
+the database module ask the dialect and never name one.
+
+A new dialect is one module that subclasses `Dialect`, registered in `__init__.py`,
+plus its tests.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.types import TypeEngine
+
+Converter = Callable[[Any], Any]
+
+
+class DatabaseFault(enum.Enum):
+    """What a database error means for a run (see sync.sink.faults)."""
+
+    OUTAGE = "outage"
+    UNUSABLE = "unusable"
+    ROW = "row"
+
+
+class Dialect(ABC):
+    name: str  # SQLAlchemy's name of the dialect
+    async_driver: str  # the drivername this tool connects with
+    url_schemes: frozenset[str]  # the drivernames users may write in a URL
+
+    # --- statements ----------------------------------------------------------------------
+
+    @abstractmethod
+    def placeholders(self, count: int) -> list[str]:
+        """`count` bound-parameter markers in the driver's own style."""
+
+    def converter(self, column_type: TypeEngine[Any]) -> Converter | None:
+        """How a value of `column_type` is turned into what the driver takes (None: as is)."""
+        return None
+
+    def stamp(self, moment: datetime) -> Any:
+        """A timestamp as the driver takes it."""
+        return moment
+
+    def upsert_sql(self, table: str, names: Sequence[str], key: str, refreshed: Sequence[str], also: str = "") -> str:
+        """INSERT of `names`, updating `refreshed` from the new row when `key` exists."""
+        sets = ", ".join(f"{name} = excluded.{name}" for name in refreshed)
+        return (
+            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(self.placeholders(len(names)))}) "
+            f"ON CONFLICT ({key}) DO UPDATE SET {sets}{also}"
+        )
+
+    @abstractmethod
+    async def run(self, connection: AsyncConnection, method: str, sql: str, parameters: Any) -> Any:
+        """`sql` (in this dialect's placeholders) as aiosqlite's `method` names it:
+        "execute", "executemany" (a list of rows) or "execute_fetchall" (returns the rows).
+        Errors are SQLAlchemy's DBAPIError, as from any other statement."""
+
+    @abstractmethod
+    async def lookup(
+        self, connection: AsyncConnection, table: Table, key: str, columns: str, keys: Sequence[Any]
+    ) -> list[Any]:
+        """(key, *columns) of the rows whose `key` is among `keys` (a few thousand at most)."""
+
+    # --- values it cannot hold -----------------------------------------------------------
+
+    def holds_nul(self) -> bool:
+        """Whether text and JSON columns can hold a NUL character."""
+        return True
+
+    # --- connections, locks, errors ------------------------------------------------------
+
+    @abstractmethod
+    def create_engine(self, url: URL, json_serializer: Callable[[Any], str], json_deserializer: Callable[[Any], Any]) -> AsyncEngine:
+        """An engine for `url`, tuned for this dialect."""
+
+    @abstractmethod
+    def run_lock(self, engine: AsyncEngine) -> AbstractAsyncContextManager[None]:
+        """Held for a whole run; raises LockHeldError at once if another run holds it."""
+
+    @abstractmethod
+    def fault_of(self, driver_error: BaseException | None) -> DatabaseFault | None:
+        """What an error of this dialect's driver means; None if it is not this driver's."""
+
+    def missing_file(self, url: URL) -> Any:
+        """For a file database: the file a read-only command would otherwise create."""
+        return None

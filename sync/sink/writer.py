@@ -1,0 +1,398 @@
+"""The writer: takes batches and markers from a producer's queue and commits them.
+
+It is the only task that touches the database during a run. A batch (parents, then their
+children and the users they name, then the markers that depend on them) is one
+transaction, so a crash leaves whole batches only; a lost connection retries the whole
+batch on a fresh one.
+
+The write path goes one way, for every resource alike (`write_payloads`):
+    1. the store says which items are new or changed (one lookup of stored digests);
+    2. those, and only those, are normalized here, by their resource's normalizer;
+    3. the store upserts the rows (one executemany).
+An item that will not normalize is recorded in sync_errors with the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import orjson
+import structlog
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from sync.errors import DatabaseError, RecordError, error_text
+from sync.model.batches import Batch, Failure, Message, Payload, ResourceDone
+from sync.model.normalize import UserRow, payload_digest
+from sync.model.resources import RESOURCES, Resource
+from sync.model.run import Clock, RowCounts, RunSummary, utc_now
+from sync.ops.logs import Redactor
+from sync.sink import store
+from sync.sink.faults import DatabaseFault, classify, connection_lost, database_unusable
+
+log = structlog.get_logger("testpress_sync.writer")
+
+# Items normalized between two turns of the event loop: with larger batches, one
+# uninterrupted pass kept responses waiting past their latency and idled the fetchers.
+_YIELD_EVERY = 250
+
+Items = Mapping[int, tuple["int | None", Payload]]  # id → (parent id, payload as received)
+
+
+@dataclass
+class PayloadOutcome:
+    """What writing one resource's items did."""
+
+    counts: RowCounts = field(default_factory=RowCounts)
+    users: list[UserRow] = field(default_factory=list)  # the users the written rows name
+    malformed: list[Failure] = field(default_factory=list)  # items that would not normalize
+
+
+async def write_payloads(
+    connection: AsyncConnection, resource: Resource, items: Items, now: datetime, *, write: bool = True
+) -> PayloadOutcome:
+    """Insert new items, rewrite changed ones (or deleted ones seen again), count the rest.
+
+    An item whose digest matches its stored row is not even normalized: on the nightly run
+    over mostly unchanged data, normalizing is most of the work saved. With write=False
+    only count (a dry run)."""
+    outcome = PayloadOutcome()
+    if not items:
+        return outcome
+    stored = await store.stored_digests(connection, resource, list(items))
+    counts, normalize = outcome.counts, resource.normalize
+    rows: list[store.NewRow] = []
+    for number, (ident, (parent_id, payload)) in enumerate(items.items(), 1):
+        if number % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+        raw_json = orjson.dumps(payload)
+        digest = payload_digest(raw_json)
+        before = stored.get(ident)
+        if before is not None and before[0] == digest and not before[1]:
+            counts.unchanged += 1
+            continue
+        try:
+            row, users = normalize(payload, parent_id)
+        except RecordError as error:
+            outcome.malformed.append(Failure(resource.entity, str(ident), str(error), payload=payload))
+            continue
+        if before is None:
+            counts.inserted += 1
+        else:
+            counts.updated += 1
+        outcome.users.extend(users)
+        rows.append((row, raw_json, digest))
+    if rows and write:
+        await store.upsert_rows(connection, resource, rows, now)
+    return outcome
+
+
+@dataclass
+class _Pending:
+    """Items and markers waiting for the next commit."""
+
+    items: dict[str, dict[int, tuple[int | None, Payload]]] = field(default_factory=dict)  # by resource
+    failures: list[Failure] = field(default_factory=list)
+    done: list[ResourceDone] = field(default_factory=list)  # child listings that ended
+
+    def size(self) -> int:
+        return sum(map(len, self.items.values())) + len(self.failures) + len(self.done)
+
+
+@dataclass
+class _Tally:
+    """What one transaction did; added to the run's summary only once it commits."""
+
+    by_table: dict[str, RowCounts] = field(default_factory=dict)
+    refused: list[Failure] = field(default_factory=list)  # rows the database would not take
+    malformed: list[tuple[str, Failure]] = field(default_factory=list)  # (resource, item) not normalized
+    unstorable: set[tuple[str, int]] = field(default_factory=set)  # (resource, id) of those
+
+    def count(self, table: str, counts: RowCounts) -> None:
+        self.by_table.setdefault(table, RowCounts()).add(counts)
+
+    def add(self, other: _Tally) -> None:
+        for table, counts in other.by_table.items():
+            self.count(table, counts)
+        self.refused += other.refused
+        self.malformed += other.malformed
+        self.unstorable |= other.unstorable
+
+
+class Writer:
+    """Consumes a producer's queue and commits it to the database in batches.
+
+    Each batch is one transaction. If the database goes away, the whole transaction is
+    retried on a fresh connection for up to `database_retry_seconds`; then the run fails
+    with DatabaseError, and every batch committed before stays as it was."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        summary: RunSummary,
+        redactor: Redactor,
+        *,
+        batch_size: int,
+        record_progress: bool,
+        commit_interval: float = 1.0,
+        dry_run: bool = False,
+        database_retry_seconds: float = 60.0,
+        clock: Clock = utc_now,
+        resources: Mapping[str, Resource] = RESOURCES,
+    ) -> None:
+        self._engine = engine
+        self._summary = summary
+        self._redactor = redactor
+        self._batch_size = batch_size
+        self._commit_interval = commit_interval
+        self._record_progress = record_progress
+        self._write = not dry_run
+        self._database_retry_seconds = database_retry_seconds
+        self._clock = clock
+        self._resources = resources  # in the order they are written: parents first
+        self._pending = _Pending()
+        self._listings: list[ResourceDone] = []  # top-level listings: marked at the end
+        self._unstorable: set[tuple[str, int]] = set()  # parents that would not normalize
+
+    async def consume(self, queue: asyncio.Queue[Message | None]) -> None:
+        """Take items until the None that ends the crawl, committing batch by batch.
+
+        A batch is committed when it is full, or when its first item has waited
+        `commit_interval` seconds. When the API is the bottleneck, rows are stored that
+        soon, and one transaction still holds many pages: a transaction costs a few
+        milliseconds of CPU whatever its size, and committing page by page would spend
+        more of it than the rows do. (asyncio.timeout_at, unlike Python 3.11's wait_for,
+        never swallows the cancellation that shutdown relies on.)"""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # when the pending batch is committed, full or not
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await queue.get()
+            except TimeoutError:
+                await self._commit()
+                deadline = None
+                continue
+            if item is None:
+                break
+            self._take(item)
+            if deadline is None:
+                deadline = loop.time() + self._commit_interval
+            if self._pending.size() >= self._batch_size:
+                await self._commit()
+                deadline = None
+        await self._commit()
+        await self._finish_listings()
+
+    def _take(self, item: Message) -> None:
+        pending = self._pending
+        if isinstance(item, Batch):
+            # The last sighting of an id wins: one statement may not touch a row twice.
+            waiting = pending.items.setdefault(item.resource, {})
+            parent = item.parent_id
+            waiting.update((ident, (parent, payload)) for ident, payload in item.items)
+            self._summary.count_seen(item.resource, len(item.items))
+        elif isinstance(item, Failure):
+            pending.failures.append(item)
+        elif item.parent_id is None:
+            self._listings.append(item)
+        else:
+            pending.done.append(item)
+
+    async def _commit(self) -> None:
+        pending, self._pending = self._pending, _Pending()
+        if not pending.size():
+            return
+        now = self._clock()
+
+        async def write(connection: AsyncConnection, tally: _Tally, one_by_one: bool) -> None:
+            # Order matters: children reference parents; deletion marks need the rows stored.
+            for resource in self._resources.values():
+                items = pending.items.get(resource.name)
+                if not items:
+                    continue
+                if one_by_one:
+                    await self._write_one_by_one(connection, resource, items, tally, now)
+                else:
+                    await self._write_items(connection, resource, items, tally, now)
+            if self._write:
+                for failure in [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused]:
+                    await self._record_failure(connection, failure, now)
+            await self._finish_child_listings(connection, pending.done, tally, now)
+
+        try:
+            tally = await self._in_transaction(lambda c, t: write(c, t, one_by_one=False))
+        except DBAPIError as exc:
+            # Not an outage (those are retried inside): the database refused something in
+            # this batch. Write it again row by row, and record the rows it refuses.
+            log.warning("batch_refused_writing_row_by_row", error=self._redactor.redact(error_text(exc)))
+            tally = await self._in_transaction(lambda c, t: write(c, t, one_by_one=True))
+        self._add(tally)
+        self._unstorable |= tally.unstorable
+        self._summary.batches += 1
+        self._summary.exams_done += len(pending.done)
+        for resource, _ in tally.malformed:
+            self._summary.count_seen(resource, -1)  # seen, but not as an item
+        for failure in [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused]:
+            self._summary.errors += 1
+            log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
+        for done in pending.done:
+            if done.status == "ok" and not done.complete:
+                log.warning("listing_incomplete", resource=done.resource, parent_id=done.parent_id,
+                            hint="the listing kept shifting; deletions not checked this run")
+
+    async def _write_items(
+        self, connection: AsyncConnection, resource: Resource, items: Items, tally: _Tally, now: datetime
+    ) -> None:
+        """One resource's items (new or changed ones normalized), then the users they name."""
+        items = self._without_orphans(resource, items, tally)
+        outcome = await write_payloads(connection, resource, items, now, write=self._write)
+        tally.count(resource.table, outcome.counts)
+        if outcome.users:
+            tally.count("users", await store.upsert_users(connection, outcome.users, now, write=self._write))
+        tally.malformed += [(resource.name, failure) for failure in outcome.malformed]
+        tally.unstorable |= {(resource.name, int(failure.key or 0)) for failure in outcome.malformed}
+
+    def _without_orphans(self, resource: Resource, items: Items, tally: _Tally) -> Items:
+        """Items whose parent would not normalize cannot be stored (their rows would name
+        a parent that is not there): they are recorded, with their payloads, instead."""
+        if resource.parent is None:
+            return items
+        gone = self._unstorable | tally.unstorable
+        if not gone:
+            return items
+        kept = {}
+        for ident, (parent_id, payload) in items.items():
+            if (resource.parent, parent_id) in gone:
+                message = f"not stored: its {resource.parent} item {parent_id} could not be stored"
+                tally.malformed.append((resource.name, Failure(resource.entity, str(ident), message, payload=payload)))
+            else:
+                kept[ident] = (parent_id, payload)
+        return kept
+
+    async def _write_one_by_one(
+        self, connection: AsyncConnection, resource: Resource, items: Items, tally: _Tally, now: datetime
+    ) -> None:
+        """Each item (with the users it names) in a savepoint of its own: the ones the
+        database refuses become failures, the rest is stored. An item's counts join the
+        batch's only once its savepoint is released."""
+        for ident, (parent_id, payload) in items.items():
+            step = _Tally(unstorable=set(tally.unstorable))
+            try:
+                async with connection.begin_nested():
+                    await self._write_items(connection, resource, {ident: (parent_id, payload)}, step, now)
+            except DBAPIError as exc:
+                if classify(exc) is not DatabaseFault.ROW:
+                    raise  # not this row's fault: the transaction is retried, or the run stops
+                message = f"the database refused it: {error_text(exc)}"
+                tally.refused.append(Failure(resource.entity, resource.key_of(payload, ident), message, payload=payload))
+            else:
+                tally.add(step)
+
+    async def _in_transaction(self, work: Callable[[AsyncConnection, _Tally], Awaitable[None]]) -> _Tally:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(connection_lost),
+            stop=stop_after_delay(self._database_retry_seconds),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            before_sleep=_log_database_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    tally = _Tally()
+                    async with self._engine.begin() as connection:
+                        await work(connection, tally)
+                    return tally
+        except DBAPIError as exc:
+            if database_unusable(exc):
+                raise DatabaseError(
+                    f"the database cannot run the statements testpress-sync writes with: "
+                    f"{self._redactor.redact(error_text(exc))}. Its tables are not the ones "
+                    "testpress-sync made (changed by hand?), or the database user may not write to them"
+                ) from exc
+            if not connection_lost(exc):
+                raise
+            raise DatabaseError(
+                f"the database stayed unreachable for {self._database_retry_seconds:g}s: "
+                f"{self._redactor.redact(error_text(exc))}"
+            ) from exc
+        except OSError as exc:
+            raise DatabaseError(f"the database stayed unreachable: {exc}") from exc
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _finish_child_listings(
+        self, connection: AsyncConnection, done: list[ResourceDone], tally: _Tally, now: datetime
+    ) -> None:
+        """Record how each child listing's fetch ended; mark what a complete one missed."""
+        by_resource: dict[str, list[ResourceDone]] = {}
+        for item in done:
+            by_resource.setdefault(item.resource, []).append(item)
+        for name, listings in by_resource.items():
+            resource = self._resources[name]
+            if self._write and resource.parent_status_column:
+                await store.set_listing_status(connection, resource, {item.parent_id: item.status for item in listings if item.parent_id is not None})
+            complete = {
+                item.parent_id: item.seen_ids
+                for item in listings
+                if item.status == "ok" and item.complete and item.parent_id is not None
+            }
+            deleted = await store.mark_missing_children_deleted(connection, resource, complete, now, write=self._write)
+            tally.count(resource.table, RowCounts(deleted=deleted))
+            if self._record_progress and self._write:
+                await store.record_progress(connection, self._summary.run_id, list(complete), now)
+
+    async def _finish_listings(self) -> None:
+        """Top-level listings, once everything else is stored: mark what a complete one
+        no longer shows as deleted."""
+        for listing in self._listings:
+            self._summary.listing_complete = listing.complete
+            if not listing.complete:
+                log.warning("listing_incomplete", resource=listing.resource, hint="nothing is marked deleted from it this run")
+                continue
+            resource = self._resources[listing.resource]
+
+            async def mark(connection: AsyncConnection, tally: _Tally, resource: Resource = resource,
+                           listing: ResourceDone = listing) -> None:
+                deleted = await store.mark_missing_deleted(
+                    connection, resource, listing.seen_ids, self._clock(), listing.scope, write=self._write
+                )
+                tally.count(resource.table, RowCounts(deleted=deleted))
+
+            self._add(await self._in_transaction(mark))
+
+    async def _record_failure(self, connection: AsyncConnection, failure: Failure, now: datetime) -> None:
+        await store.record_error(
+            connection,
+            self._summary.run_id,
+            entity=failure.entity,
+            key=failure.key,
+            message=self._redactor.redact(failure.message),
+            http_status=failure.http_status,
+            payload=self._redactor.redact_value(failure.payload),
+            now=now,
+        )
+
+    def _add(self, tally: _Tally) -> None:
+        for table, counts in tally.by_table.items():
+            # The run's totals are of the data rows (exams, attempts); a user re-seen on
+            # every page would swamp them, so users are counted in by_table only.
+            if table != "users":
+                self._summary.rows.add(counts)
+            self._summary.by_table.setdefault(table, RowCounts()).add(counts)
+
+
+def _log_database_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("database_unreachable_retrying", error=error_text(error) if error else None,
+                attempt=state.attempt_number, wait=round(state.upcoming_sleep, 2))
