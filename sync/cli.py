@@ -28,11 +28,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sync import __version__
 from sync.commands import Outcome, Result
+from sync.commands import config as config_command
 from sync.commands import demo as demo_command
 from sync.commands import doctor as doctor_command
 from sync.commands import status as status_command
 from sync.commands import sync as sync_command
-from sync.config import Settings, load_settings
+from sync.config import Settings, load_settings_with_sources
 from sync.errors import AuthError, ConfigError, DatabaseError, LockHeldError, SyncError, error_text
 from sync.model.run import RunOptions
 from sync.ops.logs import Redactor, configure_logging
@@ -69,13 +70,13 @@ SYNC_COMMANDS = ("run", "backfill", "demo")
 
 def _settings_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("settings (flags beat environment beat config file)")
+    group = common.add_argument_group("settings (flags beat environment beat .env beat config file; `config` shows each one's source)")
     add = group.add_argument
     add("--config", metavar="PATH", help="TOML config file (see config.example.toml); env TESTPRESS_CONFIG")
     add("--database-url", metavar="URL", help="sqlite:///file.db or postgresql://user@host/db; env TESTPRESS_DATABASE_URL (default sqlite:///testpress.db)")
     add("--base-url", metavar="URL", help="institute root, e.g. https://demo.testpress.in; env TESTPRESS_BASE_URL")
     add("--username", help="Testpress login; env TESTPRESS_USERNAME")
-    add("--password-file", metavar="PATH", help="file holding the password; env TESTPRESS_PASSWORD_FILE (or TESTPRESS_PASSWORD)")
+    add("--password-file", metavar="PATH", help="file holding the password; env TESTPRESS_PASSWORD_FILE (or TESTPRESS_PASSWORD); beats a password from any lower layer")
     add("--concurrency", type=int, metavar="N", help="requests in flight at most (default 16)")
     add("--batch-size", type=int, metavar="N", help="rows per transaction (default 500)")
     add("--log-format", choices=("auto", "console", "json"), help="auto: readable on a terminal, JSON lines otherwise")
@@ -148,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", parents=[common], help="check configuration, server, login and database",
         description="Check each thing a run needs, in order, and say how to fix what fails.",
     )
+    config = commands_.add_parser(
+        "config", parents=[common], help="show the effective settings and where each came from",
+        description="Print every setting with its value, the layer that set it (default, config "
+        "file, .env, environment variable or flag) and its environment variable. Secrets, and "
+        "the password inside a database URL, are shown as [redacted].",
+    )
+    config.add_argument("--json", action="store_true", help="print JSON for machines")
     demo = commands_.add_parser(
         "demo", parents=[common, run_options], help="try it now: sync the bundled simulator into SQLite",
         description=f"Start the bundled Testpress simulator on a free loopback port, sync it "
@@ -176,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from(args: argparse.Namespace, warn: Callable[..., Any]) -> Settings:
+def settings_from(args: argparse.Namespace, warn: Callable[..., Any]) -> tuple[Settings, dict[str, str]]:
+    """The settings of every layer, and the layer that set each one."""
     overrides = {
         "database_url": args.database_url,
         "api.base_url": args.base_url,
@@ -188,7 +197,7 @@ def settings_from(args: argparse.Namespace, warn: Callable[..., Any]) -> Setting
         "log.format": args.log_format,
         "log.level": args.log_level,
     }
-    return load_settings(config_path=args.config, overrides=overrides, warn=warn)
+    return load_settings_with_sources(config_path=args.config, overrides=overrides, warn=warn)
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -201,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     redactor = Redactor()
     warnings: list[tuple[str, dict[str, Any]]] = []
     try:
-        settings = settings_from(args, lambda event, **kw: warnings.append((event, kw)))
+        settings, sources = settings_from(args, lambda event, **kw: warnings.append((event, kw)))
         database_url_from(settings.database_url)  # a bad URL is a usage error, said first
     except ConfigError as exc:
         print(f"testpress-sync: configuration error: {exc}", file=sys.stderr)
@@ -213,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning(event, **fields)
     stop = asyncio.Event()
     try:
-        return _run_until_signal(_command(args, settings, redactor, stop, terminal), stop, redactor)
+        return _run_until_signal(_command(args, settings, sources, redactor, stop, terminal), stop, redactor)
     finally:
         if terminal is not None:
             terminal.clear()
@@ -256,6 +265,7 @@ def _terminal_status(args: argparse.Namespace, settings: Settings) -> TerminalSt
 def _command(
     args: argparse.Namespace,
     settings: Settings,
+    sources: dict[str, str],
     redactor: Redactor,
     stop: asyncio.Event,
     terminal: TerminalStatus | None,
@@ -283,6 +293,8 @@ def _command(
         return lambda: status_command.show_status(settings, limit=args.limit, as_json=args.json, max_age=args.max_age)
     if args.command == "doctor":
         return lambda: doctor_command.doctor(settings, redactor)
+    if args.command == "config":
+        return lambda: config_command.show_config(settings, sources, as_json=args.json)
     return lambda: status_command.migrate_database(settings)
 
 

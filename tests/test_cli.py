@@ -210,3 +210,20 @@ def test_demo_syncs_the_bundled_simulator(tmp_path: Path, monkeypatch: pytest.Mo
     out = capsys.readouterr().out
     assert "exams                6" in out and "testpress-demo.db" in out
     assert (tmp_path / "testpress-demo.db").exists()
+
+
+def test_config_shows_each_settings_source_with_secrets_redacted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("TESTPRESS_HTTP_TIMEOUT=7\nTESTPRESS_SYNC_BATCH_SIZE=100\n")
+    monkeypatch.setenv("TESTPRESS_PASSWORD", "a-secret-password")
+    monkeypatch.setenv("TESTPRESS_SYNC_BATCH_SIZE", "250")  # the environment beats .env
+    assert main(["config", "--json", "--database-url", "postgresql://sync:db-secret@db.example/x"]) == 0
+    out = capsys.readouterr().out
+    rows = {row["setting"]: row for row in json.loads(out)}
+    assert rows["http.timeout"]["value"] == 7.0 and rows["http.timeout"]["source"] == f".env {tmp_path / '.env'}"
+    assert (rows["sync.batch_size"]["value"], rows["sync.batch_size"]["source"]) == (250, "env TESTPRESS_SYNC_BATCH_SIZE")
+    assert rows["database_url"]["source"] == "flag --database-url"
+    assert rows["api.password"]["value"] == "[redacted]" and rows["http.concurrency"]["source"] == "default"
+    assert "a-secret-password" not in out and "db-secret" not in out

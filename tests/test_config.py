@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from sync.config import DEFAULT_DATABASE_URL, load_settings
-from sync.database import database_url_from
 from sync.errors import ConfigError
+from sync.sink.database import database_url_from
 
 TOML = """
 [testpress]
@@ -26,6 +26,12 @@ timeout = 12.5
 [database]
 url = "sqlite:///from-file.db"
 """
+
+
+@pytest.fixture(autouse=True)
+def _no_dotenv_from_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_settings reads ./.env by default: a developer's own must not leak into these tests."""
+    monkeypatch.chdir(tmp_path)
 
 
 def write_config(tmp_path: Path, text: str = TOML, mode: int = 0o600) -> Path:
