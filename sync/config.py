@@ -77,6 +77,7 @@ class HttpSettings:
     max_retry_wait: float = 300.0  # seconds of waiting between tries of one request, in all
     backoff_initial: float = 0.5  # first backoff, doubled each retry, with jitter
     backoff_max: float = 30.0  # longest single backoff (Retry-After is honoured as given)
+    proxy: str | None = None  # http(s)://[user:pass@]host:port; else HTTP(S)_PROXY / NO_PROXY
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Settings:
     sync: SyncSettings = SyncSettings()
     log: LogSettings = LogSettings()
     database_url: str = DEFAULT_DATABASE_URL  # [database] url: top-level fields are <section>_<key>
+    database_schema: str | None = None  # [database] schema: PostgreSQL schema of the tool's tables
 
     def require_api(self) -> Settings:
         """The API settings a sync needs; raises ConfigError naming the first one missing."""

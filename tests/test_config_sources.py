@@ -50,6 +50,7 @@ CANONICAL = {
     "http.max_retry_wait": "TESTPRESS_HTTP_MAX_RETRY_WAIT",
     "http.backoff_initial": "TESTPRESS_HTTP_BACKOFF_INITIAL",
     "http.backoff_max": "TESTPRESS_HTTP_BACKOFF_MAX",
+    "http.proxy": "TESTPRESS_HTTP_PROXY",
     "sync.batch_size": "TESTPRESS_SYNC_BATCH_SIZE",
     "sync.commit_interval": "TESTPRESS_SYNC_COMMIT_INTERVAL",
     "sync.queue_pages": "TESTPRESS_SYNC_QUEUE_PAGES",
@@ -58,6 +59,7 @@ CANONICAL = {
     "log.format": "TESTPRESS_LOG_FORMAT",
     "log.level": "TESTPRESS_LOG_LEVEL",
     "database_url": "TESTPRESS_DATABASE_URL",
+    "database_schema": "TESTPRESS_DATABASE_SCHEMA",
 }
 
 
