@@ -1,10 +1,19 @@
 """The simulator's aiohttp application: Testpress v2.1 routes, JWT auth, switchable faults.
 
+The v2.5 admin routes live in `admin.py`; this module registers them and gives them the
+same middlewares (accounting, faults, auth) and the same pagination envelope.
+
+Two logins: the admin one (`username`/`password`) reads everything, v2.1 and admin API;
+the student one (`student_username`/`student_password`, bound to one data-set user) sees
+its own attempts on v2.1 and gets 403 on every admin route. A token's role follows from
+its signed `user_id` claim: real Testpress tokens carry no role claim, so neither do ours.
+
 Control routes under /_simulator/ (not part of Testpress) let a separate process switch
 faults, change the data and read counters:
-    GET  /_simulator/stats                   requests, logins, peak requests in flight
-    POST /_simulator/faults   {"throttle_rate": 0.2, ...}
+    GET  /_simulator/stats                   requests, logins, peak in flight, per route
+    POST /_simulator/faults   {"throttle_rate": 0.2, "login_refusal": "max_login_exceeded", ...}
     POST /_simulator/change   {"action": "add_attempts", "exam_id": 3, "count": 5}
+                              (more actions in admin.CHANGES)
 """
 
 from __future__ import annotations
@@ -14,7 +23,6 @@ import base64
 import hashlib
 import hmac
 import random
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,11 +32,15 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
-from sync.simulator.data import Dataset, Faults, SimExam
+from sync.simulator.data import Dataset, Faults, SimAttempt, SimExam
 
 API = "/api/v2.1"
+ADMIN_PREFIX = "/api/v2.5/admin/"
+ADMIN_USER_ID = 1  # the admin login's user_id; data-set users are numbered from 1000
 T = TypeVar("T")
 DATASET_KEY = web.AppKey("dataset", Dataset)
+Change = Callable[[Dataset, dict[str, Any]], dict[str, Any]]
+CHANGES_KEY = web.AppKey("changes", dict[str, Change])
 
 
 @dataclass
@@ -38,27 +50,40 @@ class SimulatorState:
     faults: Faults
     username: str = "admin"
     password: str = "secret"
+    student_username: str = "student"
+    student_password: str = "student-secret"
+    student_user_id: int | None = None  # the data-set user the student login is; None: no student
     per_page: int = 20
+    # Admin page sizes are fixed per endpoint on Testpress (the API notes); tests may shrink them.
+    admin_per_page: dict[str, int] = field(
+        default_factory=lambda: {"exams": 200, "attempts": 200, "users": 20, "batches": 20}
+    )
     envelope_counts: bool = True  # False: pages without `count` and `per_page`
     relative_attempts_urls: bool = False  # True: exams name their attempts by path only
     secret: bytes = b"simulator-signing-key"
     rng: random.Random = field(default_factory=lambda: random.Random(11))
     requests: int = 0
     logins: int = 0
+    refused_logins: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
     faults_served: int = 0
     issued_tokens: list[str] = field(default_factory=list)
-    by_path: dict[str, int] = field(default_factory=dict)
+    by_path: dict[str, int] = field(default_factory=dict)  # by last path segment: "exams", "attempts"
+    # By route pattern ("/api/v2.5/admin/attempts/{attempt_id}/"): by_path cannot tell
+    # v2.1's exams from the admin exams, nor a listing from a detail.
+    by_route: dict[str, int] = field(default_factory=dict)
 
     def stats(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "logins": self.logins,
+            "refused_logins": self.refused_logins,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "faults_served": self.faults_served,
             "by_path": dict(self.by_path),
+            "by_route": dict(self.by_route),
             # the serving process's CPU: the benchmark shows what the simulator took of
             # the machine it shares with the sync
             "cpu_s": time.process_time(),
@@ -79,12 +104,18 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def issue_token(state: SimulatorState, user_id: int = 1) -> str:
+def issue_token(
+    state: SimulatorState,
+    user_id: int = ADMIN_USER_ID,
+    username: str | None = None,
+    email: str | None = None,
+) -> str:
     header = _b64(orjson.dumps({"typ": "JWT", "alg": "HS256"}))
+    username = username or state.username
     claims = {
-        "username": state.username,
+        "username": username,
         "user_id": user_id,
-        "email": f"{state.username}@example.com",
+        "email": email or f"{username}@example.com",
         "exp": time.time() + state.faults.token_lifetime,
         "jti": state.logins,
     }
@@ -105,8 +136,24 @@ def token_problem(state: SimulatorState, authorization: str | None) -> str | Non
     if not hmac.compare_digest(_b64(expected), signature):
         return "Error decoding signature."
     if orjson.loads(_unb64(body))["exp"] < time.time():
-        return "Signature has expired."
+        return EXPIRED
     return None
+
+
+EXPIRED = "Signature has expired."
+
+
+def token_claims(request: web.Request) -> dict[str, Any]:
+    """The claims of the request's token, which the authentication middleware checked."""
+    token = request.headers["Authorization"].partition(" ")[2]
+    claims: dict[str, Any] = orjson.loads(_unb64(token.split(".")[1]))
+    return claims
+
+
+def student_id(request: web.Request) -> int | None:
+    """The user id of a student token; None for the admin's."""
+    user_id = token_claims(request)["user_id"]
+    return None if user_id == ADMIN_USER_ID else int(user_id)
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -121,12 +168,19 @@ def base_url(request: web.Request) -> str:
 
 
 def paginate(
-    request: web.Request, items: Sequence[T], per_page: int, render: Callable[[T], Any]
+    request: web.Request,
+    items: Sequence[T],
+    per_page: int,
+    render: Callable[[T], Any],
+    *,
+    page_last: bool = False,
 ) -> dict[str, Any] | None:
     """The Testpress envelope for one page, or None for a page past the end.
 
     Only the page's own items are rendered: the envelope needs the count, not every
-    payload, which keeps a listing of thousands cheap to serve."""
+    payload, which keeps a listing of thousands cheap to serve. `page_last` moves `page`
+    to the end of the links' query (`?exams=3&page=2`), as the admin links are written;
+    v2.1's links keep the order they always had."""
     try:
         page = int(request.query.get("page", "1"))
     except ValueError:
@@ -139,6 +193,8 @@ def paginate(
         if number < 1 or number > pages:
             return None
         query = dict(request.query)
+        if page_last:
+            query.pop("page", None)
         query["page"] = str(number)
         return f"{base_url(request)}{request.path}?{urlencode(query)}"
 
@@ -168,6 +224,9 @@ async def accounting(request: web.Request, handler: Any) -> web.StreamResponse:
     state.requests += 1
     key = request.path.rsplit("/", 2)[-2] if request.path.endswith("/") else request.path
     state.by_path[key] = state.by_path.get(key, 0) + 1
+    resource = request.match_info.route.resource  # None when no route matched
+    route = resource.canonical if resource is not None else request.path
+    state.by_route[route] = state.by_route.get(route, 0) + 1
     state.in_flight += 1
     state.max_in_flight = max(state.max_in_flight, state.in_flight)
     try:
@@ -260,8 +319,12 @@ async def authentication(request: web.Request, handler: Any) -> web.StreamRespon
     if request.path.startswith("/_simulator/") or request.path.endswith("/auth-token/"):
         return await handler(request)
     problem = token_problem(state, request.headers.get("Authorization"))
+    if problem == EXPIRED:
+        return json_response({"detail": problem}, state.faults.expired_token_status)
     if problem:
         return json_response({"detail": problem}, 401)
+    if request.path.startswith(ADMIN_PREFIX) and student_id(request) is not None:
+        return json_response({"detail": "You do not have permission to perform this action."}, 403)
     return await handler(request)
 
 
@@ -276,14 +339,50 @@ async def login(request: web.Request) -> web.Response:
         return json_response({"detail": "JSON parse error."}, 400)
     if not isinstance(credentials, dict) or not {"username", "password"} <= credentials.keys():
         return json_response({"username": ["This field is required."]}, 400)
-    if credentials["username"] != state.username or credentials["password"] != state.password:
+    account = _account(request, credentials["username"], credentials["password"])
+    if account is None:
         return json_response(
             {"non_field_errors": ["Unable to log in with provided credentials."]}, 400
         )
+    if state.faults.login_refusal:
+        state.refused_logins += 1
+        return json_response(REFUSAL_BODIES[state.faults.login_refusal], 403)
     state.logins += 1
-    token = issue_token(state)
+    token = issue_token(state, *account)
     state.issued_tokens.append(token)
     return json_response({"token": token})
+
+
+def _account(request: web.Request, username: object, password: object) -> tuple[int, str, str] | None:
+    """(user_id, username, email) of the login these credentials open, or None."""
+    state: SimulatorState = request.app[STATE_KEY]
+    if username == state.username and password == state.password:
+        return ADMIN_USER_ID, state.username, f"{state.username}@example.com"
+    if state.student_user_id is None or username != state.student_username:
+        return None
+    if password != state.student_password:
+        return None
+    dataset = request.app[DATASET_KEY]
+    email = dataset.profile(dataset.user(state.student_user_id)).email
+    return state.student_user_id, state.student_username, email or f"{state.student_username}@example.com"
+
+
+# Refusals of a right password, worded as the official apps expect them: they read
+# `error_code` (and show `detail`) from the 403's body.
+REFUSAL_BODIES: dict[str, dict[str, str]] = {
+    code: {"error_code": code, "message": message, "detail": message}
+    for code, message in (
+        (
+            "parallel_login_restriction",
+            "You are already logged in on another device. Log out of it to log in here.",
+        ),
+        (
+            "max_login_exceeded",
+            "Your account has been locked as it has exceeded the maximum number of devices "
+            "it can be used on. It will be unlocked after the cool-off time.",
+        ),
+    )
+}
 
 
 def _visible_exams(request: web.Request, dataset: Dataset) -> list[SimExam]:
@@ -344,9 +443,17 @@ async def exam_detail(request: web.Request) -> web.Response:
     base = base_url(request)
     payload = dataset.exam_payload(exam, base)
     payload["attempts"] = [
-        dataset.attempt_payload(exam, attempt, base, nested_user=False) for attempt in exam.attempts
+        dataset.attempt_payload(exam, attempt, base, nested_user=False)
+        for attempt in _own(request, exam.attempts)
     ]
     return json_response(payload)
+
+
+def _own(request: web.Request, attempts: list[SimAttempt]) -> list[SimAttempt]:
+    """What the login may see of an exam's attempts: all for the admin, a student's own
+    for a student ("retrieves the attempts of a user for a particular exam")."""
+    viewer = student_id(request)
+    return attempts if viewer is None else [a for a in attempts if a.user.id == viewer]
 
 
 async def attempt_list(request: web.Request) -> web.Response:
@@ -364,7 +471,10 @@ async def attempt_list(request: web.Request) -> web.Response:
         return json_response({"detail": "A server error occurred."}, 500)
     base = base_url(request)
     page = paginate(
-        request, exam.attempts, per_page, lambda attempt: dataset.attempt_payload(exam, attempt, base)
+        request,
+        _own(request, exam.attempts),
+        per_page,
+        lambda attempt: dataset.attempt_payload(exam, attempt, base),
     )
     return json_response(page) if page else json_response(INVALID_PAGE, 404)
 
@@ -388,7 +498,18 @@ async def control_faults(request: web.Request) -> web.Response:
 async def control_change(request: web.Request) -> web.Response:
     dataset = request.app[DATASET_KEY]
     change = await request.json()
+    try:
+        return _apply_change(request, dataset, change)
+    except KeyError as exc:  # an exam, attempt, user or batch that does not exist
+        return json_response({"detail": f"not found: {exc}"}, 404)
+    except (ValueError, TypeError) as exc:
+        return json_response({"detail": str(exc)}, 400)
+
+
+def _apply_change(request: web.Request, dataset: Dataset, change: dict[str, Any]) -> web.Response:
     action = change.get("action")
+    if action in request.app[CHANGES_KEY]:
+        return json_response(request.app[CHANGES_KEY][action](dataset, change))
     if action == "add_attempts":
         added = dataset.add_attempts(dataset.exam(int(change["exam_id"])), int(change["count"]))
         return json_response({"added": [attempt.id for attempt in added]})
@@ -404,87 +525,3 @@ async def control_change(request: web.Request) -> web.Response:
     else:
         return json_response({"detail": f"unknown action {action!r}"}, 400)
     return json_response({"ok": True})
-
-
-def create_app(
-    dataset: Dataset,
-    *,
-    faults: Faults | None = None,
-    username: str = "admin",
-    password: str = "secret",
-    per_page: int = 20,
-) -> web.Application:
-    app = web.Application(middlewares=[accounting, inject_faults, authentication])
-    app[DATASET_KEY] = dataset
-    app[STATE_KEY] = SimulatorState(
-        faults=faults or Faults(), username=username, password=password, per_page=per_page
-    )
-    app.router.add_post(f"{API}/auth-token/", login)
-    app.router.add_get(f"{API}/exams/", exam_list)
-    app.router.add_get(f"{API}/exams/{{slug}}/", exam_detail)
-    app.router.add_get(f"{API}/exams/{{slug}}/attempts/", attempt_list)
-    app.router.add_get("/_simulator/stats", control_stats)
-    app.router.add_post("/_simulator/faults", control_faults)
-    app.router.add_post("/_simulator/change", control_change)
-    return app
-
-
-
-class SimulatorServer:
-    """The simulator on a loopback port, for tests, the demo and benchmarks.
-
-        async with SimulatorServer(Dataset(exams=10)) as sim:
-            ... sim.base_url, sim.state.faults.throttle_rate = 0.2, sim.dataset ...
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        faults: Faults | None = None,
-        username: str = "admin",
-        password: str = "secret",
-        per_page: int = 20,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self.app = create_app(
-            dataset, faults=faults, username=username, password=password, per_page=per_page
-        )
-        self.host = host
-        self.port = port
-        self.ssl_context = ssl_context
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def dataset(self) -> Dataset:
-        return self.app[DATASET_KEY]
-
-    @property
-    def state(self) -> SimulatorState:
-        return self.app[STATE_KEY]
-
-    @property
-    def base_url(self) -> str:
-        scheme = "https" if self.ssl_context else "http"
-        return f"{scheme}://{self.host}:{self.port}"
-
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
-        await site.start()
-        self.port = self._runner.addresses[0][1]  # the port the OS picked for port 0
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> SimulatorServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()

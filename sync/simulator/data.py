@@ -3,19 +3,29 @@
 Attempts are kept as small records; their payloads are rendered on demand, so a data set
 of a hundred thousand attempts stays cheap. Listings are newest first, like Testpress:
 a new exam or attempt shifts every later item down by one.
+
+What only the v2.5 admin API shows (users' personal fields, batches and memberships,
+attempt breakdowns, exam settings) is drawn lazily, per entity, from random streams of
+its own (`_admin_rng`): the stream that draws the v2.1 data (`Dataset._rng`) never sees
+them, so v2.1 payloads stay byte for byte those of earlier versions, and a data set of
+150,000 attempts costs no more to build than before.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 IST = timedelta(hours=5, minutes=30)
 COURSES = ("IBPS", "SSC", "JEE", "NEET", "UPSC")
 TITLES = ("Mock Test", "Quant Drill", "Reasoning", "English Grammar", "सामान्य ज्ञान", "数学 Quiz")
+ATTEMPT_STATES = ("Completed", "Running", "Not Started")
+LOGIN_REFUSALS = ("parallel_login_restriction", "max_login_exceeded")
 
 
 @dataclass
@@ -31,11 +41,20 @@ class Faults:
     token_lifetime: float = 3600.0  # seconds a login token stays valid
     listing_inserts: int = 0  # new exams slipped in, one per listing page, during a walk
     listing_deletes: int = 0  # exams removed, one per listing page, during a walk
+    # "" (logins succeed) or one of LOGIN_REFUSALS: every login with the right password is
+    # then refused with that error_code, as Testpress refuses a second device or a locked
+    # account.
+    login_refusal: str = ""
+    # 401, as DRF answers by default; 403, as a server answers whose first authentication
+    # class sends no WWW-Authenticate header (the API notes, "Access").
+    expired_token_status: int = 401
 
     def update(self, changes: dict[str, Any]) -> None:
         for name, value in changes.items():
             if not hasattr(self, name):
                 raise ValueError(f"unknown fault {name!r}")
+            if name == "login_refusal" and value not in ("", *LOGIN_REFUSALS):
+                raise ValueError(f"login_refusal must be one of {LOGIN_REFUSALS} or empty")
             setattr(self, name, type(getattr(self, name))(value))
 
 
@@ -45,6 +64,35 @@ class SimUser:
     username: str
     first_name: str
     last_name: str
+
+
+@dataclass
+class SimProfile:
+    """A user's personal fields: the admin API shows them, v2.1 never does."""
+
+    email: str | None
+    phone: str | None
+    birth_date: date | None
+    photo: str | None
+    address1: str
+    address2: str
+    city: str
+    zip: str
+    state: str  # a name ("Tamil Nadu") or an ISO 3166-2 code ("IN-TN"), as Testpress stores either
+    state_code: str
+    custom_fields: dict[str, Any]
+
+
+USER_FIELDS = ("username", "first_name", "last_name")  # shared with v2.1's nested user
+PROFILE_FIELDS = tuple(SimProfile.__dataclass_fields__)
+
+
+@dataclass
+class SimBatch:
+    id: int
+    name: str
+    created: datetime
+    modified: datetime
 
 
 @dataclass
@@ -76,6 +124,75 @@ class SimExam:
     vanished: bool = False  # attempts answer 404
     broken_page: int | None = None  # this attempts page always answers 500
     extra_fields: bool = False  # a newer server's fields
+    # Attempts ever made, deleted ones included. New attempt ids are numbered from it, so
+    # an id is never handed out twice (numbering from len(attempts) did, after a deletion).
+    attempts_made: int = 0
+    modified: datetime | None = None  # when a change last touched it; else drawn (admin only)
+
+
+def exam_start(exam: SimExam) -> datetime:
+    return exam.created + timedelta(days=1)
+
+
+def exam_end(exam: SimExam) -> datetime | None:
+    return None if exam.id % 5 == 0 else exam_start(exam) + timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class ExamSettings:
+    """An exam's admin-only settings, drawn once per exam."""
+
+    published: bool
+    pass_percentage: int
+    show_score: bool
+    show_percentile: bool
+    show_pass_or_fail: bool
+    modified: datetime  # unless a change set exam.modified
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Answers of one attempt, section, subject or difficulty level."""
+
+    correct: int
+    incorrect: int
+    unanswered: int
+    partial: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.correct + self.incorrect + self.unanswered + self.partial
+
+    @property
+    def score(self) -> str:
+        # The marking the v2.1 scores use, so the parts add up to the attempt's score.
+        return f"{self.correct * 2 - self.incorrect * 0.5:.2f}"
+
+
+@dataclass(frozen=True)
+class SectionFigures:
+    order: int
+    section_id: int
+    counts: Counts
+    time_taken: timedelta
+
+
+@dataclass(frozen=True)
+class SubjectFigures:
+    subject_id: int | None
+    name: str
+    parent_id: int | None
+    is_leaf: bool
+    counts: Counts
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """What an admin attempt detail adds: per section, subject and difficulty level."""
+
+    sections: list[SectionFigures]
+    subjects: list[SubjectFigures]
+    levels: dict[str, Counts]
 
 
 class Dataset:
@@ -90,6 +207,7 @@ class Dataset:
         seed: int = 7,
         forbidden_every: int = 0,
         vanished_every: int = 0,
+        batches: int = 25,
     ) -> None:
         self.seed = seed
         self._scores_memo: dict[tuple[int, bool], _Scores] = {}
@@ -100,6 +218,19 @@ class Dataset:
         self.exams: list[SimExam] = []
         self._by_slug: dict[str, SimExam] = {}
         self._next_exam_id = 1
+        # Admin-only state. Nothing here draws from self._rng, and all of it is either
+        # small (batches) or filled on first use (profiles, memberships, settings).
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # tests may pin it
+        self._users_by_id = {user.id: user for user in self.users}
+        self.batches = _draw_batches(seed, batches)
+        self._batches_by_id = {batch.id: batch for batch in self.batches}
+        self._profiles: dict[int, SimProfile] = {}
+        self._memberships: dict[int, list[int]] = {}
+        self._settings: dict[int, ExamSettings] = {}
+        self._finished: dict[int, datetime] = {}  # attempts completed by a change: when
+        self._index: list[tuple[SimExam, SimAttempt]] = []
+        self._index_by_id: dict[int, tuple[SimExam, SimAttempt]] = {}
+        self._index_key: list[tuple[SimExam, list[SimAttempt], int]] = []
         for index in range(exams):
             exam = self.add_exam(attempts=attempts_per_exam)
             exam.forbidden = bool(forbidden_every) and index % forbidden_every == 1
@@ -124,12 +255,12 @@ class Dataset:
         return exam
 
     def add_attempts(self, exam: SimExam, count: int) -> list[SimAttempt]:
+        """Attempts by seeded users at seeded states: draws from the v2.1 stream."""
         new = []
         for _ in range(count):
-            number = len(exam.attempts)
-            state = self._rng.choices(
-                ("Completed", "Running", "Not Started"), weights=(8, 1, 1)
-            )[0]
+            number = exam.attempts_made
+            exam.attempts_made += 1
+            state = self._rng.choices(ATTEMPT_STATES, weights=(8, 1, 1))[0]
             attempt = SimAttempt(
                 id=exam.id * 100_000 + number + 1,
                 user=self._rng.choice(self.users),
@@ -139,6 +270,25 @@ class Dataset:
             exam.attempts.insert(0, attempt)
             new.append(attempt)
             self._scores(attempt)  # drawn now, so serving the first walk costs no more than later ones
+        return new
+
+    def start_attempts(
+        self, exam: SimExam, users: Iterable[SimUser], *, state: str = "Running"
+    ) -> list[SimAttempt]:
+        """Attempts the given users start now (by `clock`). Draws from no shared stream,
+        so it can be used at any time without shifting later seeded data."""
+        if state not in ATTEMPT_STATES:
+            raise ValueError(f"state must be one of {ATTEMPT_STATES}")
+        now = self.clock()
+        new = []
+        for user in users:
+            number = exam.attempts_made
+            exam.attempts_made += 1
+            attempt = SimAttempt(id=exam.id * 100_000 + number + 1, user=user, state=state, started=now)
+            exam.attempts.insert(0, attempt)
+            if state == "Completed":
+                self._finished[attempt.id] = now
+            new.append(attempt)
         return new
 
     def complete_running(self) -> int:
@@ -151,8 +301,21 @@ class Dataset:
                     done += 1
         return done
 
+    def complete_attempts(self, attempt_ids: Sequence[int]) -> list[int]:
+        """These attempts, those Running, complete now; returns the ids that did."""
+        done = []
+        for attempt_id in attempt_ids:
+            _, attempt = self.find_attempt(attempt_id)
+            if attempt.state == "Running":
+                attempt.state = "Completed"
+                self._finished[attempt.id] = self.clock()
+                done.append(attempt.id)
+        return done
+
     def rename_exam(self, exam_id: int, title: str) -> None:
-        self.exam(exam_id).title = title
+        exam = self.exam(exam_id)
+        exam.title = title
+        exam.modified = self.clock()
 
     def delete_exam(self, exam_id: int) -> None:
         exam = self.exam(exam_id)
@@ -164,9 +327,46 @@ class Dataset:
         self.exams.insert(0, exam)
         self._by_slug[exam.slug] = exam
 
-    def delete_attempt(self, attempt_id: int) -> None:
+    def delete_attempt(self, attempt_id: int) -> bool:
+        """Removes the attempt; returns whether there was one."""
         exam = self.exam(attempt_id // 100_000)
-        exam.attempts = [a for a in exam.attempts if a.id != attempt_id]
+        kept = [a for a in exam.attempts if a.id != attempt_id]
+        deleted = len(kept) < len(exam.attempts)
+        exam.attempts = kept
+        return deleted
+
+    def update_user(self, user_id: int, changes: dict[str, Any]) -> None:
+        """Changes a user's fields: names on both APIs, personal fields on the admin one."""
+        unknown = set(changes) - {*USER_FIELDS, *PROFILE_FIELDS}
+        if unknown:
+            raise ValueError(f"unknown user fields {sorted(unknown)}")
+        user = self.user(user_id)
+        profile = self.profile(user)
+        for name, value in changes.items():
+            if name in USER_FIELDS:
+                setattr(user, name, str(value))
+            elif name == "birth_date":
+                profile.birth_date = _parse_birth_date(value)
+            else:
+                setattr(profile, name, value)
+
+    def add_membership(self, user_id: int, batch_id: int) -> bool:
+        """The user joins the batch; returns whether they were not in it already."""
+        batch_ids = self._membership_ids(self.user(user_id))
+        if self.batch(batch_id).id in batch_ids:
+            return False
+        batch_ids.append(batch_id)
+        return True
+
+    def remove_membership(self, user_id: int, batch_id: int) -> bool:
+        """The user leaves the batch; returns whether they were in it."""
+        batch_ids = self._membership_ids(self.user(user_id))
+        if self.batch(batch_id).id not in batch_ids:
+            return False
+        batch_ids.remove(batch_id)
+        return True
+
+    # --- look-ups --------------------------------------------------------------------
 
     def exam(self, exam_id: int) -> SimExam:
         for exam in self.exams:
@@ -177,11 +377,111 @@ class Dataset:
     def exam_by_slug(self, slug: str) -> SimExam | None:
         return self._by_slug.get(slug)
 
+    def user(self, user_id: int) -> SimUser:
+        return self._users_by_id[user_id]
+
+    def batch(self, batch_id: int) -> SimBatch:
+        return self._batches_by_id[batch_id]
+
+    def attempts_by_id(self) -> list[tuple[SimExam, SimAttempt]]:
+        """Every attempt of every listed exam, in id order (the admin listing's default).
+
+        Kept between requests and rebuilt when an exam or its attempts list changed:
+        sorting 150,000 attempts for every page of 200 would cost more than the page."""
+        if not self._index_is_current():
+            pairs = [(exam, attempt) for exam in self.exams for attempt in exam.attempts]
+            pairs.sort(key=lambda pair: pair[1].id)
+            self._index = pairs
+            self._index_by_id = {attempt.id: (exam, attempt) for exam, attempt in pairs}
+            # The lists themselves are kept, not their id()s, so none can be reused.
+            self._index_key = [(exam, exam.attempts, len(exam.attempts)) for exam in self.exams]
+        return self._index
+
+    def find_attempt(self, attempt_id: int) -> tuple[SimExam, SimAttempt]:
+        self.attempts_by_id()
+        return self._index_by_id[attempt_id]
+
+    def _index_is_current(self) -> bool:
+        key = self._index_key
+        return len(key) == len(self.exams) and all(
+            exam is current and attempts is current.attempts and count == len(attempts)
+            for (exam, attempts, count), current in zip(key, self.exams, strict=True)
+        )
+
+    # --- admin-only figures, drawn on first use ----------------------------------------
+
+    def profile(self, user: SimUser) -> SimProfile:
+        profile = self._profiles.get(user.id)
+        if profile is None:
+            profile = self._profiles[user.id] = _draw_profile(self.seed, user)
+        return profile
+
+    def memberships(self, user: SimUser) -> list[SimBatch]:
+        """The user's batches, newest first, as Testpress lists them."""
+        return sorted((self.batch(i) for i in self._membership_ids(user)), key=lambda b: -b.id)
+
+    def _membership_ids(self, user: SimUser) -> list[int]:
+        batch_ids = self._memberships.get(user.id)
+        if batch_ids is None:
+            rng = _admin_rng(self.seed, "memberships", user.id)
+            count = min(len(self.batches), rng.choice((0, 1, 1, 2, 2, 3)))
+            batch_ids = self._memberships[user.id] = rng.sample([b.id for b in self.batches], count)
+        return batch_ids
+
+    def settings(self, exam: SimExam) -> ExamSettings:
+        settings = self._settings.get(exam.id)
+        if settings is None:
+            settings = self._settings[exam.id] = _draw_settings(self.seed, exam)
+        return settings
+
+    def scores(self, attempt: SimAttempt) -> _Scores:
+        return self._scores(attempt)
+
+    def time_taken(self, attempt: SimAttempt) -> timedelta:
+        """How long the attempt has taken: none for one not started."""
+        if attempt.state == "Not Started":
+            return timedelta(0)
+        return parse_timedelta(self._scores(attempt).time_taken)
+
+    def last_answer_at(self, attempt: SimAttempt) -> datetime | None:
+        """When the attempt's last answer was saved; None before any answer."""
+        if attempt.state == "Not Started":
+            return None
+        if attempt.id in self._finished:
+            return self._finished[attempt.id]
+        rng = _admin_rng(self.seed, "answered", attempt.id)
+        share = 1.0 if attempt.state == "Completed" else rng.choice((None, 0.3, 0.6, 0.9))
+        return None if share is None else attempt.started + self.time_taken(attempt) * share
+
+    def speed(self, attempt: SimAttempt) -> int:
+        if attempt.state == "Not Started":
+            return 0
+        return _admin_rng(self.seed, "speed", attempt.id).randint(0, 100)
+
+    def breakdown(self, attempt: SimAttempt) -> Breakdown:
+        """Sections, subjects and difficulty levels that add up to the attempt's counts.
+        Drawn afresh on every call (a detail is one request per attempt): not memoised."""
+        scores = self._scores(attempt)
+        counts = Counts(scores.correct, scores.incorrect, scores.total - scores.correct - scores.incorrect)
+        return _draw_breakdown(self.seed, attempt, counts, self.time_taken(attempt))
+
+    def _scores(self, attempt: SimAttempt) -> _Scores:
+        """The seeded figures of an attempt, drawn once per (attempt, completed or not):
+        drawing them is most of what serving a page costs, and a benchmark should measure
+        the client, not the simulator."""
+        completed = attempt.state == "Completed"
+        key = (attempt.id, completed)
+        scores = self._scores_memo.get(key)
+        if scores is None:
+            scores = self._scores_memo[key] = _draw_scores(self.seed, attempt.id, completed)
+        return scores
+
     # --- payloads --------------------------------------------------------------------
 
     def exam_payload(self, exam: SimExam, base: str) -> dict[str, Any]:
         rng = random.Random(self.seed * 1_000_003 + exam.id)
-        start = exam.created + timedelta(days=1)
+        start = exam_start(exam)
+        end = exam_end(exam)
         hours = rng.choice((0, 1, 2, 3, 25))
         duration = str(timedelta(hours=hours, minutes=rng.choice((0, 30, 45))))
         payload: dict[str, Any] = {
@@ -191,7 +491,7 @@ class Dataset:
             "description": rng.choice(("", "<p>Read <b>all</b> questions.</p>", "Plain text")),
             "course": exam.course,
             "start_date": _ist_text(start),
-            "end_date": None if exam.id % 5 == 0 else _ist_text(start + timedelta(days=30)),
+            "end_date": None if end is None else _ist_text(end),
             "duration": duration,
             "number_of_questions": rng.randint(10, 100),
             "negative_marks": rng.choice(("0.00", "0.25", "0.33", "1.00")),
@@ -261,18 +561,6 @@ class Dataset:
             payload["score"] = "twelve"
         return payload
 
-    def _scores(self, attempt: SimAttempt) -> _Scores:
-        """The seeded figures of an attempt, drawn once per (attempt, completed or not):
-        drawing them is most of what serving a page costs, and a benchmark should measure
-        the client, not the simulator."""
-        completed = attempt.state == "Completed"
-        key = (attempt.id, completed)
-        scores = self._scores_memo.get(key)
-        if scores is None:
-            scores = self._scores_memo[key] = _draw_scores(self.seed, attempt.id, completed)
-        return scores
-
-
 @dataclass(frozen=True)
 class _Scores:
     total: int
@@ -327,3 +615,215 @@ def _utc_text(moment: datetime, style: int) -> str:
 def _ist_text(moment: datetime) -> str:
     """Local India time with its +05:30 offset, as Testpress writes `start_date`."""
     return (moment + IST).replace(tzinfo=None).isoformat(timespec="seconds") + "+05:30"
+
+
+# --- admin-only data: drawn per entity from streams of its own ---------------------------
+
+PLACES = (
+    ("Chennai", "Tamil Nadu", "IN-TN"),
+    ("Bengaluru", "Karnataka", "IN-KA"),
+    ("Mumbai", "Maharashtra", "IN-MH"),
+    ("Lucknow", "Uttar Pradesh", "IN-UP"),
+    ("Kolkata", "West Bengal", "IN-WB"),
+    ("Hyderabad", "Telangana", "IN-TG"),
+    ("Kochi", "Kerala", "IN-KL"),
+)
+BATCH_SHIFTS = ("Morning", "Evening", "Weekend", "Online", "सुबह")
+# (id, name, children): a two-level tree as Testpress keeps subjects.
+SUBJECT_TREE: tuple[tuple[int, str, tuple[tuple[int, str], ...]], ...] = (
+    (11, "Quantitative Aptitude", ((12, "Algebra"), (13, "Geometry"), (14, "Arithmetic"))),
+    (21, "Reasoning", ((22, "Puzzles"), (23, "Seating Arrangement"))),
+    (31, "English", ()),
+    (41, "सामान्य ज्ञान", ()),
+)
+# Subjects served with a null subject_id, as the docs' own example shows.
+UNNUMBERED_SUBJECTS = ("History", "Current affairs")
+DIFFICULTY_LEVELS = ("easy", "medium", "hard", "uncategorized")
+PHOTOS = "https://media.testpress.example/i"  # uploaded photos live on a media host, not the API's
+
+
+def _admin_rng(seed: int, kind: str, key: int) -> random.Random:
+    """A stream for one admin-only entity. String seeds are hashed with SHA-512 by
+    `random`, so the stream is the same in every process, whatever PYTHONHASHSEED says."""
+    return random.Random(f"testpress-admin:{seed * 7919 + 1}:{kind}:{key}")
+
+
+def _draw_profile(seed: int, user: SimUser) -> SimProfile:
+    rng = _admin_rng(seed, "profile", user.id)
+    city, state_name, state_code = rng.choice(PLACES)
+    has_address = rng.random() < 0.8
+    birth = date(rng.randint(1985, 2010), rng.randint(1, 12), rng.randint(1, 28))
+    domain = rng.choice(("example.com", "mail.example.in"))
+    street = f"{rng.randint(1, 300)} {rng.choice(('Gandhi Road', 'MG Road', 'Anna Salai'))}"
+    return SimProfile(
+        email=None if rng.random() < 0.15 else f"{user.username}@{domain}",
+        phone=None if rng.random() < 0.2 else f"9{rng.randrange(10**9):09d}",
+        birth_date=None if rng.random() < 0.15 else birth,
+        photo=None if rng.random() < 0.5 else f"{PHOTOS}/{rng.getrandbits(128):032x}.png",
+        address1=street if has_address else "",
+        address2=rng.choice(("", "2nd Cross", "Flat 4B")) if has_address else "",
+        city=city if has_address else "",
+        zip=str(rng.randint(110001, 855999)) if has_address else "",
+        state=rng.choice((state_name, state_code)) if has_address else "",
+        state_code=state_code if has_address else "",
+        custom_fields=_draw_custom_fields(rng),
+    )
+
+
+def _draw_custom_fields(rng: random.Random) -> dict[str, Any]:
+    """Answers to an institute's own sign-up questions: any JSON type, some missing."""
+    if rng.random() < 0.2:
+        return {}
+    answers: dict[str, Any] = {
+        "Graduation University": rng.choice(
+            ("Delhi University", "Anna University", "मुंबई विश्वविद्यालय", None)
+        ),
+        "Graduation Year": rng.randint(2005, 2024),
+        "Hostel": rng.random() < 0.3,
+        "Marks in 12th": round(rng.uniform(40, 100), 1),
+        "Optional Subjects": rng.sample(["Physics", "Chemistry", "Biology", "Maths"], 2),
+    }
+    dropped = rng.sample(sorted(answers), rng.randint(0, 2))
+    return {name: value for name, value in answers.items() if name not in dropped}
+
+
+def _draw_batches(seed: int, count: int) -> list[SimBatch]:
+    rng = _admin_rng(seed, "batches", 0)
+    names = [
+        f"{course} {shift} Batch {year}"
+        for course in COURSES
+        for shift in BATCH_SHIFTS
+        for year in range(2019, 2025)
+    ]
+    chosen = rng.sample(names, min(count, len(names))) + [
+        f"Batch {number}" for number in range(len(names) + 1, count + 1)
+    ]
+    batches = []
+    for number, name in enumerate(chosen, start=1):
+        created = EPOCH - timedelta(days=3 * (count - number) + 30, microseconds=rng.randrange(10**6))
+        modified = created + timedelta(days=rng.choice((0, 0, 3, 40)), microseconds=rng.randrange(10**6))
+        batches.append(SimBatch(id=number, name=name, created=created, modified=modified))
+    return batches
+
+
+def _draw_settings(seed: int, exam: SimExam) -> ExamSettings:
+    rng = _admin_rng(seed, "exam", exam.id)
+    # An exam that also shows newer fields on v2.1 says the same there and here.
+    pass_percentage = 40 if exam.extra_fields else rng.choice((0, 33, 35, 40, 50, 60))
+    show_score = True if exam.extra_fields else rng.random() < 0.8
+    return ExamSettings(
+        published=exam.id % 11 != 0,
+        pass_percentage=pass_percentage,
+        show_score=show_score,
+        show_percentile=rng.random() < 0.7,
+        show_pass_or_fail=rng.random() < 0.5,
+        modified=exam.created + timedelta(days=rng.randint(0, 20), microseconds=rng.randrange(10**6)),
+    )
+
+
+def _draw_breakdown(seed: int, attempt: SimAttempt, counts: Counts, taken: timedelta) -> Breakdown:
+    """Every answer of the attempt dealt to one section, one subject and one level, so each
+    grouping adds up to the attempt's own counts."""
+    rng = _admin_rng(seed, f"breakdown:{attempt.state}", attempt.id)
+    answers = ["c"] * counts.correct + ["i"] * counts.incorrect + ["u"] * counts.unanswered
+    rng.shuffle(answers)
+    total = len(answers)
+
+    sizes = _split(rng, total, rng.randint(1, 4))
+    sections = []
+    for order, group in enumerate(_deal(answers, sizes)):
+        share = taken * (len(group) / total) if total else timedelta(0)
+        sections.append(SectionFigures(order, attempt.id // 100_000 * 10 + order, _count(group), share))
+
+    leaves: list[tuple[int | None, str, int | None]] = [
+        (leaf_id, name, parent) for parent, _, children in SUBJECT_TREE for leaf_id, name in children
+    ]
+    leaves += [(top, name, None) for top, name, children in SUBJECT_TREE if not children]
+    leaves += [(None, name, None) for name in UNNUMBERED_SUBJECTS]
+    chosen = sorted(rng.sample(range(len(leaves)), rng.randint(2, 5)))
+    dealt = dict(zip(chosen, _deal(answers, _split(rng, total, len(chosen))), strict=True))
+    subjects = _subject_figures(leaves, dealt)
+
+    picked = sorted(rng.sample(range(len(DIFFICULTY_LEVELS)), rng.randint(1, len(DIFFICULTY_LEVELS))))
+    groups = _deal(answers, _split(rng, total, len(picked)))
+    levels = {DIFFICULTY_LEVELS[i]: _count(group) for i, group in zip(picked, groups, strict=True)}
+    return Breakdown(sections=sections, subjects=subjects, levels=levels)
+
+
+def _subject_figures(
+    leaves: list[tuple[int | None, str, int | None]], dealt: dict[int, list[str]]
+) -> list[SubjectFigures]:
+    """The chosen leaves in the tree's order, each parent first with its children's sum,
+    and the unnumbered subjects last."""
+
+    def leaf(i: int) -> SubjectFigures:
+        leaf_id, name, parent = leaves[i]
+        return SubjectFigures(leaf_id, name, parent, True, _count(dealt[i]))
+
+    figures = []
+    for top, name, children in SUBJECT_TREE:
+        if not children:
+            figures += [leaf(i) for i in sorted(dealt) if leaves[i][0] == top]
+            continue
+        mine = [i for i in sorted(dealt) if leaves[i][2] == top]
+        if mine:
+            answers = [answer for i in mine for answer in dealt[i]]
+            figures.append(SubjectFigures(top, name, None, False, _count(answers)))
+            figures += [leaf(i) for i in mine]
+    return figures + [leaf(i) for i in sorted(dealt) if leaves[i][0] is None]
+
+
+def _split(rng: random.Random, total: int, parts: int) -> list[int]:
+    """`total` cut into `parts` sizes, none empty while there are enough to go round."""
+    if total < parts:
+        return [1] * total + [0] * (parts - total)
+    cuts = sorted(rng.sample(range(1, total), parts - 1))
+    return [end - start for start, end in zip([0, *cuts], [*cuts, total], strict=True)]
+
+
+def _deal(answers: list[str], sizes: list[int]) -> list[list[str]]:
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(answers[start : start + size])
+        start += size
+    return groups
+
+
+def _count(answers: list[str]) -> Counts:
+    return Counts(answers.count("c"), answers.count("i"), answers.count("u"))
+
+
+_TIMEDELTA = re.compile(r"(?:(-?\d+) days?, )?(\d+):(\d\d):(\d\d)(?:\.(\d{1,6}))?")
+
+
+def parse_timedelta(text: str) -> timedelta:
+    """Python's timedelta text (`20 days, 3:58:48.076906`) back to a timedelta."""
+    match = _TIMEDELTA.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a timedelta: {text!r}")
+    days, hours, minutes, seconds, fraction = match.groups()
+    return timedelta(
+        days=int(days or 0), hours=int(hours), minutes=int(minutes), seconds=int(seconds),
+        microseconds=int((fraction or "0").ljust(6, "0")),
+    )  # fmt: skip
+
+
+def _parse_birth_date(value: object) -> date | None:
+    """A birth date as the admin API takes it (DD/MM/YYYY), or ISO, or None."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if "/" in text:
+        return datetime.strptime(text, "%d/%m/%Y").date()
+    return date.fromisoformat(text)
+
+
+def utc_micro_text(moment: datetime) -> str:
+    """UTC with Z and 6 fractional digits, as the admin lists write datetimes."""
+    return _utc_text(moment, 2)
+
+
+def ist_micro_text(moment: datetime) -> str:
+    """India time with +05:30 and 6 fractional digits, as the admin attempt detail writes them."""
+    local = (moment.astimezone(UTC) + IST).replace(tzinfo=None)
+    return local.isoformat(timespec="microseconds") + "+05:30"

@@ -1,0 +1,558 @@
+"""The simulator's v2.5 admin API: exams, attempts, users and batches of the whole institute.
+
+Shapes and formats follow the public docs (the project's API notes, "Admin API (v2.5)"):
+    GET /api/v2.5/admin/exams/                 200 a page; ordering, start_date, end_date, status
+    GET /api/v2.5/admin/exams/<id>/
+    GET /api/v2.5/admin/attempts/              200 a page, flat rows; exams, users, state
+                                               (numeric), date_0, date_1, ordering
+    GET /api/v2.5/admin/attempts/<id>/         the row plus sections, subjects, difficulty
+    GET /api/v2.5/admin/users/                 20 a page; q
+    GET /api/v2.5/admin/users/<id>/
+    GET /api/v2.5/admin/users/<id>/batches/    20 a page
+    GET /api/v2.5/admin/batches/               20 a page; search
+    GET /api/v2.5/admin/batches/<id>/
+
+Where the docs leave a behaviour open, it is done the way Django REST Framework and
+django-filter do it, since Testpress is built on them:
+- Dates given as `YYYY-MM-DD` mean midnight, and datetimes without an offset are read, in
+  the server's zone, India time. `date_0` keeps attempts started at or after it, `date_1`
+  those started at or before it (so `date_1=2024-03-05` stops at 5 March 00:00 IST).
+  The exams' `start_date` keeps those starting at or after it, `end_date` those ending
+  at or before it (never those without an end); `status` is judged at `Dataset.clock()`.
+- Ordering terms can be comma-separated; unknown ones are ignored. Ties keep id order.
+- A filter value of the wrong type answers 400 with the field's errors; a well-formed
+  id that matches nothing gives an empty page.
+Exams, attempts and users are served in id order unless ordered otherwise, so a walk is
+stable; batches newest first, as the docs' example lists them.
+
+The routes sit behind the app's middlewares: faults, accounting and authentication apply
+as on v2.1, and a student token gets 403 here (app.authentication).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from sync.simulator.app import (
+    CHANGES_KEY,
+    DATASET_KEY,
+    INVALID_PAGE,
+    STATE_KEY,
+    Change,
+    base_url,
+    json_response,
+    paginate,
+)
+from sync.simulator.data import (
+    Breakdown,
+    Counts,
+    Dataset,
+    SimAttempt,
+    SimBatch,
+    SimExam,
+    SimUser,
+    exam_end,
+    exam_start,
+    ist_micro_text,
+    utc_micro_text,
+)
+
+ADMIN = "/api/v2.5/admin"
+INDIA = timezone(timedelta(hours=5, minutes=30))
+NOT_FOUND = {"detail": "Not found."}
+STATE_CODES = {0: "Running", 1: "Completed", 3: "Not Started"}  # the `state` filter's numbers
+T = TypeVar("T")
+
+
+class BadFilter(Exception):
+    """A query parameter of the wrong form: 400 with `{name: [message]}`, as DRF answers."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.body = {name: [message]}
+
+
+# --- wire formats ------------------------------------------------------------------------
+
+
+def _utc_seconds(moment: datetime) -> str:
+    """`2021-04-13T11:45:12Z`, as the admin exams write start_date and end_date."""
+    return moment.astimezone(UTC).replace(tzinfo=None, microsecond=0).isoformat() + "Z"
+
+
+def _display_name(user: SimUser) -> str:
+    return f"{user.first_name} {user.last_name}".strip()
+
+
+def exam_row(dataset: Dataset, exam: SimExam, base: str) -> dict[str, Any]:
+    """An admin exam row: the documented fields (in the docs' order) plus `id`; no slug."""
+    shown = dataset.exam_payload(exam, base)  # the same exam as v2.1 shows: same figures
+    settings = dataset.settings(exam)
+    end = exam_end(exam)
+    marks = shown.get("total_marks") or (
+        f"{shown['number_of_questions'] * Decimal(shown['mark_per_question']):.2f}"
+    )
+    return {
+        "id": exam.id,
+        "created": utc_micro_text(exam.created),
+        "description": shown["description"],
+        "duration": shown["duration"],
+        "enable_ranks": shown["enable_ranks"],
+        "end_date": None if end is None else _utc_seconds(end),
+        "mark_per_question": shown["mark_per_question"],
+        "modified": utc_micro_text(exam.modified or settings.modified),
+        "negative_marks": shown["negative_marks"],
+        "number_of_questions": shown["number_of_questions"],
+        "pass_percentage": settings.pass_percentage,
+        "published": settings.published,
+        "start_date": _utc_seconds(exam_start(exam)),
+        "title": exam.title,
+        "show_score": settings.show_score,
+        "show_percentile": settings.show_percentile,
+        "show_pass_or_fail": settings.show_pass_or_fail,
+        "total_marks": marks,
+    }
+
+
+def attempt_row(
+    dataset: Dataset,
+    exam: SimExam,
+    attempt: SimAttempt,
+    base: str,
+    moment: Callable[[datetime], str] = utc_micro_text,
+) -> dict[str, Any]:
+    """A flat admin attempt row. `moment` writes its datetimes: UTC `Z` in the listing,
+    India time in the detail, as the docs' two examples do."""
+    scores = dataset.scores(attempt)
+    user = attempt.user
+    profile = dataset.profile(user)
+    percentage = round(100 * scores.correct / scores.total)
+    started = attempt.state != "Not Started"
+    answered = dataset.last_answer_at(attempt)
+    return {
+        "id": attempt.id,
+        "date": moment(attempt.started),
+        "exam_id": exam.id,
+        "user_id": user.id,
+        "email": profile.email,
+        "name": _display_name(user) or None,
+        "phone": profile.phone,
+        "correct_answers_count": scores.correct,
+        "incorrect_answers_count": scores.incorrect,
+        "unanswered_count": scores.total - scores.correct - scores.incorrect,
+        "score": f"{Decimal(scores.score):.2f}",  # v2.1 serves a fresh attempt's as int 0
+        "percentage": percentage,
+        "time_taken": scores.time_taken if started else "0:00:00",
+        # No remaining time before the start, nor for an exam without a time limit.
+        "remaining_time": scores.remaining_time if started and attempt.id % 13 else None,
+        "result": _result(dataset, exam, attempt, percentage),
+        "state": attempt.state,
+        "last_started_time": moment(attempt.started + timedelta(minutes=1)) if started else None,
+        "last_answer_updated_time": None if answered is None else moment(answered),
+        "speed": dataset.speed(attempt),
+        "exam_url": f"{base}{ADMIN}/exams/{exam.id}/",
+        "user_url": f"{base}{ADMIN}/users/{user.id}/",
+    }
+
+
+def _result(dataset: Dataset, exam: SimExam, attempt: SimAttempt, percentage: int) -> str:
+    if attempt.state != "Completed":
+        return "Not taken"
+    return "Pass" if percentage >= dataset.settings(exam).pass_percentage else "Fail"
+
+
+def attempt_detail(dataset: Dataset, exam: SimExam, attempt: SimAttempt, base: str) -> dict[str, Any]:
+    """The row in India time, `percentile` after `percentage`, then the breakdowns."""
+    detail: dict[str, Any] = {}
+    for name, value in attempt_row(dataset, exam, attempt, base, ist_micro_text).items():
+        detail[name] = value
+        if name == "percentage":
+            detail["percentile"] = float(dataset.scores(attempt).percentile)
+    breakdown = dataset.breakdown(attempt)
+    detail["username"] = attempt.user.username
+    detail["sections"] = _sections(attempt, breakdown)
+    detail["subject_stats"] = [
+        {
+            "subject_id": subject.subject_id,
+            "subject_name": subject.name,
+            "total_count": subject.counts.total,
+            "correct_answers_count": subject.counts.correct,
+            "unanswered_count": subject.counts.unanswered,
+            "incorrect_answers_count": subject.counts.incorrect,
+            "parent_subject_id": subject.parent_id,
+            "is_leaf": subject.is_leaf,
+            "score": subject.counts.score,
+            "partial_correct_answers_count": subject.counts.partial,
+        }
+        for subject in breakdown.subjects
+    ]
+    detail["difficulty_level_stats"] = {level: _level(counts) for level, counts in breakdown.levels.items()}
+    detail["institute_attempt_id"] = None if attempt.id % 4 else 7_000_000 + attempt.id
+    return detail
+
+
+def _sections(attempt: SimAttempt, breakdown: Breakdown) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": attempt.id * 10 + section.order,  # the section attempt's own id
+            "order": section.order,
+            "section_id": section.section_id,
+            "time_taken": str(section.time_taken),
+            "correct_answers_count": section.counts.correct,
+            "incorrect_answers_count": section.counts.incorrect,
+            "unanswered_count": section.counts.unanswered,
+            "score": section.counts.score,
+        }
+        for section in breakdown.sections
+    ]
+
+
+def _level(counts: Counts) -> dict[str, int]:
+    return {
+        "correct_answers_count": counts.correct,
+        "incorrect_answers_count": counts.incorrect,
+        "partial_correct_answers_count": counts.partial,
+        "unanswered_count": counts.unanswered,
+        "total_count": counts.total,
+    }
+
+
+def user_row(dataset: Dataset, user: SimUser, base: str) -> dict[str, Any]:
+    profile = dataset.profile(user)
+    return {
+        "id": user.id,
+        "url": f"{base}{ADMIN}/users/{user.id}/",
+        "username": user.username,
+        "first_name": user.first_name,
+        "last_name": user.last_name,
+        "display_name": _display_name(user),
+        "email": profile.email,
+        "photo": profile.photo,
+        "birth_date": None if profile.birth_date is None else profile.birth_date.strftime("%d/%m/%Y"),
+        "address1": profile.address1,
+        "address2": profile.address2,
+        "city": profile.city,
+        "zip": profile.zip,
+        "state": profile.state,
+        "state_code": profile.state_code,
+        "phone": profile.phone,
+        "batches_url": f"{base}{ADMIN}/users/{user.id}/batches/",
+        "custom_fields": profile.custom_fields,
+    }
+
+
+def batch_row(batch: SimBatch, base: str, *, detail: bool = False) -> dict[str, Any]:
+    """A listing row (`id`, `name`, `url`, `is_local`); the detail adds the timestamps."""
+    row: dict[str, Any] = {"id": batch.id, "name": batch.name, "url": f"{base}{ADMIN}/batches/{batch.id}/"}
+    if detail:
+        row["created"] = utc_micro_text(batch.created)
+        row["modified"] = utc_micro_text(batch.modified)
+    row["is_local"] = None
+    return row
+
+
+def membership_row(batch: SimBatch, base: str) -> dict[str, Any]:
+    """A row of a user's batches: the fields the docs list for it."""
+    return {"id": batch.id, "name": batch.name, "url": f"{base}{ADMIN}/batches/{batch.id}/"}
+
+
+# --- query parameters ----------------------------------------------------------------------
+
+
+def _ints(request: web.Request, name: str) -> set[int] | None:
+    """The ids a repeatable id filter (`exams=3&exams=4`) asks for; None when absent."""
+    values = request.query.getall(name, [])
+    if not values:
+        return None
+    try:
+        return {int(value) for value in values}
+    except ValueError:
+        raise BadFilter(name, "Enter a whole number.") from None
+
+
+def _moment(request: web.Request, name: str, field: str) -> datetime | None:
+    """A date or datetime filter value as an aware datetime, or None when absent."""
+    text = request.query.get(name, "")
+    if not text:
+        return None
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), time(), INDIA)
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadFilter(field, "Enter a valid date/time.") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=INDIA)
+
+
+def _ordered(request: web.Request, items: list[T], keys: dict[str, Callable[[T], Any]]) -> list[T]:
+    """`items` (in id order) sorted by the `ordering` terms that are known, last term
+    first, so earlier terms win and ties stay in id order (each sort is stable)."""
+    terms = [term.strip() for term in request.query.get("ordering", "").split(",")]
+    known = [term for term in terms if term.removeprefix("-") in keys]
+    for term in reversed(known):
+        items = sorted(items, key=keys[term.removeprefix("-")], reverse=term.startswith("-"))
+    return items
+
+
+def _page(request: web.Request, items: Sequence[T], kind: str, render: Callable[[T], Any]) -> web.Response:
+    per_page = request.app[STATE_KEY].admin_per_page[kind]
+    page = paginate(request, items, per_page, render, page_last=True)
+    return json_response(page) if page else json_response(INVALID_PAGE, 404)
+
+
+def _path_id(request: web.Request, name: str) -> int | None:
+    try:
+        return int(request.match_info[name])
+    except ValueError:
+        return None
+
+
+# --- exams -----------------------------------------------------------------------------------
+
+
+async def exam_list(request: web.Request) -> web.Response:
+    dataset = request.app[DATASET_KEY]
+    try:
+        exams = _filtered_exams(request, dataset)
+    except BadFilter as bad:
+        return json_response(bad.body, 400)
+    base = base_url(request)
+    return _page(request, exams, "exams", lambda exam: exam_row(dataset, exam, base))
+
+
+def _filtered_exams(request: web.Request, dataset: Dataset) -> list[SimExam]:
+    exams = sorted(dataset.exams, key=lambda exam: exam.id)
+    after = _moment(request, "start_date", "start_date")
+    before = _moment(request, "end_date", "end_date")
+    if after is not None:
+        exams = [exam for exam in exams if exam_start(exam) >= after]
+    if before is not None:
+        exams = [exam for exam in exams if (end := exam_end(exam)) is not None and end <= before]
+    status = request.query.get("status")
+    if status:
+        if status not in ("running", "upcoming", "completed"):
+            raise BadFilter("status", f"Select a valid choice. {status} is not one of the available choices.")
+        now = dataset.clock()
+        exams = [exam for exam in exams if _status(exam, now) == status]
+    far = datetime.max.replace(tzinfo=UTC)  # PostgreSQL sorts NULL after every date
+    return _ordered(
+        request,
+        exams,
+        {"start_date": exam_start, "end_date": lambda exam: exam_end(exam) or far},
+    )
+
+
+def _status(exam: SimExam, now: datetime) -> str:
+    end = exam_end(exam)
+    if exam_start(exam) > now:
+        return "upcoming"
+    return "running" if end is None or end > now else "completed"
+
+
+async def exam_detail(request: web.Request) -> web.Response:
+    dataset = request.app[DATASET_KEY]
+    exam_id = _path_id(request, "exam_id")
+    try:
+        exam = dataset.exam(exam_id if exam_id is not None else -1)
+    except KeyError:
+        return json_response(NOT_FOUND, 404)
+    return json_response(exam_row(dataset, exam, base_url(request)))
+
+
+# --- attempts ---------------------------------------------------------------------------------
+
+
+async def attempt_list(request: web.Request) -> web.Response:
+    dataset = request.app[DATASET_KEY]
+    try:
+        pairs = _filtered_attempts(request, dataset)
+    except BadFilter as bad:
+        return json_response(bad.body, 400)
+    base = base_url(request)
+    return _page(request, pairs, "attempts", lambda pair: attempt_row(dataset, *pair, base))
+
+
+def _filtered_attempts(request: web.Request, dataset: Dataset) -> list[tuple[SimExam, SimAttempt]]:
+    pairs = dataset.attempts_by_id()
+    if (exam_ids := _ints(request, "exams")) is not None:
+        pairs = [pair for pair in pairs if pair[0].id in exam_ids]
+    if (user_ids := _ints(request, "users")) is not None:
+        pairs = [pair for pair in pairs if pair[1].user.id in user_ids]
+    state = request.query.get("state")
+    if state:
+        try:
+            wanted = STATE_CODES.get(int(state))  # the filter is numeric; rows say the name
+        except ValueError:
+            raise BadFilter("state", "Enter a number.") from None
+        pairs = [pair for pair in pairs if pair[1].state == wanted]
+    since = _moment(request, "date_0", "date")
+    until = _moment(request, "date_1", "date")
+    if since is not None:
+        pairs = [pair for pair in pairs if pair[1].started >= since]
+    if until is not None:
+        pairs = [pair for pair in pairs if pair[1].started <= until]
+
+    def count(name: str) -> Callable[[tuple[SimExam, SimAttempt]], int]:
+        return lambda pair: attempt_counts(dataset, pair[1])[name]
+
+    keys: dict[str, Callable[[tuple[SimExam, SimAttempt]], Any]] = {
+        "date": lambda pair: pair[1].started,
+        "correct_answers_count": count("correct_answers_count"),
+        "incorrect_answers_count": count("incorrect_answers_count"),
+        "unanswered_count": count("unanswered_count"),
+    }
+    return _ordered(request, list(pairs), keys)
+
+
+def attempt_counts(dataset: Dataset, attempt: SimAttempt) -> dict[str, int]:
+    scores = dataset.scores(attempt)
+    return {
+        "correct_answers_count": scores.correct,
+        "incorrect_answers_count": scores.incorrect,
+        "unanswered_count": scores.total - scores.correct - scores.incorrect,
+    }
+
+
+async def attempt_detail_view(request: web.Request) -> web.Response:
+    dataset = request.app[DATASET_KEY]
+    attempt_id = _path_id(request, "attempt_id")
+    try:
+        exam, attempt = dataset.find_attempt(attempt_id if attempt_id is not None else -1)
+    except KeyError:
+        return json_response(NOT_FOUND, 404)
+    return json_response(attempt_detail(dataset, exam, attempt, base_url(request)))
+
+
+# --- users and batches --------------------------------------------------------------------------
+
+
+async def user_list(request: web.Request) -> web.Response:
+    dataset = request.app[DATASET_KEY]
+    users = sorted(dataset.users, key=lambda user: user.id)
+    if needle := request.query.get("q", "").strip().lower():
+        users = [
+            user
+            for user in users
+            if needle in user.username.lower() or needle in (dataset.profile(user).email or "").lower()
+        ]
+    base = base_url(request)
+    return _page(request, users, "users", lambda user: user_row(dataset, user, base))
+
+
+def _user_or_none(request: web.Request) -> SimUser | None:
+    user_id = _path_id(request, "user_id")
+    try:
+        return None if user_id is None else request.app[DATASET_KEY].user(user_id)
+    except KeyError:
+        return None
+
+
+async def user_detail(request: web.Request) -> web.Response:
+    user = _user_or_none(request)
+    if user is None:
+        return json_response(NOT_FOUND, 404)
+    return json_response(user_row(request.app[DATASET_KEY], user, base_url(request)))
+
+
+async def user_batches(request: web.Request) -> web.Response:
+    user = _user_or_none(request)
+    if user is None:
+        return json_response(NOT_FOUND, 404)
+    base = base_url(request)
+    memberships = request.app[DATASET_KEY].memberships(user)
+    return _page(request, memberships, "batches", lambda batch: membership_row(batch, base))
+
+
+async def batch_list(request: web.Request) -> web.Response:
+    # Newest first, as the docs' example lists them.
+    batches = sorted(request.app[DATASET_KEY].batches, key=lambda batch: -batch.id)
+    if needle := request.query.get("search", "").strip().lower():
+        batches = [batch for batch in batches if needle in batch.name.lower()]
+    base = base_url(request)
+    return _page(request, batches, "batches", lambda batch: batch_row(batch, base))
+
+
+async def batch_detail(request: web.Request) -> web.Response:
+    batch_id = _path_id(request, "batch_id")
+    try:
+        batch = request.app[DATASET_KEY].batch(batch_id if batch_id is not None else -1)
+    except KeyError:
+        return json_response(NOT_FOUND, 404)
+    return json_response(batch_row(batch, base_url(request), detail=True))
+
+
+# --- changes (POST /_simulator/change) ------------------------------------------------------------
+
+
+def _required(change: dict[str, Any], name: str) -> Any:
+    if name not in change:
+        raise ValueError(f"{change.get('action')} needs {name!r}")
+    return change[name]
+
+
+def _create_attempts(dataset: Dataset, change: dict[str, Any]) -> dict[str, Any]:
+    """{"exam_id": 3, "user_ids": [1000, 1001], "state": "Running"}: attempts started now."""
+    exam = dataset.exam(int(_required(change, "exam_id")))
+    users = [dataset.user(int(user_id)) for user_id in _required(change, "user_ids")]
+    added = dataset.start_attempts(exam, users, state=str(change.get("state", "Running")))
+    return {"added": [attempt.id for attempt in added]}
+
+
+def _complete_attempts(dataset: Dataset, change: dict[str, Any]) -> dict[str, Any]:
+    """{"attempt_ids": [...]}, or every Running attempt without it: Running → Completed."""
+    ids = change.get("attempt_ids")
+    if ids is None:
+        ids = [attempt.id for _, attempt in dataset.attempts_by_id() if attempt.state == "Running"]
+    return {"completed": dataset.complete_attempts([int(attempt_id) for attempt_id in ids])}
+
+
+def _update_user(dataset: Dataset, change: dict[str, Any]) -> dict[str, Any]:
+    """{"user_id": 1000, "fields": {"email": null, "city": "Pune", "first_name": "Asha"}}"""
+    dataset.update_user(int(_required(change, "user_id")), dict(_required(change, "fields")))
+    return {"ok": True}
+
+
+def _membership(join: bool) -> Change:
+    def apply(dataset: Dataset, change: dict[str, Any]) -> dict[str, Any]:
+        """{"user_id": 1000, "batch_id": 4}"""
+        user_id, batch_id = int(_required(change, "user_id")), int(_required(change, "batch_id"))
+        move = dataset.add_membership if join else dataset.remove_membership
+        return {"changed": move(user_id, batch_id)}
+
+    return apply
+
+
+def _delete_attempt(dataset: Dataset, change: dict[str, Any]) -> dict[str, Any]:
+    """{"attempt_id": 300012}"""
+    attempt_id = int(_required(change, "attempt_id"))
+    if not dataset.delete_attempt(attempt_id):
+        raise KeyError(attempt_id)
+    return {"ok": True}
+
+
+CHANGES: dict[str, Change] = {
+    "create_attempts": _create_attempts,
+    "complete_attempts": _complete_attempts,
+    "update_user": _update_user,
+    "add_membership": _membership(join=True),
+    "remove_membership": _membership(join=False),
+    "delete_attempt": _delete_attempt,
+}
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get(f"{ADMIN}/exams/", exam_list)
+    app.router.add_get(f"{ADMIN}/exams/{{exam_id}}/", exam_detail)
+    app.router.add_get(f"{ADMIN}/attempts/", attempt_list)
+    app.router.add_get(f"{ADMIN}/attempts/{{attempt_id}}/", attempt_detail_view)
+    app.router.add_get(f"{ADMIN}/users/", user_list)
+    app.router.add_get(f"{ADMIN}/users/{{user_id}}/", user_detail)
+    app.router.add_get(f"{ADMIN}/users/{{user_id}}/batches/", user_batches)
+    app.router.add_get(f"{ADMIN}/batches/", batch_list)
+    app.router.add_get(f"{ADMIN}/batches/{{batch_id}}/", batch_detail)
+    app[CHANGES_KEY] = CHANGES
