@@ -7,6 +7,7 @@ Exit codes (also in the README):
     3    authentication failed
     4    database unreachable, or migration failed
     5    another run holds the lock on this database
+    70   an unexpected error (a bug): one line on stderr, the traceback in the log
     130  interrupted by SIGINT;  143  interrupted by SIGTERM
 """
 
@@ -44,6 +45,7 @@ from sync.sink.database import database_url_from
 log = structlog.get_logger("testpress_sync.cli")
 
 EXIT_OK, EXIT_PARTIAL, EXIT_CONFIG, EXIT_AUTH, EXIT_DATABASE, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
+EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: never 1, which cron reads as "partial"
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 EXIT_OUTCOME = {Outcome.OK: EXIT_OK, Outcome.INCOMPLETE: EXIT_PARTIAL}
 # The error tree's exit codes, most specific first; any other SyncError ends a run that
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sync Testpress exams and attempts into PostgreSQL or SQLite.",
         epilog="Exit codes: 0 ok, 1 finished with errors in sync_errors (status: unhealthy), "
         "2 configuration, 3 login refused, 4 database, 5 another run is going, "
-        "130/143 interrupted. Run `testpress-sync COMMAND --help` for a command's options.",
+        "70 unexpected error (a bug), 130/143 interrupted. Run `testpress-sync COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"testpress-sync {__version__}")
     commands_ = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -347,7 +349,21 @@ def _run_until_signal(
     except SyncError as exc:
         log.error("sync_failed", error=redactor.redact(str(exc)))
         return exit_code(type(exc))
+    except Exception as exc:  # a bug: say so in one line, keep the traceback in the log
+        return _unexpected(exc)
     return EXIT_SIGNAL[received[0]] if received else exit_code(result)
+
+
+def _unexpected(error: Exception) -> int:
+    """Log the traceback at error level (redacted like every line), and tell the person at
+    the terminal in one line what happened and where the traceback is."""
+    log.error("unexpected_error", error=f"{type(error).__name__}: {error}", exc_info=error)
+    print(
+        f"testpress-sync: unexpected error ({type(error).__name__}); this is a bug. The traceback "
+        "is in the log line 'unexpected_error' above (stderr); please report it with that line.",
+        file=sys.stderr,
+    )
+    return EXIT_SOFTWARE
 
 
 def _pending_work() -> list[str]:

@@ -227,3 +227,24 @@ def test_config_shows_each_settings_source_with_secrets_redacted(
     assert rows["database_url"]["source"] == "flag --database-url"
     assert rows["api.password"]["value"] == "[redacted]" and rows["http.concurrency"]["source"] == "default"
     assert "a-secret-password" not in out and "db-secret" not in out
+
+
+def test_an_unexpected_error_exits_70_with_one_line_and_the_traceback_in_the_log(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sync.commands import status as status_command
+
+    monkeypatch.setenv("TESTPRESS_PASSWORD", "a-secret-password")
+
+    async def broken_status(*_args: object, **_kwargs: object) -> None:
+        raise KeyError("a bug next to a-secret-password")
+
+    monkeypatch.setattr(status_command, "show_status", broken_status)
+    code = main(["status", "--log-format", "json", "--database-url", f"sqlite:///{tmp_path / 'x.db'}"])
+    err = capsys.readouterr().err
+    assert code == 70
+    [logged] = [line for line in log_lines(err) if line["event"] == "unexpected_error"]
+    assert logged["level"] == "error" and "Traceback" in str(logged["exception"]) and "broken_status" in str(logged["exception"])
+    [said] = [line for line in err.splitlines() if line.startswith("testpress-sync: unexpected error")]
+    assert "KeyError" in said and "unexpected_error" in said
+    assert "a-secret-password" not in err
