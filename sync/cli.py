@@ -96,6 +96,7 @@ def _run_options() -> argparse.ArgumentParser:
     add("--dry-run", action="store_true", help="fetch and compare, report what would change, write nothing")
     add("--summary-json", type=Path, metavar="PATH", help="write the end-of-run summary as JSON")
     add("--metrics-file", type=Path, metavar="PATH", help="write Prometheus text-format metrics (node_exporter textfile collector)")
+    add("--metrics-push", metavar="URL", help="push the metrics to a Prometheus Pushgateway at URL (job testpress_sync, grouped by institute and schema)")
     return options
 
 
@@ -275,6 +276,7 @@ def _command(
     outputs = sync_command.Outputs(
         summary_json=getattr(args, "summary_json", None),
         metrics_file=getattr(args, "metrics_file", None),
+        metrics_push=getattr(args, "metrics_push", None),
         on_progress=terminal.show if terminal is not None else None,
     )
     if args.command in ("run", "backfill"):

@@ -10,7 +10,9 @@ import os
 import pty
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -205,6 +207,11 @@ def test_summary_and_metrics_files(cli_environment: SimulatorServer, tmp_path: P
     assert value("last_success_timestamp_seconds") == pytest.approx(time.time(), abs=60)
     assert value("last_run_rows", table="attempts", outcome="inserted") == summary["by_table"]["attempts"]["inserted"]
     assert value("last_run_requests") == summary["requests"]
+    # Every sample says which institute (the API host) and schema it is for.
+    assert all(
+        (sample.labels["institute"], sample.labels["schema"]) == ("127.0.0.1", "")
+        for family in families.values() for sample in family.samples
+    )
 
     cli_environment.state.faults.server_error_rate = 1.0
     assert main(["run", "--metrics-file", str(metrics_path)]) == 1
@@ -295,3 +302,55 @@ def test_course_option_uses_the_api_filter_and_deletes_only_within_it(
     summary = next(line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished")
     assert summary["rows_deleted"] == 0  # not this course's listing: not this run's business
     assert select_value(database_url, select(exams.c.deleted_at).where(exams.c.id == other.id)) is None
+
+
+class FakePushgateway:
+    """A Pushgateway's PUT route on 127.0.0.1: it keeps each push's path and body."""
+
+    def __init__(self) -> None:
+        pushes = self.pushes = []  # type: list[tuple[str, str]]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # noqa: N802 (the stdlib's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                pushes.append((self.path, body.decode()))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakePushgateway:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_metrics_are_pushed_to_a_pushgateway_grouped_by_institute_and_schema(
+    cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with FakePushgateway() as gateway:
+        assert main(["run", "--metrics-push", gateway.url]) == 0
+    [(path, body)] = gateway.pushes
+    assert path == "/metrics/job/testpress_sync/institute/127.0.0.1/schema@base64/="
+    families = {family.name: family for family in text_string_to_metric_families(body)}
+    [status] = [s for s in families["testpress_sync_last_run_status"].samples if s.labels["status"] == "succeeded"]
+    assert status.value == 1 and status.labels["institute"] == "127.0.0.1"
+    assert any(line["event"] == "metrics_pushed" for line in log_lines(capsys.readouterr().err))
+
+
+def test_a_pushgateway_that_is_down_does_not_fail_the_run(
+    cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with FakePushgateway() as gateway:
+        url = gateway.url  # closed at once: nothing listens there any more
+    assert main(["run", "--metrics-push", url]) == 0
+    [warning] = [line for line in log_lines(capsys.readouterr().err) if line["event"] == "metrics_not_pushed"]
+    assert warning["level"] == "warning"

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -17,7 +18,7 @@ from sync.config import Settings
 from sync.errors import error_text
 from sync.model.run import SUCCESSFUL, Progress, RunOptions, RunSummary, utc_now
 from sync.ops.logs import Redactor
-from sync.ops.report import prometheus_text
+from sync.ops.report import MetricFamily, metric_families, prometheus_text, push_metrics
 from sync.run import run_sync
 from sync.sink import store
 from sync.sink.database import create_engine, database_url_from, describe, ensure_schema, run_lock
@@ -32,7 +33,13 @@ class Outputs:
 
     summary_json: Path | None = None
     metrics_file: Path | None = None
+    metrics_push: str | None = None  # a Prometheus Pushgateway's URL
     on_progress: Callable[[Progress], None] | None = None
+
+
+def metric_labels(settings: Settings) -> dict[str, str]:
+    """What tells one institute's metrics from another's: the API host, and the schema."""
+    return {"institute": urlsplit(settings.api.base_url).hostname or "", "schema": settings.database_schema or ""}
 
 
 def open_database(settings: Settings) -> AsyncEngine:
@@ -60,7 +67,7 @@ async def sync_into(
                     engine, client, settings, redactor, options,
                     stop=stop,
                     on_progress=outputs.on_progress,
-                    on_finish=lambda summary: _report(engine, summary, outputs),
+                    on_finish=lambda summary: _report(engine, summary, outputs, metric_labels(settings)),
                 )  # fmt: skip
     finally:
         await engine.dispose()
@@ -72,21 +79,36 @@ async def _prepare_schema(engine: AsyncEngine, *, dry_run: bool) -> None:
         log.info("schema_migrated", database=describe(engine.url), before=state.current, after=state.head)
 
 
-async def _report(engine: AsyncEngine, summary: RunSummary, outputs: Outputs) -> None:
-    """The summary file and the metrics file, written whole or not at all."""
+async def _report(engine: AsyncEngine, summary: RunSummary, outputs: Outputs, labels: dict[str, str]) -> None:
+    """The summary file, the metrics file (written whole or not at all) and the push."""
     now = utc_now()
     data = {**summary.as_dict(), "finished_at": now.isoformat()}
     if outputs.summary_json:
         _write_atomically(outputs.summary_json, json.dumps(data, indent=2, default=str) + "\n")
+    if not (outputs.metrics_file or outputs.metrics_push):
+        return
+    last_success = now if summary.status in SUCCESSFUL else None
+    if last_success is None:
+        try:
+            async with engine.connect() as connection:
+                last_success = await store.last_success_finished_at(connection)
+        except Exception as exc:  # the database may be why this run failed
+            log.warning("last_success_unknown", error=error_text(exc))
+    families = metric_families(data, now, last_success, labels)
     if outputs.metrics_file:
-        last_success = now if summary.status in SUCCESSFUL else None
-        if last_success is None:
-            try:
-                async with engine.connect() as connection:
-                    last_success = await store.last_success_finished_at(connection)
-            except Exception as exc:  # the database may be why this run failed
-                log.warning("last_success_unknown", error=error_text(exc))
-        _write_atomically(outputs.metrics_file, prometheus_text(data, now, last_success))
+        _write_atomically(outputs.metrics_file, prometheus_text(families))
+    if outputs.metrics_push:
+        await _push(outputs.metrics_push, families, labels)
+
+
+async def _push(url: str, families: list[MetricFamily], labels: dict[str, str]) -> None:
+    # A Pushgateway that is down must not fail a run that stored its data: say so, go on.
+    try:
+        await asyncio.to_thread(push_metrics, url, families, labels)
+    except Exception as exc:
+        log.warning("metrics_not_pushed", url=url, error=f"{type(exc).__name__}: {exc}")
+    else:
+        log.info("metrics_pushed", url=url)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -4,7 +4,7 @@ summary file and Prometheus metrics. Pure functions over run records; no I/O her
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -78,41 +78,88 @@ def _human(span: timedelta) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-# --- Prometheus text format ------------------------------------------------------------------
+# --- Prometheus metrics ----------------------------------------------------------------------
 
 
-def _metric(name: str, help_text: str, samples: Sequence[tuple[dict[str, str], float]]) -> list[str]:
-    lines = [f"# HELP testpress_sync_{name} {help_text}", f"# TYPE testpress_sync_{name} gauge"]
-    for labels, value in samples:
-        rendered = ",".join(f'{key}="{label}"' for key, label in labels.items())
-        number = f"{int(value)}" if float(value).is_integer() else repr(float(value))
-        lines.append(f"testpress_sync_{name}{{{rendered}}} {number}" if rendered else f"testpress_sync_{name} {number}")
-    return lines
+@dataclass(frozen=True)
+class MetricFamily:
+    """One gauge and its samples (labels → value), before any rendering."""
+
+    name: str
+    help: str
+    samples: tuple[tuple[dict[str, str], float], ...]
 
 
-def prometheus_text(
-    summary: dict[str, Any], finished_at: datetime, last_success_at: datetime | None
-) -> str:
-    """The end-of-run summary as Prometheus text format, for node_exporter's textfile
-    collector. All gauges: each file describes the latest run."""
+def metric_families(
+    summary: dict[str, Any],
+    finished_at: datetime,
+    last_success_at: datetime | None,
+    labels: Mapping[str, str] | None = None,
+) -> list[MetricFamily]:
+    """The end-of-run summary as gauges (each describes the latest run). `labels` go on
+    every sample: which institute and schema the run was for, so several institutes can
+    share one textfile directory or Pushgateway."""
+    common = dict(labels or {})
     statuses = ("succeeded", "partial", "failed", "interrupted")
     by_table = summary.get("by_table", {})
-    lines = [
-        *_metric("last_run_timestamp_seconds", "When the last run finished (Unix time).",
-                 [({}, finished_at.timestamp())]),
-        *_metric("last_success_timestamp_seconds", "When the last successful (succeeded or partial) run finished (Unix time); 0 if none.",
-                 [({}, last_success_at.timestamp() if last_success_at else 0)]),
-        *_metric("last_run_duration_seconds", "Wall time of the last run.", [({}, summary["duration_seconds"])]),
-        *_metric("last_run_status", "1 for the status the last run ended with.",
-                 [({"status": status}, float(summary["status"] == status)) for status in statuses]),
-        *_metric("last_run_rows", "Rows of the last run by table and outcome.",
-                 [({"table": table, "outcome": outcome}, counts[outcome])
-                  for table, counts in sorted(by_table.items())
-                  for outcome in ("inserted", "updated", "unchanged", "deleted")]),
-        *_metric("last_run_errors", "Items and pages of the last run that went to sync_errors.", [({}, summary["errors"])]),
-        *_metric("last_run_requests", "HTTP requests of the last run, retries included.", [({}, summary["requests"])]),
-        *_metric("last_run_retries", "HTTP retries of the last run.", [({}, summary["retries"])]),
-        *_metric("last_run_exams_seen", "Exams the last run fetched.", [({}, summary["exams_seen"])]),
-        *_metric("last_run_attempts_seen", "Attempts the last run fetched.", [({}, summary["attempts_seen"])]),
+
+    def family(name: str, help_text: str, samples: Sequence[tuple[dict[str, str], float]]) -> MetricFamily:
+        return MetricFamily(f"testpress_sync_{name}", help_text, tuple(({**common, **own}, value) for own, value in samples))
+
+    return [
+        family("last_run_timestamp_seconds", "When the last run finished (Unix time).",
+               [({}, finished_at.timestamp())]),
+        family("last_success_timestamp_seconds", "When the last successful (succeeded or partial) run finished (Unix time); 0 if none.",
+               [({}, last_success_at.timestamp() if last_success_at else 0)]),
+        family("last_run_duration_seconds", "Wall time of the last run.", [({}, summary["duration_seconds"])]),
+        family("last_run_status", "1 for the status the last run ended with.",
+               [({"status": status}, float(summary["status"] == status)) for status in statuses]),
+        family("last_run_rows", "Rows of the last run by table and outcome.",
+               [({"table": table, "outcome": outcome}, counts[outcome])
+                for table, counts in sorted(by_table.items())
+                for outcome in ("inserted", "updated", "unchanged", "deleted")]),
+        family("last_run_errors", "Items and pages of the last run that went to sync_errors.", [({}, summary["errors"])]),
+        family("last_run_requests", "HTTP requests of the last run, retries included.", [({}, summary["requests"])]),
+        family("last_run_retries", "HTTP retries of the last run.", [({}, summary["retries"])]),
+        family("last_run_exams_seen", "Exams the last run fetched.", [({}, summary["exams_seen"])]),
+        family("last_run_attempts_seen", "Attempts the last run fetched.", [({}, summary["attempts_seen"])]),
     ]  # fmt: skip
+
+
+def _label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def prometheus_text(families: Sequence[MetricFamily]) -> str:
+    """Prometheus text format, for node_exporter's textfile collector. Written here rather
+    than by prometheus_client: its import would add ~50 ms to every run that writes the
+    file, for ten gauges; the tests parse the result with prometheus_client's parser."""
+    lines: list[str] = []
+    for family in families:
+        lines += [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} gauge"]
+        for labels, value in family.samples:
+            rendered = ",".join(f'{key}="{_label_value(label)}"' for key, label in labels.items())
+            number = f"{int(value)}" if float(value).is_integer() else repr(float(value))
+            lines.append(f"{family.name}{{{rendered}}} {number}" if rendered else f"{family.name} {number}")
     return "\n".join(lines) + "\n"
+
+
+def push_metrics(url: str, families: Sequence[MetricFamily], grouping_key: Mapping[str, str], timeout: float = 10.0) -> None:
+    """PUT the gauges to a Prometheus Pushgateway (blocking: run it in a thread), replacing
+    what this job and `grouping_key` pushed before. prometheus_client is imported only here."""
+    from prometheus_client import CollectorRegistry, push_to_gateway
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    class Families(Collector):
+        def collect(self) -> Any:
+            for family in families:
+                names = sorted({key for labels, _ in family.samples for key in labels})
+                gauge = GaugeMetricFamily(family.name, family.help, labels=names)
+                for labels, value in family.samples:
+                    gauge.add_metric([labels.get(name, "") for name in names], value)
+                yield gauge
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families())
+    push_to_gateway(url, job="testpress_sync", registry=registry, grouping_key=dict(grouping_key), timeout=timeout)
