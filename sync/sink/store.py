@@ -39,11 +39,6 @@ _USER_FIELDS = ("user_id", "display_name", "first_name", "last_name")
 _user_fields = itemgetter(*_USER_FIELDS)
 
 
-# A row to write: the normalized row, its payload as JSON bytes, and its digest. (A plain
-# tuple: one is made for every attempt written.)
-NewRow = tuple[Mapping[str, Any], bytes, str]
-
-
 def table_of(resource: Resource) -> Table:
     return metadata.tables[resource.table]
 
@@ -126,43 +121,53 @@ async def stored_digests(
     return {ident: (digest, bool(gone)) for ident, digest, gone in rows}
 
 
-async def upsert_rows(connection: AsyncConnection, resource: Resource, rows: Sequence[NewRow], now: datetime) -> None:
-    """Insert or rewrite `rows` (the writer chose them: new, changed, or seen again after
-    being marked deleted), in one executemany."""
-    if not rows:
-        return
-    dialect = dialect_of(connection)
-    if resource.movable_unique_columns:
-        await _free_unique_values(connection, resource, rows)
-    plan = _payload_upsert(resource, dialect)
-    stamp = dialect.stamp(now)
-    holds_nul = dialect.holds_nul()
-    values_of = plan.values
-    to_write = []
-    for row, raw_json, digest in rows:
-        values = values_of(row)
-        if not holds_nul and b"\\u0000" in raw_json:
+class RowBatch:
+    """Rows of one resource for one upsert statement. Each row becomes the driver's values
+    as it is added, so a batch never holds its normalized rows (a dict per attempt) and
+    the values at once: one pass, as little memory as the values need."""
+
+    def __init__(self, connection: AsyncConnection, resource: Resource, now: datetime) -> None:
+        dialect = dialect_of(connection)
+        self.resource = resource
+        self.values: list[tuple[Any, ...]] = []
+        # Values of the movable unique columns this batch writes: value → id of the row.
+        self.unique: dict[str, dict[Any, int]] = {column: {} for column in resource.movable_unique_columns}
+        self._plan = _payload_upsert(resource, dialect)
+        self._stamp = dialect.stamp(now)
+        self._holds_nul = dialect.holds_nul()
+
+    def add(self, row: Mapping[str, Any], raw_json: bytes, digest: str) -> None:
+        """`row` as normalized from a payload whose JSON is `raw_json` and digest `digest`."""
+        values = self._plan.values(row)
+        if not self._holds_nul and b"\\u0000" in raw_json:
             raw_json = orjson.dumps(without_nul(row["raw"]))
             values = [without_nul(value) for value in values]
-        values += (raw_json.decode(), digest, stamp, stamp)
-        to_write.append(tuple(values))
-    await dialect.run(connection, "executemany", plan.sql, to_write)
+        values += (raw_json.decode(), digest, self._stamp, self._stamp)
+        self.values.append(tuple(values))
+        for column, wanted in self.unique.items():
+            if row[column] is not None:
+                wanted[row[column]] = row[self.resource.id_field]
 
 
-async def _free_unique_values(connection: AsyncConnection, resource: Resource, rows: Sequence[NewRow]) -> None:
+async def upsert_rows(connection: AsyncConnection, batch: RowBatch) -> None:
+    """Insert or rewrite the batch's rows (the writer chose them: new, changed, or seen again
+    after being marked deleted), in one executemany."""
+    if not batch.values:
+        return
+    for column, wanted in batch.unique.items():
+        if wanted:
+            await _free_unique_values(connection, batch.resource, column, wanted)
+    await dialect_of(connection).run(connection, "executemany", batch._plan.sql, batch.values)
+
+
+async def _free_unique_values(connection: AsyncConnection, resource: Resource, column: str, wanted: dict[Any, int]) -> None:
     """Slugs are unique, but Testpress may give a slug to another exam (one was deleted,
     or two swapped names). A stored row holding a value that an incoming item now has is
     given a placeholder `value#id` first; its own next sighting restores its real value."""
     table, key = table_of(resource), resource.id_field
-    for column in resource.movable_unique_columns:
-        wanted = {row[column]: row[key] for row, _, _ in rows if row[column] is not None}
-        if not wanted:
-            continue
-        for value, holder in await _stored(connection, table, column, key, list(wanted)):
-            if holder != wanted[value]:
-                await connection.execute(
-                    update(table).where(table.c[key] == holder).values({column: f"{value}#{holder}"})
-                )
+    for value, holder in await _stored(connection, table, column, key, list(wanted)):
+        if holder != wanted[value]:
+            await connection.execute(update(table).where(table.c[key] == holder).values({column: f"{value}#{holder}"}))
 
 
 # --- users, merged field by field ----------------------------------------------------------

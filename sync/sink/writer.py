@@ -71,7 +71,7 @@ async def write_payloads(
         return outcome
     stored = await store.stored_digests(connection, resource, list(items))
     counts, normalize = outcome.counts, resource.normalize
-    rows: list[store.NewRow] = []
+    rows = store.RowBatch(connection, resource, now)
     for number, (ident, (parent_id, payload)) in enumerate(items.items(), 1):
         if number % _YIELD_EVERY == 0:
             await asyncio.sleep(0)
@@ -91,9 +91,9 @@ async def write_payloads(
         else:
             counts.updated += 1
         outcome.users.extend(users)
-        rows.append((row, raw_json, digest))
-    if rows and write:
-        await store.upsert_rows(connection, resource, rows, now)
+        rows.add(row, raw_json, digest)
+    if write:
+        await store.upsert_rows(connection, rows)
     return outcome
 
 
