@@ -47,10 +47,12 @@ __all__ = [
     "sync_institute_async",
 ]
 
+NIGHTLY_RUN = RunOptions()  # `run`: the nightly job
+
 
 async def sync_institute_async(
     settings: Settings,
-    options: RunOptions = RunOptions(),
+    options: RunOptions = NIGHTLY_RUN,
     *,
     stop: asyncio.Event | None = None,
     configure_logs: bool = True,
@@ -71,7 +73,7 @@ async def sync_institute_async(
     return await sync_into(settings, redactor, stop or asyncio.Event(), options, Outputs())
 
 
-def sync_institute(settings: Settings, options: RunOptions = RunOptions(), *, configure_logs: bool = True) -> RunSummary:
+def sync_institute(settings: Settings, options: RunOptions = NIGHTLY_RUN, *, configure_logs: bool = True) -> RunSummary:
     """sync_institute_async on an event loop of its own, for code that is not async
     (an Airflow PythonOperator, a Dagster op). Not for use inside a running event loop."""
     return asyncio.run(sync_institute_async(settings, options, configure_logs=configure_logs))

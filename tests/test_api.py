@@ -7,7 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from sync.api import AuthError, ConfigError, RunOptions, Settings, load_settings, sync_institute, sync_institute_async
+from sync.api import (
+    AuthError,
+    ConfigError,
+    RunOptions,
+    Settings,
+    load_settings,
+    sync_institute,
+    sync_institute_async,
+)
 from sync.simulator import SimulatorServer
 from tests.conftest import PASSWORD, USERNAME, fast_settings
 from tests.helpers import assert_matches_server, on_engine
