@@ -6,29 +6,43 @@ change them only through a new Alembic migration and a line in CHANGELOG.md.
 
 # The newest Alembic revision. A database at this revision needs no migration; a test keeps
 # this equal to the head of alembic/versions.
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 
 from schema.tables import (  # noqa: E402
     ATTEMPT_CONTENT_COLUMNS,
     EXAM_CONTENT_COLUMNS,
+    attempt_difficulty,
+    attempt_sections,
+    attempt_subjects,
     attempts,
+    batches,
     exams,
     metadata,
     sync_errors,
     sync_progress,
     sync_runs,
+    sync_state,
+    user_batches,
     users,
+    webhook_events,
 )
 
 __all__ = [
     "SCHEMA_HEAD",
     "ATTEMPT_CONTENT_COLUMNS",
     "EXAM_CONTENT_COLUMNS",
+    "attempt_difficulty",
+    "attempt_sections",
+    "attempt_subjects",
     "attempts",
+    "batches",
     "exams",
     "metadata",
     "sync_errors",
     "sync_progress",
     "sync_runs",
+    "sync_state",
+    "user_batches",
     "users",
+    "webhook_events",
 ]

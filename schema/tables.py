@@ -6,12 +6,14 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     ForeignKey,
     Index,
     Integer,
     MetaData,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 from schema.types import ExactDecimal, RawJSON, UTCDateTime
@@ -31,7 +33,7 @@ exams = Table(
     "exams",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=False),
-    Column("slug", Text, nullable=False, unique=True),
+    Column("slug", Text, unique=True),  # unique where present: admin rows carry none
     Column("title", Text),
     Column("description", Text),
     Column("course", Text),
@@ -59,6 +61,13 @@ exams = Table(
     Column("last_seen_at", UTCDateTime, nullable=False),
     Column("deleted_at", UTCDateTime),
     Column("attempts_status", Text),
+    # Added in 0002, for the admin API (v2.5).
+    Column("published", Boolean),
+    Column("pass_percentage", ExactDecimal),
+    Column("total_marks", ExactDecimal),
+    Column("show_score", Boolean),
+    Column("modified", UTCDateTime),
+    Column("source", Text),  # student / admin: the API the row last came from
 )
 
 attempts = Table(
@@ -90,8 +99,17 @@ attempts = Table(
     Column("first_seen_at", UTCDateTime, nullable=False),
     Column("last_seen_at", UTCDateTime, nullable=False),
     Column("deleted_at", UTCDateTime),
+    # Added in 0002: the admin API's flat rows, the webhook, and the details' bookkeeping.
+    Column("result", Text),  # Pass, Fail, Not taken, as served
+    Column("speed", Integer),
+    Column("accuracy", Integer),
+    Column("last_answer_updated_time", UTCDateTime),
+    Column("source", Text),  # student / admin / webhook: what wrote the row last
+    Column("details_hash", Text),  # content_hash of the row when its details were fetched
+    Column("details_fetched_at", UTCDateTime),
     Index(None, "exam_id"),
     Index(None, "username"),
+    Index(None, "user_id"),
 )
 
 users = Table(
@@ -99,12 +117,119 @@ users = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("username", Text, nullable=False, unique=True),
-    Column("user_id", BigInteger),
+    Column("user_id", BigInteger, unique=True),  # Testpress's id, when known: the key
     Column("display_name", Text),
     Column("first_name", Text),
     Column("last_name", Text),
     Column("first_seen_at", UTCDateTime, nullable=False),
     Column("last_seen_at", UTCDateTime, nullable=False),
+    # Added in 0002, from the admin API; the personal ones obey [sync] pii.
+    Column("email", Text),
+    Column("phone", Text),
+    Column("city", Text),
+    Column("state", Text),
+    Column("birth_date", Date),
+    Column("custom_fields", RawJSON),
+    Column("created", UTCDateTime),
+    Column("modified", UTCDateTime),
+    Column("raw", RawJSON),
+    Column("content_hash", Text),
+    Column("deleted_at", UTCDateTime),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("name", Text),
+    Column("created", UTCDateTime),
+    Column("modified", UTCDateTime),
+    Column("raw", RawJSON, nullable=False),
+    Column("content_hash", Text, nullable=False),
+    Column("first_seen_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime),
+)
+
+user_batches = Table(
+    "user_batches",
+    metadata,
+    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("batch_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("expires", UTCDateTime),  # null: no expiry
+    Column("first_seen_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime),
+    Index(None, "batch_id"),
+)
+
+# What incremental runs resume from, per resource; an operator may read and reset it.
+sync_state = Table(
+    "sync_state",
+    metadata,
+    Column("resource", Text, primary_key=True),
+    Column("watermark", UTCDateTime),  # attempts started before this (less a lookback) are stored
+    Column("last_full_at", UTCDateTime),  # the last complete full walk
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# The admin attempt detail's breakdowns, replaced whole when an attempt's details change.
+attempt_sections = Table(
+    "attempt_sections",
+    metadata,
+    Column("attempt_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("section_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("section_order", Integer),
+    Column("time_taken_seconds", ExactDecimal),
+    Column("correct_count", Integer),
+    Column("incorrect_count", Integer),
+    Column("unanswered_count", Integer),
+    Column("score", ExactDecimal),
+)
+
+attempt_subjects = Table(
+    "attempt_subjects",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("attempt_id", BigInteger, nullable=False),
+    Column("subject_name", Text, nullable=False),
+    Column("subject_id", BigInteger),  # the API serves null ids
+    Column("parent_subject_id", BigInteger),
+    Column("is_leaf", Boolean),
+    Column("total_count", Integer),
+    Column("correct_count", Integer),
+    Column("incorrect_count", Integer),
+    Column("unanswered_count", Integer),
+    Column("partial_correct_count", Integer),
+    Column("score", ExactDecimal),
+    UniqueConstraint("attempt_id", "subject_name", "subject_id"),
+)
+
+attempt_difficulty = Table(
+    "attempt_difficulty",
+    metadata,
+    Column("attempt_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("level", Text, primary_key=True),
+    Column("total_count", Integer),
+    Column("correct_count", Integer),
+    Column("incorrect_count", Integer),
+    Column("unanswered_count", Integer),
+    Column("partial_correct_count", Integer),
+)
+
+# Every webhook delivery, accepted or refused, secrets removed.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("attempt_id", BigInteger),
+    Column("attempt_state", Text),
+    Column("verified", Boolean, nullable=False),
+    Column("payload", RawJSON),
+    Column("processed_at", UTCDateTime),
+    Column("error", Text),
+    Index(None, "attempt_id"),
 )
 
 sync_runs = Table(
@@ -127,6 +252,7 @@ sync_runs = Table(
     Column("exams_skipped", Integer, nullable=False, default=0),
     Column("resumed_from", Integer, ForeignKey("sync_runs.id")),
     Column("error", Text),
+    Column("source", Text),  # student / admin: the API the run read, added in 0002
 )
 
 sync_errors = Table(
@@ -154,7 +280,10 @@ sync_progress = Table(
 )
 
 # Columns that come from the payload (and the row's normalizer), in table order.
-_BOOKKEEPING = {"content_hash", "first_seen_at", "last_seen_at", "deleted_at", "attempts_status"}
+_BOOKKEEPING = {
+    "content_hash", "first_seen_at", "last_seen_at", "deleted_at", "attempts_status",
+    "details_hash", "details_fetched_at",
+}  # fmt: skip
 EXAM_CONTENT_COLUMNS: tuple[str, ...] = tuple(
     c.name for c in exams.columns if c.name not in _BOOKKEEPING
 )

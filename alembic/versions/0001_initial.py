@@ -8,10 +8,10 @@ Create Date: 2026-11-27
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
 
+from alembic import op
 from schema.types import ExactDecimal, RawJSON, UTCDateTime
-from schema.views import create_view_statements
+from schema.view_history import views_0001
 
 revision = "0001"
 down_revision = None
@@ -149,7 +149,7 @@ def upgrade() -> None:
             ["run_id"], ["sync_runs.id"], name="fk_sync_progress_run_id_sync_runs"
         ),
     )
-    for statement in create_view_statements(op.get_bind().dialect.name):
+    for statement in views_0001(op.get_bind().dialect.name):
         op.execute(statement)
 
 

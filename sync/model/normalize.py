@@ -18,7 +18,7 @@ from sync.model.batches import Payload
 
 # Part of every row's content_hash: bump it when a rule here changes, and the next run
 # rewrites every row with the new rule instead of skipping rows whose payload is the same.
-NORMALIZER_VERSION = b"1"
+NORMALIZER_VERSION = b"2"
 
 
 def payload_digest(raw_json: bytes) -> str:
@@ -52,6 +52,12 @@ class ExamRow(TypedDict):
     url: str | None
     attempts_url: str | None
     raw: Payload
+    published: bool | None
+    pass_percentage: Decimal | None
+    total_marks: Decimal | None
+    show_score: bool | None
+    modified: datetime | None
+    source: str
 
 
 class AttemptRow(TypedDict):
@@ -77,6 +83,11 @@ class AttemptRow(TypedDict):
     review_url: str | None
     questions_url: str | None
     raw: Payload
+    result: str | None
+    speed: int | None
+    accuracy: int | None
+    last_answer_updated_time: datetime | None
+    source: str
 
 
 class UserRow(TypedDict):
@@ -284,6 +295,13 @@ def exam_row(payload: Payload) -> ExamRow:
         "url": parse_text(get("url"), "url"),
         "attempts_url": parse_text(get("attempts_url"), "attempts_url"),
         "raw": payload,
+        # Newer servers send these on the student API too.
+        "published": parse_bool(get("published"), "published"),
+        "pass_percentage": parse_decimal(get("pass_percentage"), "pass_percentage"),
+        "total_marks": parse_decimal(get("total_marks"), "total_marks"),
+        "show_score": parse_bool(get("show_score"), "show_score"),
+        "modified": parse_timestamp(get("modified"), "modified"),
+        "source": "student",
     }
 
 
@@ -341,5 +359,12 @@ def attempt_row(payload: Payload, exam_id: int) -> tuple[AttemptRow, UserRow]:
         "review_url": parse_text(get("review_url"), "review_url"),
         "questions_url": parse_text(get("questions_url"), "questions_url"),
         "raw": payload,
+        # v2.2+ attempts carry speed and accuracy; result and the last answer time are the
+        # admin API's, kept here should a server send them.
+        "result": parse_text(get("result"), "result"),
+        "speed": parse_int(get("speed"), "speed"),
+        "accuracy": parse_int(get("accuracy"), "accuracy"),
+        "last_answer_updated_time": parse_timestamp(get("last_answer_updated_time"), "last_answer_updated_time"),
+        "source": "student",
     }
     return row, user
