@@ -42,12 +42,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import stat
 import tomllib
 import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
@@ -67,6 +69,9 @@ class ApiSettings:
     password: str = field(default="", repr=False)
     api_version: str = "v2.1"
     ca_bundle: str | None = None  # PEM file of extra trusted CAs; TLS checks are always on
+    # auto: the admin API (v2.5, the whole institute) when the login may read it, else the
+    # student API (v2.1, the login's own attempts); admin / student force one.
+    source: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,14 @@ class SyncSettings:
     queue_pages: int = 64  # pages buffered between the fetchers and the writer
     database_retry_seconds: float = 60.0  # how long a lost database connection is retried
     course: str | None = None  # the API's own course filter (a course name)
+    # Admin runs: a full walk (the only kind that marks rows deleted) when the last one is
+    # older than this; the other nights read only what can have changed.
+    full_every: str = "7d"
+    # How far before the last run's start a nightly run re-reads attempts: "auto" is the
+    # longest stored exam duration plus an hour (at least 6 hours), or a duration ("12h").
+    lookback: str = "auto"
+    pii: str = "keep"  # personal data (e-mail, phone, birth date, address…): keep, hash or drop
+    pii_salt: str | None = field(default=None, repr=False)  # for pii = "hash": keep it secret
 
 
 @dataclass(frozen=True)
@@ -140,7 +153,7 @@ _SECTION_OF_GROUP = {"api": "testpress"}
 # Variables from before the TESTPRESS_<SECTION>_<KEY> scheme: kept working, never extended.
 ALIASES: dict[str, str] = {"TESTPRESS_CONCURRENCY": "http.concurrency", "TESTPRESS_BATCH_SIZE": "sync.batch_size"}
 # Keys whose values are secret. A *_file / *_path key holds where a secret is, not the secret.
-_SECRET_WORDS = ("password", "token", "private_key", "secret")
+_SECRET_WORDS = ("password", "token", "private_key", "secret", "salt")
 # Flags are --<key>, except for groups whose keys mean little alone (--log-format, not --format).
 _FLAGS_WITH_GROUP = {"log"}
 
@@ -524,6 +537,11 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> Se
         ("sync.database_retry_seconds", sync.database_retry_seconds >= 0, "cannot be negative"),
         ("log.format", log.format in ("auto", "console", "json"), "must be auto, console or json"),
         ("log.level", log.level in ("debug", "info", "warning", "error"), "must be debug, info, warning or error"),
+        ("api.source", settings.api.source in ("auto", "admin", "student"), "must be auto, admin or student"),
+        ("sync.pii", sync.pii in ("keep", "hash", "drop"), "must be keep, hash or drop"),
+        ("sync.pii_salt", sync.pii != "hash" or bool(sync.pii_salt), "must be set when sync.pii is hash"),
+        ("sync.full_every", _is_duration(sync.full_every), "must be a duration like 7d, 36h or 90m"),
+        ("sync.lookback", sync.lookback == "auto" or _is_duration(sync.lookback), "must be auto or a duration like 12h"),
     ]
     for key, ok, requirement in checks:
         if not ok:
@@ -540,6 +558,26 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> Se
     if api.ca_bundle and not Path(api.ca_bundle).is_file():
         raise ConfigError(f"api.ca_bundle {api.ca_bundle} is not a file ({_origin('api.ca_bundle', sources)})")
     return settings
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """"7d", "36h", "90m", "45s" or plain seconds."""
+    match = _DURATION.match(text.lower())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 7d, 36h, 90m or 3600")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+def _is_duration(text: str) -> bool:
+    try:
+        parse_duration(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _origin(key: str, sources: Mapping[str, str] | None) -> str:

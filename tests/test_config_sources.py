@@ -44,6 +44,7 @@ CANONICAL = {
     "api.password": "TESTPRESS_PASSWORD",
     "api.api_version": "TESTPRESS_API_VERSION",
     "api.ca_bundle": "TESTPRESS_CA_BUNDLE",
+    "api.source": "TESTPRESS_SOURCE",
     "http.concurrency": "TESTPRESS_HTTP_CONCURRENCY",
     "http.timeout": "TESTPRESS_HTTP_TIMEOUT",
     "http.max_attempts": "TESTPRESS_HTTP_MAX_ATTEMPTS",
@@ -56,6 +57,10 @@ CANONICAL = {
     "sync.queue_pages": "TESTPRESS_SYNC_QUEUE_PAGES",
     "sync.database_retry_seconds": "TESTPRESS_SYNC_DATABASE_RETRY_SECONDS",
     "sync.course": "TESTPRESS_SYNC_COURSE",
+    "sync.full_every": "TESTPRESS_SYNC_FULL_EVERY",
+    "sync.lookback": "TESTPRESS_SYNC_LOOKBACK",
+    "sync.pii": "TESTPRESS_SYNC_PII",
+    "sync.pii_salt": "TESTPRESS_SYNC_PII_SALT",
     "log.format": "TESTPRESS_LOG_FORMAT",
     "log.level": "TESTPRESS_LOG_LEVEL",
     "database_url": "TESTPRESS_DATABASE_URL",
@@ -86,6 +91,10 @@ def sample(spec: SettingSpec, tmp_path: Path) -> tuple[str, Any]:
         "api.base_url": ("https://sample.testpress.in", "https://sample.testpress.in"),
         "log.format": ("json", "json"),
         "log.level": ("debug", "debug"),
+        "api.source": ("student", "student"),
+        "sync.pii": ("drop", "drop"),
+        "sync.full_every": ("36h", "36h"),
+        "sync.lookback": ("12h", "12h"),
     }
     if spec.key in special:
         return special[spec.key]
@@ -470,7 +479,8 @@ def test_the_report_table_is_aligned() -> None:
     for line in lines[1:]:
         assert all(line[start - 2 : start] == "  " and line[start] != " " for start in starts), line
         assert line == line.rstrip()
-    assert "http.concurrency" in lines[6] and "env TESTPRESS_CONCURRENCY" in lines[6] and lines[6].endswith("TESTPRESS_HTTP_CONCURRENCY")
+    [line] = [line for line in lines if line.startswith("http.concurrency")]
+    assert "env TESTPRESS_CONCURRENCY" in line and line.endswith("TESTPRESS_HTTP_CONCURRENCY")
 
 
 @pytest.mark.parametrize(
@@ -482,4 +492,4 @@ def test_the_report_table_is_aligned() -> None:
 )
 def test_secret_names(name: str, secret: bool) -> None:
     assert _is_secret(name) is secret
-    assert [spec.key for spec in SPECS.values() if spec.secret] == ["api.password"]
+    assert [spec.key for spec in SPECS.values() if spec.secret] == ["api.password", "sync.pii_salt"]

@@ -3,24 +3,21 @@ summary file and Prometheus metrics. Pure functions over run records; no I/O her
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sync.config import parse_duration
 from sync.model.run import SUCCESSFUL, RunRecord
-
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_age(text: str) -> timedelta:
     """"26h", "90m", "2d", "45s" or plain seconds, for --max-age."""
-    match = _AGE.match(text.lower())
-    if match is None:
-        raise ValueError(f"{text!r} is not an age like 26h, 90m, 2d or 3600")
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an age like 26h, 90m, 2d or 3600") from None
 
 
 @dataclass(frozen=True)
