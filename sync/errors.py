@@ -46,10 +46,11 @@ class ThrottledError(SyncError):
 class ApiError(SyncError):
     """An HTTP exchange that did not produce usable data."""
 
-    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
+    def __init__(self, message: str, *, url: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.url = url
         self.status = status
+        self.code = code  # Testpress's own error_code, when the answer names one
 
 
 class RetriableError(ApiError):

@@ -1,17 +1,36 @@
-"""The API client against the simulator on loopback: login, re-login, retries, bounds."""
+"""The API client against real servers on loopback: the simulator for the API's behaviour
+(login, re-login, retries, bounds), a small asyncio server that answers with exact bytes
+for what a well-behaved server never does (stale keep-alive connections, cut and
+malformed answers, silence), and small aiohttp apps for redirects."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import gzip
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
 
 from sync.errors import ApiError, AuthError, RetriableError, SkippableError
 from sync.ops.logs import Redactor
 from sync.simulator import SimulatorServer
 from sync.source.client import TestpressClient, open_session
+from sync.source.responses import redirect_target
 from tests.conftest import fast_settings
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The developer's own HTTP(S)_PROXY must not carry these loopback requests."""
+    for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    yield
 
 
 class RecordedSleep:
@@ -124,9 +143,15 @@ async def test_server_errors_resets_and_truncated_bodies_are_retried(
 ) -> None:
     clean = await client.get_json(exams_url(simulator))
     setattr(simulator.state.faults, fault, 0.5)
+    before = simulator.state.requests
     pages = await asyncio.gather(*(client.get_json(exams_url(simulator)) for _ in range(10)))
     assert all(page == clean for page in pages)
-    assert client.stats.retries > 0 and simulator.state.faults_served > 0
+    # Every fault cost exactly one more request: sent again at once by aiohttp (a GET
+    # whose connection the server closed unanswered) or by the retry layer.
+    assert simulator.state.faults_served > 0
+    assert simulator.state.requests - before == 10 + simulator.state.faults_served
+    if fault != "drop_rate":  # a dropped GET is sent again by aiohttp itself, unseen by the retry layer
+        assert client.stats.retries == simulator.state.faults_served
 
 
 async def test_attempts_per_request_are_bounded(simulator: SimulatorServer, sleep: RecordedSleep) -> None:
@@ -171,4 +196,335 @@ async def test_a_url_that_cannot_be_requested_is_an_api_error_not_a_crash(
     """Attempts URLs come from the server's data; a strange one fails its page, not the run."""
     with pytest.raises(ApiError, match="cannot request it.*not an http"):
         await client.get_json("ftp://127.0.0.1/api/v2.1/exams/x/attempts/")
+    with pytest.raises(ApiError, match="cannot request it"):
+        await client.get_json("http://[127.0.0.1/api/v2.1/exams/")
     assert client.stats.retries == 0
+
+
+# --- the wire: a server that answers with exact bytes -------------------------------------------
+
+TOKEN = "header.payload.signature"
+# What the server does with request n (1 is the login): the bytes to send, and whether
+# to close the connection afterwards.
+Answer = Callable[[int], Awaitable[tuple[bytes, bool]]]
+
+
+@dataclass
+class RawServer:
+    url: str
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+
+
+def ok(body: bytes, *headers: str) -> bytes:
+    head = "".join(f"{header}\r\n" for header in headers)
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body
+
+
+LOGIN_OK = ok(orjson.dumps({"token": TOKEN}), "Content-Type: application/json")
+PAGE = orjson.dumps({"count": 0, "next": None, "results": []})
+
+
+@asynccontextmanager
+async def raw_server(answer: Answer) -> AsyncIterator[RawServer]:
+    state = RawServer(url="")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+                    0,
+                )
+                state.requests.append(head + await reader.readexactly(length))
+                data, close = await answer(len(state.requests))
+                writer.write(data)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server:
+        yield state
+
+
+@asynccontextmanager
+async def client_of(base_url: str, **http: Any) -> AsyncIterator[TestpressClient]:
+    settings = fast_settings(base_url, "sqlite://", **{"max_attempts": 1, **http})
+    async with open_session(settings.api, settings.http) as session:
+        yield TestpressClient(session, settings.api, settings.http, Redactor())
+
+
+async def test_connections_are_kept_alive_with_our_headers_and_no_cookies() -> None:
+    async def answer(n: int) -> tuple[bytes, bool]:
+        return (LOGIN_OK if n == 1 else ok(PAGE, "Set-Cookie: sessionid=abc; Path=/")), False
+
+    async with raw_server(answer) as server, client_of(server.url) as client:
+        for page in range(1, 21):
+            assert await client.get_json(f"{server.url}/api/v2.1/exams/?page={page}") == orjson.loads(PAGE)
+    assert server.connections == 1
+    login, last = server.requests[0].decode(), server.requests[-1].decode()
+    assert login.startswith("POST /api/v2.1/auth-token/ HTTP/1.1\r\n") and "Content-Type: application/json" in login
+    assert last.startswith("GET /api/v2.1/exams/?page=20 HTTP/1.1\r\n")
+    assert f"Authorization: JWT {TOKEN}\r\n" in last and "Accept: application/json\r\n" in last
+    assert "User-Agent: testpress-sync/" in last and "Cookie" not in last
+
+
+async def test_a_keep_alive_connection_the_server_dropped_is_replaced_silently() -> None:
+    async def answer(n: int) -> tuple[bytes, bool]:
+        return (LOGIN_OK if n == 1 else ok(PAGE)), True  # closes after each answer without saying so
+
+    async with raw_server(answer) as server, client_of(server.url) as client:
+        for _ in range(3):
+            await asyncio.sleep(0.05)  # the close arrives while the connection is idle
+            await client.get_json(f"{server.url}/api/v2.1/exams/")
+    assert server.connections == 4 and len(server.requests) == 4 and client.stats.retries == 0
+
+
+async def test_a_get_the_server_closed_on_unanswered_is_sent_again_at_once() -> None:
+    """The race of a keep-alive timeout: the server closes the connection just as the
+    next request arrives on it. Nothing was processed, so aiohttp sends a GET again on a
+    new connection, before any backoff of ours."""
+
+    async def answer(n: int) -> tuple[bytes, bool]:
+        return (b"", True) if n == 2 else (LOGIN_OK if n == 1 else ok(PAGE), False)
+
+    async with raw_server(answer) as server, client_of(server.url) as client:
+        await client.get_json(f"{server.url}/api/v2.1/exams/")
+    assert server.connections == 2 and len(server.requests) == 3 and client.stats.retries == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"cut\":", "cut short or garbled: ClientPayloadError: .*received 7 of 100"),
+        (b"", "connection failed: ServerDisconnectedError"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "malformed HTTP response"),
+        (b"SMTP ready\r\n\r\n", "malformed HTTP response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Encoding: gzip\r\n\r\nnope", "decode"),
+        (ok(b'{"results": [1, 2'), "not valid JSON"),
+    ],
+)
+async def test_a_broken_answer_is_a_retriable_failure(data: bytes, says: str) -> None:
+    async def answer(n: int) -> tuple[bytes, bool]:
+        return (LOGIN_OK, False) if n == 1 else (data, True)
+
+    async with raw_server(answer) as server, client_of(server.url) as client:
+        with pytest.raises(RetriableError, match=says):
+            await client.get_json(f"{server.url}/api/v2.1/exams/")
+
+
+async def test_a_silent_server_times_out_and_the_retry_gets_a_new_connection() -> None:
+    async def answer(n: int) -> tuple[bytes, bool]:
+        if n == 2:
+            await asyncio.sleep(3)
+        return (LOGIN_OK if n == 1 else ok(PAGE)), False
+
+    async with raw_server(answer) as server, client_of(server.url, timeout=0.3, max_attempts=2) as client:
+        assert await client.get_json(f"{server.url}/api/v2.1/exams/") == orjson.loads(PAGE)
+    assert client.stats.retries == 1 and server.connections == 2  # the silent one was not reused
+
+
+async def test_a_cancelled_request_leaves_no_half_read_connection_behind() -> None:
+    """A run that is stopped cancels the fetches in flight; the next request must not
+    read the cancelled one's answer."""
+    release = asyncio.Event()
+
+    async def answer(n: int) -> tuple[bytes, bool]:
+        if n == 2:
+            await release.wait()
+            return ok(b'{"late": true}'), False
+        return (LOGIN_OK if n == 1 else ok(PAGE)), False
+
+    async with raw_server(answer) as server, client_of(server.url) as client:
+        await client.login()
+        task = asyncio.create_task(client.get_json(f"{server.url}/api/v2.1/exams/?slow"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        assert await client.get_json(f"{server.url}/api/v2.1/exams/") == orjson.loads(PAGE)
+    assert server.connections == 2
+
+
+async def test_chunked_gzip_and_close_delimited_answers_are_read_whole() -> None:
+    document = b'{"results": [' + b",".join(b'{"id": %d}' % i for i in range(500)) + b"]}"
+    packed = gzip.compress(document)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(packed[i : i + 700]), packed[i : i + 700]) for i in range(0, len(packed), 700))
+    answers = [
+        (LOGIN_OK, False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n\r\n" + chunked + b"0\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + document, True),  # ends where the connection does
+    ]
+
+    async def answer(n: int) -> tuple[bytes, bool]:
+        return answers[n - 1]
+
+    async with raw_server(answer) as server, client_of(server.url) as client:
+        pages = [await client.get_json(f"{server.url}/api/v2.1/exams/") for _ in answers[1:]]
+    assert pages == [orjson.loads(document)] * 2
+    assert b"Accept-Encoding: gzip" in server.requests[1]
+
+
+async def test_a_token_that_cannot_be_sent_is_an_api_error_not_a_crash() -> None:
+    """The token comes from the server's data; a line break in it must not reach the wire."""
+    login = ok(orjson.dumps({"token": "a\r\nX-Evil: 1"}))
+
+    async def answer(n: int) -> tuple[bytes, bool]:
+        return (login if n == 1 else ok(PAGE)), False
+
+    async with raw_server(answer) as server, client_of(server.url, max_attempts=3) as client:
+        with pytest.raises(ApiError, match="cannot request it") as caught:
+            await client.get_json(f"{server.url}/api/v2.1/exams/")
+    assert not isinstance(caught.value, RetriableError) and len(server.requests) == 1
+
+
+async def test_a_refused_connection_is_retried_then_reported() -> None:
+    async with raw_server(lambda n: asyncio.sleep(0, (ok(b""), False))) as server:
+        url = server.url  # closed when the block ends: nothing listens there any more
+    async with client_of(url, max_attempts=2) as client:
+        with pytest.raises(ApiError, match="login failed: connection failed: .*Cannot connect to host"):
+            await client.login()
+    assert client.stats.retries == 1 and client.stats.requests == 2
+
+
+# --- redirects ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """The requests a server received: method, path and Authorization header."""
+
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    def middleware(self) -> Any:
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.requests.append((request.method, request.path_qs, request.headers.get("Authorization")))
+            return await handler(request)
+
+        return record
+
+
+@asynccontextmanager
+async def web_server(
+    routes: list[web.RouteDef], host: str = "127.0.0.1", seen: Seen | None = None
+) -> AsyncIterator[tuple[str, Seen]]:
+    seen = seen or Seen()
+    app = web.Application(middlewares=[seen.middleware()])
+    app.add_routes(routes)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, 0).start()
+    try:
+        yield f"http://{host}:{runner.addresses[0][1]}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def login_ok(request: web.Request) -> web.Response:
+    return web.json_response({"token": TOKEN})
+
+
+def redirect(location: str, status: int = 301) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": location.format(n=int(request.query.get("n", 0)) + 1)})
+
+    return handler
+
+
+async def page(request: web.Request) -> web.Response:
+    return web.json_response({"count": 0, "results": []})
+
+
+@asynccontextmanager
+async def elsewhere_and_api() -> AsyncIterator[tuple[str, Seen, str, Seen, str]]:
+    """Another host (127.0.0.2), another port of the same host, and the API, whose
+    routes redirect within itself and to both."""
+    elsewhere = Seen()  # one record for both: anything that went elsewhere
+    catch_all = [web.get("/{tail:.*}", page)]
+    async with (
+        web_server(catch_all, host="127.0.0.2", seen=elsewhere) as (other_host, _),
+        web_server(catch_all, seen=elsewhere) as (other_port, _),
+    ):
+        routes = [
+            web.post("/api/v2.1/auth-token/", login_ok),
+            web.get("/api/v2.1/exams", redirect("/api/v2.1/exams/")),
+            web.get("/api/v2.1/exams/", page),
+            web.get("/to-host/", redirect(f"{other_host}/api/v2.1/exams/", 302)),
+            web.get("/to-port/", redirect(f"{other_port}/api/v2.1/exams/", 307)),
+            web.get("/loop/", redirect("/loop/?n={n}", 302)),
+        ]
+        async with web_server(routes) as (api, api_seen):
+            yield api, api_seen, other_host, elsewhere, other_port
+
+
+async def test_a_get_follows_a_redirect_within_the_server() -> None:
+    async with elsewhere_and_api() as (api, seen, *_), client_of(api) as client:
+        assert await client.get_json(f"{api}/api/v2.1/exams") == {"count": 0, "results": []}
+    assert seen.requests[1:] == [
+        ("GET", "/api/v2.1/exams", f"JWT {TOKEN}"),
+        ("GET", "/api/v2.1/exams/", f"JWT {TOKEN}"),
+    ]
+    assert client.stats.requests == 3
+
+
+@pytest.mark.parametrize("where", ["to-host", "to-port"])
+async def test_a_redirect_elsewhere_is_refused_and_the_token_stays_home(where: str) -> None:
+    async with elsewhere_and_api() as (api, _, other_host, elsewhere, other_port), client_of(api, max_attempts=3) as client:
+        target = other_host if where == "to-host" else other_port
+        with pytest.raises(ApiError, match=f"redirected to {target}/api/v2.1/exams/; set api.base_url") as caught:
+            await client.get_json(f"{api}/{where}/")
+    assert not isinstance(caught.value, RetriableError) and client.stats.retries == 0
+    assert elsewhere.requests == []  # nothing, and so no token, went there
+
+
+async def test_redirects_are_followed_a_few_hops_at_most() -> None:
+    async with elsewhere_and_api() as (api, seen, *_), client_of(api) as client:
+        with pytest.raises(ApiError, match="more than 3 redirects"):
+            await client.get_json(f"{api}/loop/")
+    assert [path for _, path, _ in seen.requests[1:]] == ["/loop/", "/loop/?n=1", "/loop/?n=2", "/loop/?n=3"]
+
+
+async def test_the_login_follows_no_redirect() -> None:
+    routes = [
+        web.post("/api/v2.1/auth-token/", redirect("/api/v2.1/auth-token/again/", 307)),
+        web.post("/api/v2.1/auth-token/again/", login_ok),
+    ]
+    async with web_server(routes) as (api, seen), client_of(api, max_attempts=3) as client:
+        with pytest.raises(ApiError, match="HTTP 307: redirected to /api/v2.1/auth-token/again/"):
+            await client.login()
+    assert seen.requests == [("POST", "/api/v2.1/auth-token/", None)]
+
+
+@pytest.mark.parametrize(
+    ("url", "location", "followed"),
+    [
+        ("http://demo.testpress.in/api/", "https://demo.testpress.in/api/", True),  # the upgrade
+        ("http://demo.testpress.in/api/", "https://DEMO.testpress.in:443/api/", True),
+        ("http://demo.testpress.in:8080/api/", "https://demo.testpress.in/api/", True),
+        ("http://demo.testpress.in/api/", "https://demo.testpress.in:8443/api/", False),  # another port
+        ("https://demo.testpress.in/api/", "http://demo.testpress.in/api/", False),  # never down to http
+        ("https://demo.testpress.in/api", "/api/", True),
+        ("https://demo.testpress.in/api/x", "y/", True),
+        ("https://demo.testpress.in/api/", "https://demo.testpress.in:444/api/", False),
+        ("https://demo.testpress.in/api/", "https://cdn.testpress.in/api/", False),
+        ("https://demo.testpress.in/api/", "https://demo.testpress.in.evil.example/api/", False),
+        ("https://demo.testpress.in/api/", "https://user:pw@demo.testpress.in/api/", False),
+        ("https://demo.testpress.in/api/", "https://demo.testpress.in:x/api/", False),
+        ("https://demo.testpress.in/api/", "ftp://demo.testpress.in/api/", False),
+    ],
+)
+def test_which_redirects_are_followed(url: str, location: str, followed: bool) -> None:
+    target = redirect_target(301, {"location": location}, url)
+    assert (target is not None) == followed
+    assert redirect_target(200, {"location": location}, url) is None
+    assert redirect_target(304, {"location": location}, url) is None

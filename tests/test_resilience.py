@@ -34,6 +34,15 @@ from tests.helpers import assert_matches_server, on_engine, select_rows, select_
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The runs under test (children, which inherit this environment) talk to the
+    simulator directly, whatever HTTP(S)_PROXY the developer has set."""
+    for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    yield
+
+
 @pytest.fixture
 def slow_simulator() -> Iterator[SimulatorServer]:
     """Enough work, slowly enough served, that a run can be interrupted in the middle."""
@@ -53,6 +62,7 @@ def start_cli(args: list[str], simulator: SimulatorServer, database_url: str, lo
         "TESTPRESS_CONCURRENCY": "2",
         "TESTPRESS_BATCH_SIZE": "60",
         "TESTPRESS_LOG_FORMAT": "json",
+        "TESTPRESS_SOURCE": "student",  # the v2.1 path, as the tests compare it
     }
     env.pop("TESTPRESS_CONFIG", None)
     with log.open("ab") as output:

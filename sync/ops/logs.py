@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import MutableMapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import structlog
 
@@ -26,6 +27,19 @@ class Redactor:
         # Very short strings would blank out ordinary words; no real secret is that short.
         if secret and len(secret) >= 4:
             self._secrets.add(secret)
+
+    def add_url_password(self, url: str | None) -> None:
+        """The password inside a URL (a proxy's http://user:password@host:port), both as
+        written (percent-encoded) and decoded: either form may reach a message."""
+        if not url or "@" not in url:
+            return
+        try:
+            password = urlsplit(url).password
+        except ValueError:  # a malformed port: the password part is still a secret
+            password = url.rpartition("@")[0].partition("://")[2].partition(":")[2] or None
+        if password:
+            self.add(password)
+            self.add(unquote(password))
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:

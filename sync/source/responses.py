@@ -8,18 +8,21 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import orjson
 
 from sync.errors import ApiError, RetriableError, SkippableError, TokenExpiredError
 
 RETRIABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 3  # an upgrade to https, then an added slash, with one to spare
 _THROTTLE_TEXT = re.compile(r"available in (\d+(?:\.\d+)?) seconds?")
 
 
 def parse_response(status: int, headers: Mapping[str, str], body: bytes, url: str) -> Any:
     """The JSON document of a successful response; otherwise the ApiError that says why.
-    `headers` has lower-case names."""
+    `headers` answers to lower-case names (aiohttp's are case-insensitive)."""
     if 200 <= status < 300:
         try:
             return orjson.loads(body)
@@ -34,9 +37,12 @@ def parse_response(status: int, headers: Mapping[str, str], body: bytes, url: st
     if status == 401:
         raise TokenExpiredError(message, url=url, status=status)
     if status in (403, 404):
-        raise SkippableError(message, url=url, status=status)
+        raise SkippableError(message, url=url, status=status, code=error_code(document))
+    if status == 407:  # from the proxy, for an http:// URL: it did not pass the request on
+        raise proxy_refusal(status, url)
     if 300 <= status < 400:
-        # Not followed: a redirect would carry the token to wherever it points.
+        # Not followed (see redirect_target): a redirect elsewhere would carry the token
+        # to wherever it points.
         message = f"HTTP {status}: redirected to {headers.get('location', 'an unnamed address')}"
         raise ApiError(
             f"{message}; set api.base_url to the address the API answers at", url=url, status=status
@@ -44,7 +50,52 @@ def parse_response(status: int, headers: Mapping[str, str], body: bytes, url: st
     if status in RETRIABLE_STATUSES or status >= 500:
         retry_after = retry_after_seconds(headers, document) if status == 429 else None
         raise RetriableError(message, url=url, status=status, retry_after=retry_after)
-    raise ApiError(message, url=url, status=status)
+    raise ApiError(message, url=url, status=status, code=error_code(document))
+
+
+def proxy_refusal(status: int, url: str) -> ApiError:
+    """The error for a proxy that refused to carry a request (for an https:// URL, to
+    open its tunnel): retried when the proxy's trouble may pass, as a server's would."""
+    if status == 407:
+        return ApiError(
+            "HTTP 407: the proxy wants a login; give it in the proxy URL, "
+            "http://user:password@host:port (http.proxy, or HTTPS_PROXY / HTTP_PROXY)",
+            url=url,
+            status=status,
+        )
+    error = RetriableError if status in RETRIABLE_STATUSES or status >= 500 else ApiError
+    return error(f"HTTP {status}: the proxy refused to open a tunnel to the server", url=url, status=status)
+
+
+def redirect_target(status: int, headers: Mapping[str, str], url: str) -> str | None:
+    """Where a GET answered by this redirect goes next, or None when it is not followed
+    (then parse_response explains the 3xx). Followed only within the server that was
+    asked: the same host name and port, or an upgrade from http to https on port 443.
+    A port is a server of its own (another service on the same machine must not get the
+    token), and https never turns into http."""
+    if status not in REDIRECT_STATUSES:  # first: most answers are not, and cost no header lookup
+        return None
+    location = headers.get("location")
+    if not location:
+        return None
+    target = urljoin(url, location.strip()).partition("#")[0]
+    try:
+        source, dest = urlsplit(url), urlsplit(target)
+        if dest.username is not None or dest.password is not None:
+            return None  # credentials in a Location: not ours to send
+        same_port = _port(source) == _port(dest)
+    except ValueError:  # a port that is not a number
+        return None
+    if dest.hostname is None or dest.hostname != source.hostname:
+        return None
+    if source.scheme == dest.scheme:
+        return target if same_port else None
+    upgrade = source.scheme == "http" and dest.scheme == "https" and _port(dest) == 443
+    return target if upgrade else None
+
+
+def _port(parts: SplitResult) -> int | None:
+    return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
 def retry_after_seconds(headers: Mapping[str, str], document: Any) -> float | None:
@@ -60,6 +111,18 @@ def retry_after_seconds(headers: Mapping[str, str], document: Any) -> float | No
         match = _THROTTLE_TEXT.search(detail)
         if match:
             return float(match[1])
+    return None
+
+
+def error_code(document: Any) -> str | None:
+    """Testpress's `error_code`, at the top of the answer or inside `detail`."""
+    if not isinstance(document, dict):
+        return None
+    detail = document.get("detail")
+    for holder in (document, detail if isinstance(detail, dict) else {}):
+        code = holder.get("error_code")
+        if isinstance(code, str) and code:
+            return code
     return None
 
 
