@@ -16,6 +16,7 @@ from schema import SCHEMA_HEAD, metadata
 from schema.views import VIEW_NAMES
 from sync.errors import DatabaseError
 from sync.sink.database import (
+    VERSION_TABLE,
     create_engine,
     database_url_from,
     ensure_schema,
@@ -40,7 +41,7 @@ async def test_migrations_create_every_table_and_view(engine: AsyncEngine) -> No
             name: {column["name"] for column in await connection.run_sync(lambda c, n=name: inspect(c).get_columns(n))}
             for name in metadata.tables
         }
-    assert set(metadata.tables) | {"alembic_version"} == tables
+    assert set(metadata.tables) | {VERSION_TABLE} == tables
     assert set(VIEW_NAMES) <= views
     for name, table in metadata.tables.items():
         assert columns[name] == {column.name for column in table.columns}, name
@@ -59,11 +60,11 @@ async def test_an_empty_database_is_migrated_and_a_current_one_left_alone(databa
 
 async def test_a_database_behind_is_brought_up_to_date(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
-        await connection.execute(text("UPDATE alembic_version SET version_num = 'base-of-nothing'"))
+        await connection.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = 'base-of-nothing'"))
     with pytest.raises(DatabaseError, match="does not know"):
         await migrate(engine)
     async with engine.begin() as connection:
-        await connection.execute(text(f"UPDATE alembic_version SET version_num = '{SCHEMA_HEAD}'"))
+        await connection.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '{SCHEMA_HEAD}'"))
     assert (await schema_state(engine)).up_to_date
 
 
@@ -109,7 +110,7 @@ def _schema_fingerprint(connection: Connection) -> dict[str, Any]:
                 "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
             ).all()
         ]
-    found["revision"] = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    found["revision"] = connection.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").all()
     return found
 
 

@@ -10,7 +10,8 @@ import structlog
 from sync.commands import Outcome
 from sync.commands.sync import open_database
 from sync.config import Settings
-from sync.ops.report import health, status_table
+from sync.model.plan import SyncState
+from sync.ops.report import health, status_table, sync_state_lines
 from sync.sink import store
 from sync.sink.database import database_url_from, describe, migrate, missing_database_file, schema_state
 
@@ -36,22 +37,33 @@ async def show_status(
     """The last runs; INCOMPLETE when the last one failed or no success is recent."""
     missing = missing_database_file(database_url_from(settings.database_url))
     runs = []
+    sync_state = SyncState()
     engine = open_database(settings)
     try:
         state = None if missing else await schema_state(engine)  # reads; never writes
         if state is not None and state.current is not None and state.known:
             async with engine.connect() as connection:
                 runs = await store.recent_runs(connection, limit)
+                sync_state = await store.read_sync_state(connection, "attempts")
     finally:
         await engine.dispose()
-    verdict = health(runs, datetime.now(UTC), max_age)
+    now = datetime.now(UTC)
+    verdict = health(runs, now, max_age)
     if as_json:
-        document = {"healthy": verdict.healthy, "reason": verdict.reason, "runs": [run.as_dict() for run in runs]}
+        document = {
+            "healthy": verdict.healthy, "reason": verdict.reason, "runs": [run.as_dict() for run in runs],
+            "sync_state": {"attempts": {
+                "watermark": sync_state.watermark.isoformat() if sync_state.watermark else None,
+                "last_full_at": sync_state.last_full_at.isoformat() if sync_state.last_full_at else None,
+            }},
+        }  # fmt: skip
         print(json.dumps(document, indent=2))
     else:
         if missing:
             print(f"No database at {missing} yet: the first `testpress-sync run` creates it.")
         else:
             print(status_table(runs))
+            if runs and any(run.source == "admin" for run in runs):
+                print("\n" + "\n".join(sync_state_lines(sync_state, now)))
         print(f"\n{'OK' if verdict.healthy else 'UNHEALTHY'}: {verdict.reason}")
     return Outcome.OK if verdict.healthy else Outcome.INCOMPLETE

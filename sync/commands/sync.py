@@ -43,7 +43,8 @@ def metric_labels(settings: Settings) -> dict[str, str]:
 
 
 def open_database(settings: Settings) -> AsyncEngine:
-    return create_engine(database_url_from(settings.database_url))
+    """The engine of every command: the URL and the schema (`[database] schema`) together."""
+    return create_engine(database_url_from(settings.database_url), schema=settings.database_schema)
 
 
 async def sync(

@@ -9,18 +9,54 @@ plus its tests.
 from __future__ import annotations
 
 import enum
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Table
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import TypeEngine
 
+from schema.types import RawJSON
+from sync.errors import error_text
+
 Converter = Callable[[Any], Any]
+
+# The engine's execution option that carries `[database] schema`: engines and their
+# connections carry it along, so whatever holds one can tell which schema it is for.
+SCHEMA_OPTION = "testpress_schema"
+# The execution option of an engine whose transactions write after they read (the
+# nightly writer's: stored digests, then upserts). A dialect whose database has a single
+# writer takes the write lock when such a transaction begins (sqlite.py), so that another
+# writer (the webhook receiver) is waited for rather than failing the transaction.
+WRITES_OPTION = "testpress_writes"
+
+
+def connect_error_text(error: BaseException) -> str:
+    """One line for a connection that failed, with what to check where the driver's own
+    words leave it open (a timeout says nothing; a refused certificate names no setting)."""
+    text = error_text(error)
+    original = getattr(error, "orig", None) or error
+    if isinstance(original, ssl.SSLCertVerificationError):
+        return f"{text} (is sslrootcert the CA that signed the server's certificate, for this host name?)"
+    if isinstance(original, TimeoutError):
+        return "TimeoutError: no answer in time (connect_timeout in the URL; 60 s if not given)"
+    return text
+
+
+def configured_schema(bind: AsyncEngine | Connection) -> str | None:
+    """The schema the engine was made for (`[database] schema`), None if it was not set."""
+    schema = bind.get_execution_options().get(SCHEMA_OPTION)
+    return schema if isinstance(schema, str) else None
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
 
 
 class DatabaseFault(enum.Enum):
@@ -43,7 +79,11 @@ class Dialect(ABC):
         """`count` bound-parameter markers in the driver's own style."""
 
     def converter(self, column_type: TypeEngine[Any]) -> Converter | None:
-        """How a value of `column_type` is turned into what the driver takes (None: as is)."""
+        """How a value of `column_type` is turned into what the driver takes (None: as is).
+        JSON goes as its text on every dialect: statements run on the driver, which does
+        not serialize (the `raw` column's text is made once, by the writer)."""
+        if isinstance(column_type, RawJSON):
+            return _json_text
         return None
 
     def stamp(self, moment: datetime) -> Any:
@@ -78,9 +118,24 @@ class Dialect(ABC):
 
     # --- connections, locks, errors ------------------------------------------------------
 
+    def check_url(self, url: URL) -> None:
+        """Raise ConfigError for what in `url` this dialect cannot honour."""
+        return None
+
     @abstractmethod
-    def create_engine(self, url: URL, json_serializer: Callable[[Any], str], json_deserializer: Callable[[Any], Any]) -> AsyncEngine:
-        """An engine for `url`, tuned for this dialect."""
+    def create_engine(
+        self,
+        url: URL,
+        json_serializer: Callable[[Any], str],
+        json_deserializer: Callable[[Any], Any],
+        schema: str | None = None,
+    ) -> AsyncEngine:
+        """An engine for `url`, tuned for this dialect, whose tables live in `schema`
+        (None: where the database puts them by default)."""
+
+    def create_schema(self, connection: Connection) -> None:
+        """Create the engine's schema if it is missing, before the tables are created in it."""
+        return None
 
     @abstractmethod
     def run_lock(self, engine: AsyncEngine) -> AbstractAsyncContextManager[None]:

@@ -8,19 +8,19 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, event
+from sqlalchemy import Date, Table, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeEngine
 
 from schema.types import ExactDecimal, UTCDateTime
-from sync.errors import DatabaseError, LockHeldError
-from sync.sink.dialects.base import Converter, DatabaseFault, Dialect
+from sync.errors import ConfigError, DatabaseError, LockHeldError
+from sync.sink.dialects.base import WRITES_OPTION, Converter, DatabaseFault, Dialect
 
 # SQLite's primary result codes (the low byte of sqlite3.Error.sqlite_errorcode).
 # SQLite reports a wrong statement and a busy file alike as OperationalError, so the
@@ -56,6 +56,10 @@ def sqlite_timestamp(value: datetime | None) -> str | None:
     return value.isoformat(" ", "microseconds")[:26]  # "YYYY-MM-DD HH:MM:SS.ffffff", no zone
 
 
+def _date_text(value: date | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
 def _text_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -73,7 +77,9 @@ class SQLite(Dialect):
             return sqlite_timestamp
         if isinstance(column_type, ExactDecimal):
             return _text_or_none  # NUMERIC affinity parses the exact decimal text
-        return None
+        if isinstance(column_type, Date):
+            return _date_text  # SQLAlchemy's own SQLite DATE text
+        return super().converter(column_type)
 
     def stamp(self, moment: datetime) -> Any:
         return sqlite_timestamp(moment)
@@ -102,8 +108,19 @@ class SQLite(Dialect):
         return list(await self.run(connection, "execute_fetchall", sql, tuple(keys)))
 
     def create_engine(
-        self, url: URL, json_serializer: Callable[[Any], str], json_deserializer: Callable[[Any], Any]
+        self,
+        url: URL,
+        json_serializer: Callable[[Any], str],
+        json_deserializer: Callable[[Any], Any],
+        schema: str | None = None,
     ) -> AsyncEngine:
+        if schema is not None:
+            # Refused, not ignored: whoever sets it expects the tables kept apart, and a
+            # SQLite file has no schemas to keep them in (one file per institute does that).
+            raise ConfigError(
+                "database.schema (TESTPRESS_DATABASE_SCHEMA) is a PostgreSQL setting; SQLite has no "
+                "schemas: unset it, or give each institute a database file of its own"
+            )
         engine = create_async_engine(
             url,
             json_serializer=json_serializer,
@@ -176,4 +193,8 @@ def _pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN")
+    # A deferred transaction that reads, then writes, fails at once (SQLITE_BUSY, busy
+    # timeout or not) if another connection committed in between; IMMEDIATE takes the
+    # write lock up front, waiting for the other writer (the webhook receiver) instead.
+    immediate = connection.get_execution_options().get(WRITES_OPTION)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
