@@ -14,6 +14,12 @@ the range.
     cpu      zero latency: attempts stored per CPU-second of the sync process
     memory   peak RSS at 10,000 and at 100,000 attempts
     upsert   rows/s: first insert, re-upsert of unchanged rows, plain executemany floor
+    webhook  `testpress-sync webhook` in a child process, 32 concurrent senders: deliveries
+             accepted per second, p50 / p99 answer latency (bench/webhook.py)
+    w2       the institute-wide (admin API) sync at 150,000 attempts: wall, CPU against a
+             floor, memory, the nightly run, dlt beside it (bench/admin.py)
+    details  `run --details`: 50,000 attempts' details at 20 ms latency against the ideal,
+             then a second run over unchanged data, which reads none (bench/details.py)
 """
 
 from __future__ import annotations
@@ -157,6 +163,7 @@ def sync_run(base: str, database_url: str, kind: str) -> Measurement:
         "TESTPRESS_PASSWORD": "secret",
         "TESTPRESS_DATABASE_URL": database_url,
         "TESTPRESS_LOG_FORMAT": "json",
+        "TESTPRESS_SOURCE": "student",  # the v2.1 scenarios of issue #4
     }
     env.pop("TESTPRESS_CONCURRENCY", None)
     before = simulator_stats(base)
@@ -347,9 +354,10 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("wall", "latency", "cpu", "memory", "upsert", "dlt"), action="append")
+    parser.add_argument("--only", choices=("wall", "latency", "cpu", "memory", "upsert", "dlt", "webhook", "w2", "details"), action="append")
     parser.add_argument("--databases", default="sqlite,postgres")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    parser.add_argument("--w2-scale", type=int, metavar="N", help="W2's sizes divided by N (default 1, 20 with --quick)")
     parser.add_argument(
         "--repeat", type=int, metavar="N",
         help="runs per figure in the wall, latency and cpu scenarios; the table shows the median run "
@@ -361,7 +369,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     kinds = args.databases.split(",")
-    only = set(args.only or ("wall", "latency", "cpu", "memory", "upsert", "dlt"))
+    only = set(args.only or ("wall", "latency", "cpu", "memory", "upsert", "dlt", "webhook", "w2", "details"))
     scale = 10 if args.quick else 1
     repeat = args.repeat or (1 if args.quick else 3)
     if repeat < 1:
@@ -407,6 +415,27 @@ def main() -> None:
         rows = scenario_upsert(kinds, 20000 // scale)
         print(table("Upserts, rows/s (attempts table, batches of 500)",
                     ["db", "rows", "first insert", "unchanged re-upsert", "plain executemany", "insert ÷ floor"], rows), flush=True)  # fmt: skip
+    if "webhook" in only:
+        from bench import webhook
+
+        count = 10_000 // scale
+        figures = []
+        for kind in kinds:
+            with database(kind) as url:
+                figures.append(webhook.run_webhook(url, kind, count, concurrency=32))
+        print(table(f"Webhook receiver: {count:,} signed deliveries from 32 concurrent senders on this machine "
+                    "(targets: 1,000/s, p99 50 ms)", webhook.HEADER, webhook.rows(figures)), flush=True)  # fmt: skip
+    if "w2" in only:
+        from bench import admin
+
+        admin.run_w2(kinds, args.w2_scale or (20 if args.quick else 1), repeat, args.dlt_python)
+    if "details" in only:
+        from bench import details
+
+        harness = details.Harness(simulator, database, measure_child, simulator_stats)
+        count = 50_000 // scale
+        rows = details.scenario(harness, kinds, count, 0.020)
+        print(table(details.title(count, 0.020), details.HEADER, rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ async def measure_upserts(database_url: str, count: int) -> tuple[float, float, 
             await write_payloads(connection, EXAMS, {row["id"]: (None, row["raw"]) for row in exam_rows}, now)
         # The writer's path with normalizing taken out: the rows are normalized already.
         by_id = {row["id"]: row for row in rows}
-        normalized = replace(ATTEMPTS, normalize=lambda payload, _exam: (by_id[payload["id"]], ()))
+        normalized = replace(ATTEMPTS, normalize=lambda payload, _exam: (by_id[payload["id"]], (), ()))
         items = [(row["id"], (row["exam_id"], row["raw"])) for row in rows]
 
         async def upsert_all() -> float:

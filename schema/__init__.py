@@ -10,7 +10,9 @@ SCHEMA_HEAD = "0002"
 
 from schema.tables import (  # noqa: E402
     ATTEMPT_CONTENT_COLUMNS,
+    BATCH_CONTENT_COLUMNS,
     EXAM_CONTENT_COLUMNS,
+    USER_CONTENT_COLUMNS,
     attempt_difficulty,
     attempt_sections,
     attempt_subjects,
@@ -30,7 +32,9 @@ from schema.tables import (  # noqa: E402
 __all__ = [
     "SCHEMA_HEAD",
     "ATTEMPT_CONTENT_COLUMNS",
+    "BATCH_CONTENT_COLUMNS",
     "EXAM_CONTENT_COLUMNS",
+    "USER_CONTENT_COLUMNS",
     "attempt_difficulty",
     "attempt_sections",
     "attempt_subjects",

@@ -290,3 +290,10 @@ EXAM_CONTENT_COLUMNS: tuple[str, ...] = tuple(
 ATTEMPT_CONTENT_COLUMNS: tuple[str, ...] = tuple(
     c.name for c in attempts.columns if c.name not in _BOOKKEEPING
 )
+# Users from the admin listing (the surrogate `id` is this database's own).
+USER_CONTENT_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in users.columns if c.name not in _BOOKKEEPING | {"id"}
+)
+BATCH_CONTENT_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in batches.columns if c.name not in _BOOKKEEPING
+)

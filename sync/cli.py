@@ -9,6 +9,7 @@ Exit codes (also in the README):
     5    another run holds the lock on this database
     70   an unexpected error (a bug): one line on stderr, the traceback in the log
     130  interrupted by SIGINT;  143  interrupted by SIGTERM
+         (`webhook` exits 0: a signal is how the receiver is stopped)
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def exit_code(result: Result) -> int:
         return EXIT_OUTCOME[result]
     return next(code for kind, code in EXIT_ERROR if issubclass(result, kind))
 SYNC_COMMANDS = ("run", "backfill", "demo")
+SERVICE_COMMANDS = ("webhook",)  # they run until a signal stops them cleanly: exit 0
 
 
 # --- argument parsing ----------------------------------------------------------------------
@@ -78,6 +80,7 @@ def _settings_options() -> argparse.ArgumentParser:
     add("--database-url", metavar="URL", help="sqlite:///file.db or postgresql://user@host/db; env TESTPRESS_DATABASE_URL (default sqlite:///testpress.db)")
     add("--base-url", metavar="URL", help="institute root, e.g. https://demo.testpress.in; env TESTPRESS_BASE_URL")
     add("--username", help="Testpress login; env TESTPRESS_USERNAME")
+    add("--source", choices=("auto", "admin", "student"), help="which API to read: auto (admin when the login may, else student), admin or student; env TESTPRESS_SOURCE")
     add("--password-file", metavar="PATH", help="file holding the password; env TESTPRESS_PASSWORD_FILE (or TESTPRESS_PASSWORD); beats a password from any lower layer")
     add("--concurrency", type=int, metavar="N", help="requests in flight at most (default 16)")
     add("--batch-size", type=int, metavar="N", help="rows per transaction (default 500)")
@@ -94,6 +97,10 @@ def _run_options() -> argparse.ArgumentParser:
     add("--exam", metavar="SLUG", action="append", default=[], help="only this exam (repeatable); no exam is marked deleted")
     add("--limit", type=_positive, metavar="N", help="only the first N exams of the listing, for a first try")
     add("--dry-run", action="store_true", help="fetch and compare, report what would change, write nothing")
+    add("--full", action="store_true", help="admin: walk everything (the only kind of run that marks rows deleted), not only what can have changed")
+    add("--details", "--attempt-details", dest="details", action="store_true", default=None,
+        help="admin: also fetch each new or changed attempt's sections, subjects and difficulty levels "
+             "(one request per such attempt); env TESTPRESS_SYNC_ATTEMPT_DETAILS")  # fmt: skip
     add("--summary-json", type=Path, metavar="PATH", help="write the end-of-run summary as JSON")
     add("--metrics-file", type=Path, metavar="PATH", help="write Prometheus text-format metrics (node_exporter textfile collector)")
     add("--metrics-push", metavar="URL", help="push the metrics to a Prometheus Pushgateway at URL (job testpress_sync, grouped by institute and schema)")
@@ -184,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token-lifetime", type=float, default=3600.0, help="seconds a login token lasts")
     add("--username", default="admin")
     add("--password", default="secret")
+    add("--webhook-url", metavar="URL", help="also send the data set's signed exam webhook deliveries (with a few duplicates, "
+        "reordered and tampered ones) to URL, e.g. http://127.0.0.1:8080/testpress/webhook; keys: see the README")
+    webhook = commands_.add_parser(
+        "webhook", parents=[common], help="receive Testpress's exam webhook: attempts as they start and finish",
+        description="Serve POST /testpress/webhook (signed deliveries, stored before they are answered), "
+        "GET /healthz and GET /metrics until SIGTERM or SIGINT, which stop it cleanly (exit 0). "
+        "Keys: TESTPRESS_WEBHOOK_PUBLIC_KEY and TESTPRESS_WEBHOOK_PRIVATE_KEY (or _FILE).",
+    )
+    webhook.add_argument("--host", help="address to listen on; env TESTPRESS_WEBHOOK_HOST (default 127.0.0.1)")
+    webhook.add_argument("--port", type=int, help="port to listen on; env TESTPRESS_WEBHOOK_PORT (default 8080)")
     return parser
 
 
@@ -194,11 +211,15 @@ def settings_from(args: argparse.Namespace, warn: Callable[..., Any]) -> tuple[S
         "api.base_url": args.base_url,
         "api.username": args.username,
         "api.password_file": args.password_file,
+        "api.source": args.source,
         "http.concurrency": args.concurrency,
         "sync.batch_size": args.batch_size,
         "sync.course": getattr(args, "course", None),
+        "sync.attempt_details": getattr(args, "details", None),  # only --details sets it: never to false
         "log.format": args.log_format,
         "log.level": args.log_level,
+        "webhook.host": getattr(args, "host", None),
+        "webhook.port": getattr(args, "port", None),
     }
     return load_settings_with_sources(config_path=args.config, overrides=overrides, warn=warn)
 
@@ -225,7 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning(event, **fields)
     stop = asyncio.Event()
     try:
-        return _run_until_signal(_command(args, settings, sources, redactor, stop, terminal), stop, redactor)
+        return _run_until_signal(
+            _command(args, settings, sources, redactor, stop, terminal), stop, redactor,
+            signal_is_stop=args.command in SERVICE_COMMANDS,
+        )  # fmt: skip
     finally:
         if terminal is not None:
             terminal.clear()
@@ -286,6 +310,7 @@ def _command(
             exam_slugs=tuple(args.exam),
             limit=args.limit,
             dry_run=args.dry_run,
+            full=args.full,
         )
         return lambda: sync_command.sync(settings, redactor, stop, options, outputs)
     if args.command == "demo":
@@ -299,16 +324,23 @@ def _command(
         return lambda: doctor_command.doctor(settings, redactor)
     if args.command == "config":
         return lambda: config_command.show_config(settings, sources, as_json=args.json)
+    if args.command == "webhook":
+        # Imported here: aiohttp's server and prometheus_client cost every other command
+        # ~50 ms of start-up.
+        from sync.commands import webhook as webhook_command
+
+        return lambda: webhook_command.serve(settings, redactor, stop)
     return lambda: status_command.migrate_database(settings)
 
 
 def _run_until_signal(
-    command: Callable[[], Awaitable[Result]], stop: asyncio.Event, redactor: Redactor
+    command: Callable[[], Awaitable[Result]], stop: asyncio.Event, redactor: Redactor, *, signal_is_stop: bool = False
 ) -> int:
     """Run `command` on a fresh loop. The first SIGINT/SIGTERM sets `stop`: fetching
     ends, the batch in progress is committed, the run is recorded as interrupted, and we
     exit with 130/143. A second one exits at once (like kill -9, it loses no committed
-    batch) after logging what the run was still waiting on."""
+    batch) after logging what the run was still waiting on. For a service
+    (`signal_is_stop`), a signal is how it is meant to stop: its own outcome is the exit code."""
     received: list[signal.Signals] = []
 
     async def supervised() -> Result:
@@ -353,7 +385,7 @@ def _run_until_signal(
         return exit_code(type(exc))
     except Exception as exc:  # a bug: say so in one line, keep the traceback in the log
         return _unexpected(exc)
-    return EXIT_SIGNAL[received[0]] if received else exit_code(result)
+    return EXIT_SIGNAL[received[0]] if received and not signal_is_stop else exit_code(result)
 
 
 def _unexpected(error: Exception) -> int:

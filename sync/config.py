@@ -28,7 +28,9 @@ The password is one slot filled by either `password` or `password_file`. A layer
 gives either replaces whatever a lower layer gave in either form, so `--password-file`
 beats TESTPRESS_PASSWORD, and TESTPRESS_PASSWORD beats a password_file in the TOML file.
 Within one layer a literal password beats a password file (as TESTPRESS_PASSWORD always
-beat TESTPRESS_PASSWORD_FILE). Only the winning file is read.
+beat TESTPRESS_PASSWORD_FILE). Only the winning file is read. The webhook's private key is
+one slot in the same way: `[webhook] private_key` or `private_key_file`
+(TESTPRESS_WEBHOOK_PRIVATE_KEY / TESTPRESS_WEBHOOK_PRIVATE_KEY_FILE).
 
 Sources. `load_settings_with_sources` also says which layer set each setting: "default",
 "file <path>", ".env <path>", "env TESTPRESS_X" or "flag --x" (the password, when read from
@@ -100,6 +102,9 @@ class SyncSettings:
     lookback: str = "auto"
     pii: str = "keep"  # personal data (e-mail, phone, birth date, address…): keep, hash or drop
     pii_salt: str | None = field(default=None, repr=False)  # for pii = "hash": keep it secret
+    # Admin runs: also read each new or changed attempt's detail (sections, subjects,
+    # difficulty levels): one request per such attempt.
+    attempt_details: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,11 +114,22 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    host: str = "127.0.0.1"  # where `testpress-sync webhook` listens (behind a TLS reverse proxy)
+    port: int = 8080
+    public_key: str = ""  # the institute's public key: every delivery's `key`
+    private_key: str = field(default="", repr=False)  # signs deliveries (HMAC-SHA512): secret
+    max_body_bytes: int = 256 * 1024  # a longer delivery is refused (413) unread
+    commit_timeout: float = 10.0  # seconds a delivery waits for its commit before a 503
+
+
+@dataclass(frozen=True)
 class Settings:
     api: ApiSettings = ApiSettings()
     http: HttpSettings = HttpSettings()
     sync: SyncSettings = SyncSettings()
     log: LogSettings = LogSettings()
+    webhook: WebhookSettings = WebhookSettings()
     database_url: str = DEFAULT_DATABASE_URL  # [database] url: top-level fields are <section>_<key>
     database_schema: str | None = None  # [database] schema: PostgreSQL schema of the tool's tables
 
@@ -128,6 +144,18 @@ class Settings:
                         "or [testpress] password / password_file in the config file)"
                     )
                 raise ConfigError(f"{variable} is not set (or [testpress] {name} in the config file)")
+        return self
+
+    def require_webhook(self) -> Settings:
+        """The keys the webhook receiver verifies deliveries with; raises ConfigError naming
+        the first one missing."""
+        if not self.webhook.public_key:
+            raise ConfigError(f"{SPECS['webhook.public_key'].env} is not set (or [webhook] public_key in the config file)")
+        if not self.webhook.private_key:
+            raise ConfigError(
+                f"{SPECS['webhook.private_key'].env} is not set (or {PRIVATE_KEY_FILE.env}, "
+                "or [webhook] private_key / private_key_file in the config file)"
+            )
         return self
 
 
@@ -150,8 +178,13 @@ class SettingSpec:
 
 # The TOML section of each settings group; a group not named here is its own section.
 _SECTION_OF_GROUP = {"api": "testpress"}
-# Variables from before the TESTPRESS_<SECTION>_<KEY> scheme: kept working, never extended.
-ALIASES: dict[str, str] = {"TESTPRESS_CONCURRENCY": "http.concurrency", "TESTPRESS_BATCH_SIZE": "sync.batch_size"}
+# Variables from before the TESTPRESS_<SECTION>_<KEY> scheme: kept working. The one later
+# addition is the short name the attempt-details issue published for its setting.
+ALIASES: dict[str, str] = {
+    "TESTPRESS_CONCURRENCY": "http.concurrency",
+    "TESTPRESS_BATCH_SIZE": "sync.batch_size",
+    "TESTPRESS_ATTEMPT_DETAILS": "sync.attempt_details",  # the name the details issue asked for
+}
 # Keys whose values are secret. A *_file / *_path key holds where a secret is, not the secret.
 _SECRET_WORDS = ("password", "token", "private_key", "secret", "salt")
 # Flags are --<key>, except for groups whose keys mean little alone (--log-format, not --format).
@@ -214,9 +247,11 @@ def _check_unique(specs: Mapping[str, SettingSpec]) -> None:
 
 
 SPECS: dict[str, SettingSpec] = _derive_specs()
-# Not a field of Settings: the password file is read into api.password.
+# Not fields of Settings: each file is read into the secret it holds (module doc).
 PASSWORD_FILE = _spec("api.password_file", "testpress", "password_file", str | None)
-_INPUTS: dict[str, SettingSpec] = {**SPECS, PASSWORD_FILE.key: PASSWORD_FILE}
+PRIVATE_KEY_FILE = _spec("webhook.private_key_file", "webhook", "private_key_file", str | None)
+_SECRET_FILES: dict[str, SettingSpec] = {"api.password": PASSWORD_FILE, "webhook.private_key": PRIVATE_KEY_FILE}
+_INPUTS: dict[str, SettingSpec] = {**SPECS, **{spec.key: spec for spec in _SECRET_FILES.values()}}
 _check_unique(_INPUTS)
 # TOML sections and the settings group each fills ("" for top-level fields of Settings).
 SECTIONS: dict[str, str] = {spec.section: spec.key.rpartition(".")[0] for spec in SPECS.values()}
@@ -285,7 +320,7 @@ def load_settings_with_sources(
         layers.append(_variables_layer(dotenv, lambda _: f".env {dotenv_file}", f".env file {dotenv_file}: "))
     layers.append(_variables_layer(environ, lambda variable: f"env {variable}", ""))
     layers.append(_flags_layer(overrides or {}))
-    given = _fill_password(_merge(layers))
+    given = _fill_secret_files(_merge(layers))
     sources = {key: given[key].source if key in given else "default" for key in SPECS}
     settings = _build({key: item.value for key, item in given.items()})
     return validate(settings, sources), sources
@@ -303,25 +338,28 @@ def _nonempty(variables: Mapping[str, str | None], name: str) -> str | None:
 
 
 def _merge(layers: list[Layer]) -> Layer:
-    """Higher layers win key by key; the two forms of the password are one key (module doc)."""
+    """Higher layers win key by key; the two forms of a secret (the password, the webhook's
+    private key) are one key (module doc)."""
     merged: Layer = {}
     for layer in layers:
         layer = dict(layer)
-        if "api.password" in layer:
-            layer.pop(PASSWORD_FILE.key, None)  # within a layer, the literal password wins
-        if "api.password" in layer or PASSWORD_FILE.key in layer:
-            merged.pop("api.password", None)
-            merged.pop(PASSWORD_FILE.key, None)
+        for secret, secret_file in _SECRET_FILES.items():
+            if secret in layer:
+                layer.pop(secret_file.key, None)  # within a layer, the literal secret wins
+            if secret in layer or secret_file.key in layer:
+                merged.pop(secret, None)
+                merged.pop(secret_file.key, None)
         merged.update(layer)
     return merged
 
 
-def _fill_password(given: Layer) -> Layer:
-    """Read the password file that won, and only that one: a lower layer's file may not exist."""
-    password_file = given.pop(PASSWORD_FILE.key, None)
-    if password_file is not None:
-        text = _read_password_file(Path(password_file.value), password_file.source)
-        given["api.password"] = _Given(text, password_file.source)
+def _fill_secret_files(given: Layer) -> Layer:
+    """Read each secret's file that won, and only that one: a lower layer's file may not exist."""
+    for secret, secret_file in _SECRET_FILES.items():
+        chosen = given.pop(secret_file.key, None)
+        if chosen is not None:
+            text = _read_secret_file(Path(chosen.value), chosen.source, secret_file)
+            given[secret] = _Given(text, chosen.source)
     return given
 
 
@@ -495,13 +533,14 @@ def _readable_by_others(path: Path) -> bool:
     return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
 
 
-def _read_password_file(path: Path, source: str) -> str:
+def _read_secret_file(path: Path, source: str, spec: SettingSpec) -> str:
+    what = spec.name.removesuffix("_file").replace("_", " ")  # "password", "private key"
     try:
         return path.read_text(encoding="utf-8").strip("\r\n")
     except OSError as exc:
         raise ConfigError(
-            f"password file {path} cannot be read: {exc.strerror} "
-            f"(set by {source}; env {PASSWORD_FILE.env})"
+            f"{what} file {path} cannot be read: {exc.strerror} "
+            f"(set by {source}; env {spec.env})"
         ) from None
 
 
@@ -542,6 +581,9 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> Se
         ("sync.pii_salt", sync.pii != "hash" or bool(sync.pii_salt), "must be set when sync.pii is hash"),
         ("sync.full_every", _is_duration(sync.full_every), "must be a duration like 7d, 36h or 90m"),
         ("sync.lookback", sync.lookback == "auto" or _is_duration(sync.lookback), "must be auto or a duration like 12h"),
+        ("webhook.port", 0 <= settings.webhook.port <= 65535, "must be a TCP port, 0 to 65535 (0: any free one)"),
+        ("webhook.max_body_bytes", settings.webhook.max_body_bytes >= 1, "must be at least 1"),
+        ("webhook.commit_timeout", settings.webhook.commit_timeout > 0, "must be positive"),
     ]
     for key, ok, requirement in checks:
         if not ok:

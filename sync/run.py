@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
+import orjson
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sync.config import Settings
-from sync.errors import error_text
-from sync.model.batches import Message
-from sync.model.resources import ATTEMPTS, EXAMS
+from sync.config import Settings, parse_duration
+from sync.errors import ConfigError, error_text
+from sync.model.admin_rows import PiiPolicy
+from sync.model.batches import Message, Payload
+from sync.model.normalize import payload_digest
+from sync.model.plan import STATE_FILTER, AdminPlan, SyncState, lookback_for, plan_admin_run
+from sync.model.resources import ATTEMPT_DETAILS, ATTEMPTS, EXAMS, RESOURCES, Resource, admin_resources
 from sync.model.run import Clock, Progress, RunOptions, RunSummary, utc_now
 from sync.ops.logs import Redactor
 from sync.sink import store
 from sync.sink.writer import Writer
+from sync.source.access import choose_source
 from sync.source.client import TestpressClient
 from sync.source.crawler import Crawler
 
@@ -105,6 +113,121 @@ async def run_sync(
     return summary
 
 
+class _Walks:
+    """The crawl of one run, once the source is known: which listings, in which order."""
+
+    def __init__(
+        self,
+        client: TestpressClient,
+        queue: asyncio.Queue[Message | None],
+        settings: Settings,
+        options: RunOptions,
+    ) -> None:
+        self.client = client
+        self.queue = queue
+        self.settings = settings
+        self.options = options
+        self.main: Crawler | None = None  # the one the progress line follows
+
+    def crawler(self, root: Resource, **options: Any) -> Crawler:
+        # The crawler never puts the queue's closing None.
+        return Crawler(self.client, self.queue, root, workers=self.settings.http.concurrency, **options)  # type: ignore[arg-type]
+
+    async def student(self, skip: frozenset[int]) -> None:
+        """Exams under each `state` (the default without one is undocumented), merged by id,
+        and each exam's attempts: the login's own."""
+        course = self.settings.sync.course
+        self.main = self.crawler(
+            EXAMS, children=(ATTEMPTS,), filters={"course": course} if course else None,
+            keys=self.options.exam_slugs, limit=self.options.limit, skip_children_of=skip,
+            variants=tuple({"state": state} for state in STUDENT_EXAM_STATES),
+        )  # fmt: skip
+        await self.main.crawl()
+
+    async def admin(self, resources: Mapping[str, Resource], plan: AdminPlan, known: _Known) -> None:
+        """Exams first (attempts reference them, and the writer keeps the queue's order),
+        then users with their batches, the batches and the attempts, at once."""
+        if self.options.exam_slugs:
+            raise ConfigError("--exam names exams by slug, which the admin API does not serve: use --limit, or --source student")
+        partial, limit = not plan.full, self.options.limit
+        self.main = exams = self.crawler(resources["exams"], partial=partial, limit=limit)
+        await exams.crawl()
+        users = self.crawler(
+            resources["users"], children=(resources["memberships"],), partial=partial, limit=limit,
+            child_filter=None if plan.full else known.changed_user(resources["users"]),
+        )  # fmt: skip
+        batches = self.crawler(resources["batches"], partial=partial, limit=limit)
+        attempts = self.crawler(resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams))
+        async with asyncio.TaskGroup() as group:
+            for crawler in (users, batches, attempts):
+                group.create_task(crawler.crawl())
+        if not plan.full and limit is None:
+            await self._open_attempts_again(resources["attempts"], known, attempts.present)
+
+    async def details(self, details: Resource, attempt_ids: Sequence[int]) -> None:
+        """The detail of each of these attempts, one request each, as many at once as the
+        run's concurrency (the same client: the same bound and retries as every walk)."""
+        await self.crawler(details, keys=tuple(str(ident) for ident in attempt_ids)).fetch_each()
+
+    def _attempt_slices(self, plan: AdminPlan, exams: Crawler) -> tuple[dict[str, str], ...]:
+        if self.options.limit is not None:  # a first try: the attempts of the exams stored
+            return tuple({"exams": str(exam_id)} for exam_id in sorted(exams.present))
+        if plan.full:
+            return ({},)
+        open_states = (STATE_FILTER["Running"], STATE_FILTER["Not Started"])
+        return (plan.attempt_window(), *({"state": state} for state in open_states))
+
+    async def _open_attempts_again(self, attempts: Resource, known: _Known, seen: set[int]) -> None:
+        """Attempts stored as Running or Not Started before the window, that the `state`
+        listings no longer show: they finished (or vanished); read their exams again."""
+        exam_ids = sorted({exam_id for ident, exam_id in known.open_attempts.items() if ident not in seen})
+        if exam_ids:
+            log.info("reading_exams_of_finished_attempts", exams=len(exam_ids))
+            await self.crawler(attempts, partial=True, variants=tuple({"exams": str(e)} for e in exam_ids)).crawl()
+
+
+STUDENT_EXAM_STATES = ("available", "upcoming", "history")
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What the database holds that an admin nightly run compares listings with."""
+
+    user_digests: Mapping[int, str | None]
+    open_attempts: Mapping[int, int]  # attempt id → exam id, Running or Not Started before the window
+
+    def changed_user(self, users: Resource) -> Callable[[Resource, int, Payload], bool]:
+        def changed(_child: Resource, user_id: int, payload: Payload) -> bool:
+            digest = payload_digest(orjson.dumps(payload), users.fingerprint)
+            return self.user_digests.get(user_id) != digest
+
+        return changed
+
+
+async def _admin_plan(engine: AsyncEngine, settings: Settings, options: RunOptions, now: datetime) -> tuple[AdminPlan, _Known, SyncState]:
+    """The admin run's plan, from what the last completed runs left in sync_state."""
+    async with engine.connect() as connection:
+        state = await store.read_sync_state(connection, "attempts")
+        longest = await store.longest_exam_duration(connection)
+        setting = None if settings.sync.lookback == "auto" else parse_duration(settings.sync.lookback)
+        plan = plan_admin_run(
+            mode=options.mode, force_full=options.full, state=state, now=now,
+            full_every=parse_duration(settings.sync.full_every), lookback=lookback_for(setting, longest),
+        )  # fmt: skip
+        if plan.full:
+            return plan, _Known({}, {}), state
+        users = admin_resources(_policy(settings))["users"]
+        known = _Known(
+            user_digests=await store.stored_keys_and_digests(connection, users),
+            open_attempts=await store.open_attempts_before(connection, plan.since or now),
+        )
+    return plan, known, state
+
+
+def _policy(settings: Settings) -> PiiPolicy:
+    return PiiPolicy(settings.sync.pii, settings.sync.pii_salt or "")
+
+
 async def _crawl_and_write(
     engine: AsyncEngine,
     client: TestpressClient,
@@ -117,61 +240,49 @@ async def _crawl_and_write(
     stop: asyncio.Event,
     on_progress: Callable[[Progress], None] | None,
 ) -> None:
+    run_started = clock()
+    await client.login()
+    source, reason = await choose_source(client, settings.api.source)
+    summary.source = source
+    log.info("source_chosen", source=source, reason=reason)
     queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=settings.sync.queue_pages)
-    crawler = Crawler(
-        client,
-        queue,  # type: ignore[arg-type]  # the crawler never puts the closing None
-        EXAMS,
-        children=(ATTEMPTS,),
-        workers=settings.http.concurrency,
-        filters={"course": settings.sync.course} if settings.sync.course else None,
-        keys=options.exam_slugs,
-        limit=options.limit,
-        skip_children_of=skip,
-    )
-    writer = Writer(
-        engine,
-        summary,
-        redactor,
-        batch_size=settings.sync.batch_size,
-        commit_interval=settings.sync.commit_interval,
-        record_progress=options.mode == "backfill",
-        dry_run=options.dry_run,
-        database_retry_seconds=settings.sync.database_retry_seconds,
-        clock=clock,
-    )
+    walks = _Walks(client, queue, settings, options)
+    if source == "student":
+        log.warning("student_login_sees_own_attempts_only",
+                    hint="the student API lists the logged-in user's own attempts; an institute staff login syncs every student")
+        resources: Mapping[str, Resource] = RESOURCES
+        walk: Callable[[], Coroutine[Any, Any, None]] = lambda: walks.student(skip)  # noqa: E731
+        plan = None
+    else:
+        resources = admin_resources(_policy(settings))
+        plan, known, state = await _admin_plan(engine, settings, options, run_started)
+        summary.full_walk = plan.full
+        log.info("admin_plan", full=plan.full, reason=plan.reason, since=plan.since.isoformat() if plan.since else None)
+        walk = lambda: walks.admin(resources, plan, known)  # noqa: E731
 
-    async def crawl() -> None:
-        await client.login()
-        await crawler.crawl()
+    def writer_of(written: Mapping[str, Resource]) -> Writer:
+        return Writer(
+            engine,
+            summary,
+            redactor,
+            batch_size=settings.sync.batch_size,
+            commit_interval=settings.sync.commit_interval,
+            record_progress=options.mode == "backfill" and source == "student",
+            dry_run=options.dry_run,
+            database_retry_seconds=settings.sync.database_retry_seconds,
+            clock=clock,
+            resources=written,
+        )
 
-    crawl_failure: list[BaseException] = []
-
-    async def crawl_until_stopped() -> None:
-        """The crawl, cut short when `stop` is set; then the writer's queue is closed.
-
-        A crawl failure is held back until the writer has committed what was fetched:
-        cancelling the writer inside a database call is what we must never do."""
-        crawling = asyncio.create_task(crawl())
-        stopping = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait({crawling, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            if not crawling.done():
-                crawling.cancel()
-            await asyncio.gather(crawling, stopping, return_exceptions=True)
-        if not crawling.cancelled() and crawling.exception() is not None:
-            crawl_failure.append(crawling.exception())  # type: ignore[arg-type]
-        await queue.put(None)
-
+    writer = writer_of(resources)
     started = time.monotonic()
 
     def snapshot(done: bool = False) -> Progress:
+        main = walks.main
         return Progress(
             elapsed=time.monotonic() - started,
-            exams_total=crawler.total,
-            exams_done=summary.exams_done + crawler.skipped,
+            exams_total=main.total if main else None,
+            exams_done=summary.exams_done + (main.skipped if main else 0),
             attempts_seen=summary.attempts_seen,
             requests=client.stats.requests,
             retries=client.stats.retries,
@@ -185,21 +296,97 @@ async def _crawl_and_write(
 
     reporter = asyncio.create_task(report_progress(on_progress)) if on_progress else None
     try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(crawl_until_stopped())
-            group.create_task(writer.consume(queue))
-    except BaseExceptionGroup as group_error:
-        # The writer failed (the database); the crawl was cancelled because of it.
-        raise group_error.exceptions[0] from None
+        await _produce_and_write(walk, queue, writer, stop)
+        summary.exams_skipped = walks.main.skipped if walks.main else 0
+        if plan is not None and not stop.is_set() and not summary.errors and not options.dry_run:
+            # Only a run that completed moves the watermark: one that stopped early, or left
+            # items in sync_errors, leaves it where the next run must start from. Attempt
+            # details do not hold it back: which ones are read never depends on it.
+            last_full = run_started if plan.full else state.last_full_at
+            async with engine.begin() as connection:
+                await store.save_sync_state(connection, "attempts", SyncState(run_started, last_full), clock())
+        if settings.sync.attempt_details and not stop.is_set():
+            await _attempt_details(engine, walks, resources, writer_of, stop, options, source)
     finally:
         if reporter is not None:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
         if on_progress is not None:
             on_progress(snapshot(done=True))
-    if crawl_failure:
-        raise crawl_failure[0]
-    summary.exams_skipped = crawler.skipped
+
+
+async def _produce_and_write(
+    produce: Callable[[], Coroutine[Any, Any, None]],
+    queue: asyncio.Queue[Message | None],
+    writer: Writer,
+    stop: asyncio.Event,
+) -> None:
+    """One producer→writer round: `produce` (a crawl) fills the queue while the writer
+    commits it. Returns only once the writer has committed everything handed over, and
+    marked what complete listings no longer show: whatever follows may read the database.
+
+    Setting `stop` cuts the producer short. A producer's failure is held back until the
+    writer has committed what was fetched (cancelling the writer inside a database call is
+    what we must never do), then raised."""
+    failure: list[BaseException] = []
+
+    async def produce_until_stopped() -> None:
+        producing = asyncio.create_task(produce())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({producing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not producing.done():
+                producing.cancel()
+            await asyncio.gather(producing, stopping, return_exceptions=True)
+        if not producing.cancelled() and producing.exception() is not None:
+            failure.append(producing.exception())  # type: ignore[arg-type]
+        await queue.put(None)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(produce_until_stopped())
+            group.create_task(writer.consume(queue))
+    except BaseExceptionGroup as group_error:
+        # The writer failed (the database); the producer was cancelled because of it.
+        raise group_error.exceptions[0] from None
+    if failure:
+        raise failure[0]
+
+
+async def _attempt_details(
+    engine: AsyncEngine,
+    walks: _Walks,
+    resources: Mapping[str, Resource],
+    writer_of: Callable[[Mapping[str, Resource]], Writer],
+    stop: asyncio.Event,
+    options: RunOptions,
+    source: str,
+) -> None:
+    """The second round of an admin run with `attempt_details`: the detail of every
+    attempt stored new or changed, read once the first round's writer has committed every
+    attempt row (so the query sees this run's attempts), and written by a writer of its own.
+
+    Which attempts: those whose row's content_hash differs from the one their details were
+    fetched for (or that have none), so a run over unchanged data reads no detail, and one
+    whose detail failed (recorded in sync_errors, left unmarked) reads it again next run."""
+    if source != "admin":
+        log.warning("attempt_details_need_the_admin_api", hint="a student login reads no attempt details")
+        return
+    if options.dry_run:
+        log.info("attempt_details_skipped", reason="a dry run writes nothing, and would fetch the details again")
+        return
+    details = resources[ATTEMPT_DETAILS]
+    async with engine.connect() as connection:
+        wanted = await store.attempts_needing_details(connection)
+    log.info("attempt_details_started", attempts=len(wanted))
+    if not wanted:
+        return
+    started, requests = time.monotonic(), walks.client.stats.requests
+    await _produce_and_write(lambda: walks.details(details, wanted), walks.queue, writer_of({details.name: details}), stop)
+    log.info("attempt_details_finished", attempts=len(wanted), requests=walks.client.stats.requests - requests,
+             seconds=round(time.monotonic() - started, 3), stopped=stop.is_set())  # fmt: skip
 
 
 async def _finish(engine: AsyncEngine, summary: RunSummary, clock: Clock) -> None:

@@ -136,7 +136,8 @@ def fast_settings(base_url: str, database_url: str, **http: Any) -> Settings:
         backoff_initial=0.001, backoff_max=0.01,
     )  # fmt: skip
     return Settings(
-        api=ApiSettings(base_url=base_url, username=USERNAME, password=PASSWORD),
+        # The v2.1 path: these tests compare with the simulator's student API.
+        api=ApiSettings(base_url=base_url, username=USERNAME, password=PASSWORD, source="student"),
         http=replace(http_settings, **http),
         sync=SyncSettings(batch_size=100),
         database_url=database_url,
@@ -206,4 +207,5 @@ def cli_environment(
     monkeypatch.setenv("TESTPRESS_PASSWORD", PASSWORD)
     monkeypatch.setenv("TESTPRESS_DATABASE_URL", database_url)
     monkeypatch.setenv("TESTPRESS_LOG_FORMAT", "json")
+    monkeypatch.setenv("TESTPRESS_SOURCE", "student")  # the v2.1 path, as the tests compare it
     return simulator_thread

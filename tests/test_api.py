@@ -27,6 +27,7 @@ def institute_settings(simulator: SimulatorServer, database_url: str) -> Setting
         overrides={
             "api.base_url": simulator.base_url,
             "api.username": USERNAME,
+            "api.source": "student",  # compared below with the simulator's student API
             "database_url": database_url,
         },
     )

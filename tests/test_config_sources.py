@@ -22,6 +22,7 @@ from sync.config import (
     ALIASES,
     ENVIRONMENT,
     PASSWORD_FILE,
+    PRIVATE_KEY_FILE,
     REDACTED,
     SPECS,
     Settings,
@@ -61,8 +62,15 @@ CANONICAL = {
     "sync.lookback": "TESTPRESS_SYNC_LOOKBACK",
     "sync.pii": "TESTPRESS_SYNC_PII",
     "sync.pii_salt": "TESTPRESS_SYNC_PII_SALT",
+    "sync.attempt_details": "TESTPRESS_SYNC_ATTEMPT_DETAILS",
     "log.format": "TESTPRESS_LOG_FORMAT",
     "log.level": "TESTPRESS_LOG_LEVEL",
+    "webhook.host": "TESTPRESS_WEBHOOK_HOST",
+    "webhook.port": "TESTPRESS_WEBHOOK_PORT",
+    "webhook.public_key": "TESTPRESS_WEBHOOK_PUBLIC_KEY",
+    "webhook.private_key": "TESTPRESS_WEBHOOK_PRIVATE_KEY",
+    "webhook.max_body_bytes": "TESTPRESS_WEBHOOK_MAX_BODY_BYTES",
+    "webhook.commit_timeout": "TESTPRESS_WEBHOOK_COMMIT_TIMEOUT",
     "database_url": "TESTPRESS_DATABASE_URL",
     "database_schema": "TESTPRESS_DATABASE_SCHEMA",
 }
@@ -116,8 +124,13 @@ def test_every_dataclass_field_has_exactly_the_published_variable() -> None:
     assert set(SPECS) == leaves == set(CANONICAL)
     assert {key: spec.env for key, spec in SPECS.items()} == CANONICAL
     assert PASSWORD_FILE.env == "TESTPRESS_PASSWORD_FILE"
-    assert ALIASES == {"TESTPRESS_CONCURRENCY": "http.concurrency", "TESTPRESS_BATCH_SIZE": "sync.batch_size"}
-    variables = [name for spec in [*SPECS.values(), PASSWORD_FILE] for name in (spec.env, *spec.aliases)]
+    assert PRIVATE_KEY_FILE.env == "TESTPRESS_WEBHOOK_PRIVATE_KEY_FILE"
+    assert ALIASES == {
+        "TESTPRESS_CONCURRENCY": "http.concurrency",
+        "TESTPRESS_BATCH_SIZE": "sync.batch_size",
+        "TESTPRESS_ATTEMPT_DETAILS": "sync.attempt_details",
+    }
+    variables = [name for spec in [*SPECS.values(), PASSWORD_FILE, PRIVATE_KEY_FILE] for name in (spec.env, *spec.aliases)]
     assert len(variables) == len(set(variables)) == len(ENVIRONMENT)
     assert "TESTPRESS_CONFIG" not in variables
 
@@ -420,6 +433,21 @@ def test_only_the_winning_password_file_is_read(tmp_path: Path) -> None:
         load_settings(environ={"TESTPRESS_PASSWORD": "z"}, overrides={"api.password_file": str(missing)})
 
 
+def test_the_webhook_private_key_is_one_slot_like_the_password(tmp_path: Path) -> None:
+    key_file = write(tmp_path / "private-key", "from-file\n")
+    config = write(tmp_path / "c.toml", '[webhook]\nprivate_key = "from-toml"\n')
+    settings, sources = load_settings_with_sources(
+        config_path=str(config), environ={"TESTPRESS_WEBHOOK_PRIVATE_KEY_FILE": str(key_file)}
+    )
+    assert settings.webhook.private_key == "from-file" and sources["webhook.private_key"] == "env TESTPRESS_WEBHOOK_PRIVATE_KEY_FILE"
+    both = {"TESTPRESS_WEBHOOK_PRIVATE_KEY_FILE": str(tmp_path / "absent"), "TESTPRESS_WEBHOOK_PRIVATE_KEY": "literal"}
+    assert load_settings(environ=both).webhook.private_key == "literal"  # only the winning file is read
+    with pytest.raises(ConfigError, match="private key file .* cannot be read: .*env TESTPRESS_WEBHOOK_PRIVATE_KEY_FILE"):
+        load_settings(environ={"TESTPRESS_WEBHOOK_PRIVATE_KEY_FILE": str(tmp_path / "absent")})
+    with pytest.raises(ConfigError, match="TESTPRESS_WEBHOOK_PRIVATE_KEY is not set .*TESTPRESS_WEBHOOK_PRIVATE_KEY_FILE"):
+        load_settings(environ={"TESTPRESS_WEBHOOK_PUBLIC_KEY": "public"}).require_webhook()
+
+
 # --- sources and the report ---------------------------------------------------------------
 
 
@@ -492,4 +520,4 @@ def test_the_report_table_is_aligned() -> None:
 )
 def test_secret_names(name: str, secret: bool) -> None:
     assert _is_secret(name) is secret
-    assert [spec.key for spec in SPECS.values() if spec.secret] == ["api.password", "sync.pii_salt"]
+    assert [spec.key for spec in SPECS.values() if spec.secret] == ["api.password", "sync.pii_salt", "webhook.private_key"]

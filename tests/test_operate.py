@@ -82,8 +82,18 @@ def test_status_rejects_a_bad_age(capsys: pytest.CaptureFixture[str]) -> None:
 def test_doctor_passes_on_a_good_setup_and_an_empty_database(cli_environment: SimulatorServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
-    assert out.count("ok  ") == 4 and "All checks passed." in out
+    assert out.count("ok  ") == 5 and "All checks passed." in out
     assert "the next run migrates it" in out or "the first run creates it" in out
+    # cli_environment forces the student API: the doctor says so, and what it means.
+    assert "ok    source" in out and "student API: [testpress] source is student" in out
+
+
+def test_doctor_says_an_admin_login_syncs_the_whole_institute(
+    cli_environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TESTPRESS_SOURCE", "auto")
+    assert main(["doctor"]) == 0
+    assert "admin API: the login may read the admin API" in capsys.readouterr().out
 
 
 def test_doctor_names_a_wrong_password_with_its_remedy(
@@ -188,7 +198,10 @@ def test_limit_takes_the_first_exams_and_marks_nothing_deleted(
     summaries = [line for line in log_lines(capsys.readouterr().err) if line["event"] == "run_finished"]
     assert summaries[2]["exams_seen"] == 3 and summaries[2]["rows_deleted"] == 0
     assert select_value(database_url, select(func.count()).where(exams.c.deleted_at.is_not(None))) == 0
-    assert cli_environment.state.by_path["exams"] == 3  # one page for each limited run, one for the full run
+    # The listing under each of the three states: one page of each for each limited run
+    # (all its exams are `available`; the other two states answer an empty page), and for
+    # the full run.
+    assert cli_environment.state.by_path["exams"] == 3 * 3
 
 
 # --- summary and metrics files -------------------------------------------------------------

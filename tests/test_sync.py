@@ -102,6 +102,31 @@ async def test_faults_end_with_exactly_the_rows_of_a_clean_run(
     assert simulator.state.logins >= 2
 
 
+async def test_an_expired_token_answered_with_403_never_marks_an_exam_forbidden(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """Testpress may refuse an expired token with 403: on a route that answered before,
+    that is a token question first. Only exams that stay forbidden with a new token are."""
+    faults = simulator.state.faults
+    faults.expired_token_status, faults.token_lifetime, faults.latency = 403, 0.2, 0.01
+    summary = await sync_once(simulator, database_url)
+    assert summary.status == "succeeded" and simulator.state.logins >= 2
+    await assert_matches_server(engine, simulator)  # attempts_status included: forbidden only where served so
+
+
+async def test_a_login_refused_on_purpose_stops_the_run_with_the_reason_and_no_retry(
+    simulator: SimulatorServer, database_url: str
+) -> None:
+    from sync.errors import AuthError
+
+    for code, says in (("parallel_login_restriction", "another session"), ("max_login_exceeded", "cool-off")):
+        simulator.state.faults.login_refusal = code
+        before = simulator.state.requests
+        with pytest.raises(AuthError, match=rf"\({code}\): .*{says}"):
+            await sync_once(simulator, database_url)
+        assert simulator.state.requests - before == 1  # one login, never a loop
+
+
 async def test_listing_that_shifts_during_the_walk_still_stores_every_live_exam(
     simulator: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:

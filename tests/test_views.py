@@ -14,8 +14,13 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import metadata
+from sync.model.admin_rows import PiiPolicy
+from sync.model.resources import ATTEMPT_DETAILS, admin_resources
+from sync.model.run import utc_now
 from sync.simulator import SimulatorServer
+from sync.simulator.admin import attempt_detail
 from sync.sink.database import create_engine, database_url_from
+from sync.sink.writer import write_payloads
 from tests.conftest import fresh_postgres_database
 from tests.helpers import sync_once
 
@@ -24,6 +29,9 @@ ORDER = {
     "exam_summary": "exam_id",
     "user_results": "username, exam_id",
     "attempts_per_day": "day, exam_id",
+    # By name: a subject's id may be null, and the databases sort nulls apart.
+    "subject_performance": "exam_id, subject_name",
+    "student_subjects": "user_id, subject_name",
 }
 
 
@@ -48,11 +56,30 @@ async def both(simulator: SimulatorServer, tmp_path: Path) -> AsyncIterator[dict
             summary = await sync_once(simulator, url)
             assert summary.status == "succeeded"
             engines[kind] = create_engine(database_url_from(url))
+            await add_attempt_details(simulator, engines[kind])
         try:
             yield engines
         finally:
             for engine in engines.values():
                 await engine.dispose()
+
+
+async def add_attempt_details(simulator: SimulatorServer, engine: AsyncEngine) -> None:
+    """Each stored attempt's details, as the admin detail route serves them, through the
+    writer's write path: the subject views and their examples need rows. (The sync above
+    reads the student API, whose attempts the exam summary is checked against; an admin
+    run would add the attempts of the exams this login may not see.)"""
+    dataset, base = simulator.dataset, simulator.base_url
+    items = {
+        attempt.id: (None, attempt_detail(dataset, exam, attempt, base))
+        for exam in dataset.exams
+        if not (exam.forbidden or exam.vanished)
+        for attempt in exam.attempts
+    }
+    details = admin_resources(PiiPolicy())[ATTEMPT_DETAILS]
+    async with engine.begin() as connection:
+        outcome = await write_payloads(connection, details, items, utc_now())
+    assert outcome.counts.inserted == len(items) and not outcome.malformed
 
 
 async def rows(engine: AsyncEngine, sql: str) -> list[tuple[Any, ...]]:

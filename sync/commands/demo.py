@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sync.commands import Outcome
 from sync.commands.sync import Outputs, open_database, sync_into
@@ -16,6 +16,9 @@ from sync.config import Settings
 from sync.model.run import RunOptions, RunSummary
 from sync.ops.logs import Redactor
 from sync.sink import store
+
+if TYPE_CHECKING:
+    from sync.simulator import Dataset
 
 DEMO_DATABASE = "testpress-demo.db"
 
@@ -66,7 +69,7 @@ def _demo_report(database_url: str, summary: RunSummary, counts: dict[str, int])
         lines += [
             f"Database: {Path(path).resolve()}",
             "Try:",
-            f"  sqlite3 {path} \"SELECT slug, attempt_count, distinct_users, average_score, "
+            f"  sqlite3 {path} \"SELECT title, attempt_count, distinct_users, average_score, "
             "completion_rate FROM exam_summary ORDER BY attempt_count DESC LIMIT 5;\"",
             f"  {_this_command()} status --database-url {database_url}",
         ]
@@ -98,4 +101,22 @@ async def simulate(options: dict[str, Any], ready: Callable[[str], None]) -> Non
     )
     async with server:
         ready(server.base_url)
+        if options.get("webhook_url"):
+            await _send_webhooks(dataset, options["webhook_url"])
         await asyncio.Event().wait()
+
+
+async def _send_webhooks(dataset: Dataset, url: str) -> None:
+    """The data set's deliveries, as Testpress would post them, with a few duplicates,
+    reorderings and tampered ones, signed with the simulator's demo keys."""
+    from sync.simulator import webhooks
+
+    print(
+        f"Sending webhook deliveries to {url}, signed with public key {webhooks.DEMO_PUBLIC_KEY!r} and "
+        f"private key {webhooks.DEMO_PRIVATE_KEY!r}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stream = webhooks.deliveries(dataset, webhooks.DEMO_KEYS, duplicates=0.05, reordered=0.05, tampered_share=0.02)
+    results = await webhooks.send_deliveries(url, stream, concurrency=8)
+    print(f"Webhook deliveries sent: {len(results)}, answered {webhooks.statuses(results)}", file=sys.stderr, flush=True)

@@ -11,15 +11,18 @@ from sync.errors import ApiError, AuthError, ConfigError, DatabaseError, SyncErr
 from sync.model.resources import EXAMS
 from sync.ops.logs import Redactor
 from sync.sink.database import (
+    VERSION_TABLE,
+    clash_remedy,
     create_engine,
     database_url_from,
-    describe,
+    describe_engine,
     missing_database_file,
     missing_schema_parts,
     schema_state,
 )
+from sync.source.access import choose_source
 from sync.source.client import TestpressClient, open_session
-from sync.source.transport import ConnectionPool, TransportError
+from sync.source.proxies import Proxies
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,13 @@ async def run_checks(settings: Settings, redactor: Redactor) -> list[Check]:
     if checks[0].ok:
         async with open_session(settings.api, settings.http) as session:
             client = TestpressClient(session, settings.api, settings.http, redactor)
-            reachable = await _guarded("server", _check_server(session, settings))
+            reachable = await _guarded("server", _check_server(client, settings))
             checks.append(reachable)
             if reachable.ok:
-                checks.append(await _guarded("login", _check_login(client)))
+                login = await _guarded("login", _check_login(client))
+                checks.append(login)
+                if login.ok:
+                    checks.append(await _guarded("source", _check_source(client, settings.api.source)))
             else:
                 checks.append(Check("login", False, "skipped: the server is not reachable", failure=ApiError))
     checks.append(await _guarded("database", _check_database(settings)))
@@ -61,6 +67,7 @@ def _check_configuration(settings: Settings) -> Check:
     try:
         settings.require_api()
         database_url_from(settings.database_url)
+        Proxies(settings.http.proxy)  # a proxy URL that cannot be used, said here
     except ConfigError as exc:
         return Check(
             "configuration", False, str(exc),
@@ -70,19 +77,26 @@ def _check_configuration(settings: Settings) -> Check:
     return Check("configuration", True, f"{settings.api.base_url} as {settings.api.username!r}")
 
 
-async def _check_server(session: ConnectionPool, settings: Settings) -> Check:
+async def _check_server(client: TestpressClient, settings: Settings) -> Check:
     url = f"{settings.api.base_url}{EXAMS.listing_path()}"
+    route = client.proxies.describe(url)
     try:
-        status = (await session.request("GET", url)).status
-    except (TransportError, TimeoutError) as exc:
+        status, location = await client.status_of(url)
+    except ApiError as exc:
         return Check(
-            "server", False, f"{url}: {type(exc).__name__}: {exc}",
-            "check TESTPRESS_BASE_URL, DNS, proxies and firewalls; with a TLS-inspecting "
-            "proxy set api.ca_bundle",
+            "server", False, f"{url} ({route}): {exc}",
+            "check TESTPRESS_BASE_URL, DNS, proxies (http.proxy, HTTPS_PROXY, NO_PROXY) and "
+            "firewalls; with a TLS-inspecting proxy set api.ca_bundle",
             failure=ApiError,
         )  # fmt: skip
     if status in (200, 401, 403):  # it answers like the API: it wants a login
-        return Check("server", True, f"{url} answers (HTTP {status} without a login)")
+        return Check("server", True, f"{url} answers ({route}; HTTP {status} without a login)")
+    if location is not None:  # a redirect the client does not follow: to another server
+        return Check(
+            "server", False, f"{url} redirects to {location} (HTTP {status})",
+            "set TESTPRESS_BASE_URL to the address the API answers at",
+            failure=ApiError,
+        )  # fmt: skip
     return Check(
         "server", False, f"{url} answered HTTP {status}, not like the Testpress API",
         "check TESTPRESS_BASE_URL: it is the institute's root, e.g. https://demo.testpress.in",
@@ -106,16 +120,29 @@ async def _check_login(client: TestpressClient) -> Check:
     return Check("login", True, f"logged in; the exam listing shows {count} exams")
 
 
+async def _check_source(client: TestpressClient, wanted: str) -> Check:
+    """Which API a run would read with this login, and why."""
+    try:
+        source, reason = await choose_source(client, wanted)
+    except AuthError as exc:
+        return Check("source", False, str(exc), "use an institute staff login, or [testpress] source = auto",
+                     failure=AuthError)  # fmt: skip
+    if source == "student":
+        return Check("source", True, f"student API: {reason}; this login sees its own attempts only "
+                     "(an institute staff login syncs every student)")  # fmt: skip
+    return Check("source", True, f"admin API: {reason}; the whole institute is synced")
+
+
 async def _check_database(settings: Settings) -> Check:
     try:
         url = database_url_from(settings.database_url)
+        engine = create_engine(url, schema=settings.database_schema)
     except ConfigError as exc:
         return Check("database", False, str(exc), failure=ConfigError)
-    missing = missing_database_file(url)
-    if missing is not None:
-        return Check("database", True, f"no SQLite file at {missing} yet: the first run creates it")
-    engine = create_engine(url)
     try:
+        missing = missing_database_file(url)
+        if missing is not None:
+            return Check("database", True, f"no SQLite file at {missing} yet: the first run creates it")
         state = await schema_state(engine)
         changed = await missing_schema_parts(engine) if state.up_to_date else []
     except DatabaseError as exc:
@@ -126,7 +153,9 @@ async def _check_database(settings: Settings) -> Check:
         )  # fmt: skip
     finally:
         await engine.dispose()
-    where = describe(url)
+    where = describe_engine(engine)
+    # An older testpress-sync kept the revision in alembic_version; a run moves it.
+    moved = f" (recorded in alembic_version; the next run moves it to {VERSION_TABLE})" if state.legacy else ""
     if changed:
         return Check(
             "database", False,
@@ -138,16 +167,21 @@ async def _check_database(settings: Settings) -> Check:
             failure=DatabaseError,
         )  # fmt: skip
     if state.up_to_date:
-        return Check("database", True, f"{where}: schema at revision {state.current}")
+        return Check("database", True, f"{where}: schema at revision {state.current}{moved}")
     if not state.known:
         return Check("database", False, f"{where}: schema at unknown revision {state.current}",
                      "upgrade testpress-sync: a newer version migrated this database", failure=DatabaseError)
-    if state.has_tables and state.current is None:
-        return Check("database", False, f"{where}: holds tables testpress-sync did not create",
-                     "point TESTPRESS_DATABASE_URL at an empty database", failure=DatabaseError)
+    if state.clash:
+        return Check(
+            "database", False,
+            f"{where}: has {', '.join(state.present)} without a {VERSION_TABLE} record "
+            "(tables testpress-sync did not create, with its tables' names)",
+            clash_remedy(url.get_backend_name()),
+            failure=DatabaseError,
+        )  # fmt: skip
     return Check(
         "database", True,
-        f"{where}: schema {'empty' if state.empty else f'at {state.current}'}, head is {state.head}; "
+        f"{where}: schema {'empty' if state.empty else f'at {state.current}'}{moved}, head is {state.head}; "
         "the next run migrates it (or run `testpress-sync migrate`)",
     )  # fmt: skip
 
@@ -167,4 +201,5 @@ def print_checks(checks: list[Check], out: Printer) -> Result:
 
 
 async def doctor(settings: Settings, redactor: Redactor) -> Result:
-    return print_checks(await run_checks(settings, redactor), print)
+    # Redacted like the log: a detail may quote an error that quotes a proxy's URL.
+    return print_checks(await run_checks(settings, redactor), lambda line: print(redactor.redact(line)))

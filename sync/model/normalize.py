@@ -11,7 +11,7 @@ import hashlib
 import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from sync.errors import RecordError
 from sync.model.batches import Payload
@@ -21,10 +21,11 @@ from sync.model.batches import Payload
 NORMALIZER_VERSION = b"2"
 
 
-def payload_digest(raw_json: bytes) -> str:
+def payload_digest(raw_json: bytes, rules: bytes = b"") -> str:
     """The digest a stored row is compared by: its payload (as JSON bytes), and the rules
-    that normalized it. Equal digests mean the row would be written the same again."""
-    return hashlib.blake2b(NORMALIZER_VERSION + raw_json, digest_size=16).hexdigest()
+    that normalized it (this module's version, and `rules` of the resource: its
+    personal-data policy, say). Equal digests mean the row would be written the same."""
+    return hashlib.blake2b(NORMALIZER_VERSION + rules + raw_json, digest_size=16).hexdigest()
 
 
 class ExamRow(TypedDict):
@@ -261,16 +262,11 @@ def require_id(payload: Any, what: str) -> int:
 # --- records -----------------------------------------------------------------------------
 
 
-def exam_row(payload: Payload) -> ExamRow:
-    """One exam of the listing to its `exams` row."""
-    exam_id = require_id(payload, "exam")
-    slug = parse_text(payload.get("slug"), "slug")
-    if not slug:
-        raise RecordError("exam: missing slug")
+def exam_fields(payload: Payload) -> dict[str, Any]:
+    """The columns an exam payload fills, as either API serves them: everything but the
+    id, the slug and where the row came from."""
     get = payload.get
     return {
-        "id": exam_id,
-        "slug": slug,
         "title": parse_text(get("title"), "title"),
         "description": parse_text(get("description"), "description"),
         "course": parse_text(get("course"), "course"),
@@ -295,14 +291,22 @@ def exam_row(payload: Payload) -> ExamRow:
         "url": parse_text(get("url"), "url"),
         "attempts_url": parse_text(get("attempts_url"), "attempts_url"),
         "raw": payload,
-        # Newer servers send these on the student API too.
+        # The admin API's (newer servers send them on the student API too).
         "published": parse_bool(get("published"), "published"),
         "pass_percentage": parse_decimal(get("pass_percentage"), "pass_percentage"),
         "total_marks": parse_decimal(get("total_marks"), "total_marks"),
         "show_score": parse_bool(get("show_score"), "show_score"),
         "modified": parse_timestamp(get("modified"), "modified"),
-        "source": "student",
     }
+
+
+def exam_row(payload: Payload) -> ExamRow:
+    """One exam of the student API's listing to its `exams` row."""
+    exam_id = require_id(payload, "exam")
+    slug = parse_text(payload.get("slug"), "slug")
+    if not slug:
+        raise RecordError("exam: missing slug")
+    return cast(ExamRow, {"id": exam_id, "slug": slug, **exam_fields(payload), "source": "student"})
 
 
 def user_of(value: Any) -> UserRow:

@@ -1,9 +1,13 @@
 """One declarative spec per endpoint: everything the crawler, the writer and the store
 need to know about a resource, in one place.
 
-Adding an endpoint is a new `Resource` here, its normalizer in sync.model.normalize, its
-table in schema/ (with a migration), a simulator route and tests; the crawler walks any
-spec, and the writer and the store write any spec.
+Adding an endpoint is a new `Resource` here, its normalizer in sync.model.normalize (or
+admin_rows for the admin API), its table in schema/ (with a migration), a simulator route
+and tests; the crawler walks any spec, and the writer and the store write any spec.
+
+Two sets: the student API's (v2.1: exams, and each exam's attempts of the logged-in
+user) and the admin API's (v2.5: exams, attempts, users with their batches, batches, and
+the attempts' details), built for a run's personal-data policy.
 """
 
 from __future__ import annotations
@@ -12,14 +16,29 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from schema import ATTEMPT_CONTENT_COLUMNS, EXAM_CONTENT_COLUMNS
+from schema import ATTEMPT_CONTENT_COLUMNS, BATCH_CONTENT_COLUMNS, EXAM_CONTENT_COLUMNS, USER_CONTENT_COLUMNS
+from sync.model.admin_rows import (
+    PiiPolicy,
+    admin_attempt_row,
+    admin_exam_row,
+    admin_user_row,
+    attempt_details_row,
+    batch_row,
+    id_from_row_or_url,
+    membership_row,
+)
 from sync.model.batches import Payload
-from sync.model.normalize import UserRow, attempt_row, exam_row
+from sync.model.normalize import UserRow, attempt_row, exam_row, require_id
 
 Row = Mapping[str, Any]
 # payload, the id of its parent item (None for a top-level resource) → the row to store,
-# and the users it names. Raises RecordError for a payload that cannot be stored.
-Normalizer = Callable[[Payload, "int | None"], tuple[Row, Sequence[UserRow]]]
+# the users it names, and the fields that would not parse (stored null; each goes to
+# sync_errors while the row is stored). Raises RecordError for a payload that cannot be
+# stored at all.
+Normalized = tuple[Row, Sequence[UserRow], Sequence[str]]
+Normalizer = Callable[[Payload, "int | None"], Normalized]
+NO_USERS: tuple[UserRow, ...] = ()
+NO_PROBLEMS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -31,7 +50,17 @@ class Resource:
     table: str  # where its rows go
     content_columns: tuple[str, ...]  # the columns a payload fills (raw included)
     normalize: Normalizer
-    id_field: str = "id"
+    id_field: str = "id"  # in the payload
+    key_column: str = "id"  # the table's column that the payload's id goes to
+    # How an item's id is found: its `id_field`, or (admin exams) its URL's last number.
+    identify: Callable[[Any, str], int] = require_id
+    # "payload": rows compared by digest and upserted whole; "link": a membership row with
+    # no payload of its own (user_batches), inserted once and marked deleted when gone;
+    # "details": an attempt's breakdowns, replaced whole in the tables its row names
+    # (`table` then only names them in the run's counts).
+    write: str = "payload"
+    # Part of each row's digest besides the payload: the personal-data policy, say.
+    fingerprint: bytes = b""
     # The resource each item belongs to, and the field of the parent's payload that holds
     # the URL of this listing (attempts: each exam's `attempts_url`).
     parent: str | None = None
@@ -60,14 +89,14 @@ class Resource:
         return f"/api/{self.api_version}/{self.path}"
 
 
-def _exam(payload: Payload, _parent: int | None) -> tuple[Row, Sequence[UserRow]]:
-    return exam_row(payload), ()
+def _exam(payload: Payload, _parent: int | None) -> Normalized:
+    return exam_row(payload), NO_USERS, NO_PROBLEMS
 
 
-def _attempt(payload: Payload, exam_id: int | None) -> tuple[Row, Sequence[UserRow]]:
+def _attempt(payload: Payload, exam_id: int | None) -> Normalized:
     assert exam_id is not None, "attempts are walked per exam"
     row, user = attempt_row(payload, exam_id)
-    return row, (user,)
+    return row, (user,), NO_PROBLEMS
 
 
 EXAMS = Resource(
@@ -99,4 +128,51 @@ ATTEMPTS = Resource(
     parent_status_column="attempts_status",
 )
 
+# The attempt details' resource, and the name the run's counts give its rows.
+ATTEMPT_DETAILS = "attempt_details"
+
+# The student API's resources, in the order they are written (parents first).
 RESOURCES: Mapping[str, Resource] = {spec.name: spec for spec in (EXAMS, ATTEMPTS)}
+
+
+def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
+    """The admin API's resources for a run whose personal data follows `policy`, in the
+    order they are written (exams before the attempts that reference them)."""
+
+    def exam(payload: Payload, _parent: int | None) -> Normalized:
+        return admin_exam_row(payload), NO_USERS, NO_PROBLEMS
+
+    def attempt(payload: Payload, _parent: int | None) -> Normalized:
+        return admin_attempt_row(payload, policy), NO_USERS, NO_PROBLEMS
+
+    def user(payload: Payload, _parent: int | None) -> Normalized:
+        row, problems = admin_user_row(payload, policy)
+        return row, NO_USERS, problems
+
+    def batch(payload: Payload, _parent: int | None) -> Normalized:
+        return batch_row(payload), NO_USERS, NO_PROBLEMS
+
+    def membership(payload: Payload, user_id: int | None) -> Normalized:
+        assert user_id is not None, "memberships are walked per user"
+        return membership_row(payload, user_id), NO_USERS, NO_PROBLEMS
+
+    def details(payload: Payload, _parent: int | None) -> Normalized:
+        return attempt_details_row(payload), NO_USERS, NO_PROBLEMS
+
+    specs = (
+        Resource("exams", "exam", "v2.5", "admin/exams/", "exams", EXAM_CONTENT_COLUMNS, exam,
+                 identify=id_from_row_or_url),
+        Resource("users", "user", "v2.5", "admin/users/", "users", USER_CONTENT_COLUMNS, user,
+                 key_column="user_id", movable_unique_columns=("username",), fingerprint=policy.fingerprint,
+                 key_field="username"),
+        Resource("batches", "batch", "v2.5", "admin/batches/", "batches", BATCH_CONTENT_COLUMNS, batch),
+        Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
+                 fingerprint=policy.fingerprint),
+        Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
+                 ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",
+                 parent="users", parent_column="user_id"),
+        # Read one by one, for the attempts stored new or changed (sync.run): never walked.
+        Resource(ATTEMPT_DETAILS, "attempt_detail", "v2.5", "admin/attempts/", ATTEMPT_DETAILS, (), details,
+                 write="details", detail_path="admin/attempts/{key}/"),
+    )  # fmt: skip
+    return {spec.name: spec for spec in specs}

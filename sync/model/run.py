@@ -24,6 +24,7 @@ class RunOptions:
     exam_slugs: tuple[str, ...] = ()  # --exam: only these exams
     limit: int | None = None  # --limit: only the first N exams of the listing
     dry_run: bool = False  # fetch and compare, write nothing
+    full: bool = False  # run --full: an admin run walks everything (and may mark deletions)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class RunSummary:
     by_table: dict[str, RowCounts] = field(default_factory=dict)
     listing_complete: bool = False
     error: str | None = None
+    source: str | None = None  # student or admin: the API this run read
+    full_walk: bool = True  # an admin nightly run that read only what can have changed: False
 
     def count_seen(self, resource: str, count: int) -> None:
         self.seen[resource] = self.seen.get(resource, 0) + count
@@ -89,6 +92,7 @@ class RunSummary:
             "rows_deleted": self.rows.deleted,
             "errors": self.errors,
             "error": self.error,
+            "source": self.source,
         }
 
 
@@ -112,6 +116,7 @@ class RunRecord:
     errors: int
     exams_skipped: int
     error: str | None
+    source: str | None = None
 
     @property
     def duration(self) -> timedelta | None:

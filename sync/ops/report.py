@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sync.config import parse_duration
+from sync.model.plan import SyncState
 from sync.model.run import SUCCESSFUL, RunRecord
 
 
@@ -43,13 +44,14 @@ def health(runs: Sequence[RunRecord], now: datetime, max_age: timedelta | None) 
 
 
 def status_table(runs: Sequence[RunRecord]) -> str:
-    header = ("run", "started (UTC)", "duration", "mode", "status", "changed", "unchanged", "errors")
+    header = ("run", "started (UTC)", "duration", "mode", "source", "status", "changed", "unchanged", "errors")
     rows = [
         (
             str(run.id),
             run.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
             "running" if run.duration is None else _human(run.duration),
             run.mode,
+            run.source or "-",
             run.status,
             f"{run.rows_changed:,}",
             f"{run.rows_unchanged:,}",
@@ -62,6 +64,21 @@ def status_table(runs: Sequence[RunRecord]) -> str:
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in (header, *rows)]
     return "\n".join(lines)
+
+
+def sync_state_lines(state: SyncState, now: datetime) -> list[str]:
+    """Where the next admin run starts from, for `status`."""
+    if state.watermark is None:
+        return ["Incremental state: none yet; the next admin run walks everything."]
+    full = "never" if state.last_full_at is None else f"{_utc_text(state.last_full_at)} ({_human(now - state.last_full_at)} ago)"
+    return [
+        f"Attempts watermark: {_utc_text(state.watermark)} (the next nightly run reads attempts started since, less the lookback)",
+        f"Last full walk: {full}",
+    ]
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _human(span: timedelta) -> str:

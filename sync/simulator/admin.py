@@ -32,6 +32,7 @@ as on v2.1, and a student token gets 403 here (app.authentication).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -418,6 +419,18 @@ def attempt_counts(dataset: Dataset, attempt: SimAttempt) -> dict[str, int]:
     }
 
 
+@dataclass
+class DetailFaults:
+    """Attempts whose detail goes wrong every time it is asked for, for tests to set:
+    `failing` answer 500; `malformed` carry a subject without a name."""
+
+    failing: set[int] = field(default_factory=set)
+    malformed: set[int] = field(default_factory=set)
+
+
+DETAIL_FAULTS_KEY = web.AppKey("detail_faults", DetailFaults)
+
+
 async def attempt_detail_view(request: web.Request) -> web.Response:
     dataset = request.app[DATASET_KEY]
     attempt_id = _path_id(request, "attempt_id")
@@ -425,7 +438,13 @@ async def attempt_detail_view(request: web.Request) -> web.Response:
         exam, attempt = dataset.find_attempt(attempt_id if attempt_id is not None else -1)
     except KeyError:
         return json_response(NOT_FOUND, 404)
-    return json_response(attempt_detail(dataset, exam, attempt, base_url(request)))
+    faults = request.app[DETAIL_FAULTS_KEY]
+    if attempt.id in faults.failing:
+        return json_response({"detail": "A server error occurred."}, 500)
+    detail = attempt_detail(dataset, exam, attempt, base_url(request))
+    if attempt.id in faults.malformed:
+        detail["subject_stats"].append({"subject_id": 99, "subject_name": None, "total_count": 1})
+    return json_response(detail)
 
 
 # --- users and batches --------------------------------------------------------------------------
@@ -556,3 +575,4 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get(f"{ADMIN}/batches/", batch_list)
     app.router.add_get(f"{ADMIN}/batches/{{batch_id}}/", batch_detail)
     app[CHANGES_KEY] = CHANGES
+    app[DETAIL_FAULTS_KEY] = DetailFaults()

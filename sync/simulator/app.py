@@ -14,6 +14,8 @@ faults, change the data and read counters:
     POST /_simulator/faults   {"throttle_rate": 0.2, "login_refusal": "max_login_exceeded", ...}
     POST /_simulator/change   {"action": "add_attempts", "exam_id": 3, "count": 5}
                               (more actions in admin.CHANGES)
+    POST /_simulator/webhooks {"url": "http://127.0.0.1:8080/testpress/webhook", "limit": 100}
+                              sends the data set's signed webhook deliveries (webhooks.py)
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import orjson
 from aiohttp import web
 
-from sync.simulator.data import Dataset, Faults, SimAttempt, SimExam
+from sync.simulator.data import Dataset, Faults, SimAttempt, SimExam, exam_start
 
 API = "/api/v2.1"
 ADMIN_PREFIX = "/api/v2.5/admin/"
@@ -386,8 +389,21 @@ REFUSAL_BODIES: dict[str, dict[str, str]] = {
 
 
 def _visible_exams(request: web.Request, dataset: Dataset) -> list[SimExam]:
-    course = request.query.get("course")
-    return [exam for exam in dataset.exams if course is None or exam.course == course]
+    course, wanted = request.query.get("course"), request.query.get("state")
+    exams = [exam for exam in dataset.exams if course is None or exam.course == course]
+    if wanted is None:
+        return exams
+    viewer, now = student_id(request), dataset.clock()
+    return [exam for exam in exams if _exam_state(exam, viewer, now) == wanted]
+
+
+def _exam_state(exam: SimExam, viewer: int | None, now: datetime) -> str:
+    """The v2.1 `state` an exam is listed under for this login: `history` once the user
+    attempted it, `upcoming` before it starts, `available` otherwise (every exam is in
+    exactly one). The admin login has attempted none."""
+    if viewer is not None and any(attempt.user.id == viewer for attempt in exam.attempts):
+        return "history"
+    return "upcoming" if exam_start(exam) > now else "available"
 
 
 def _drift(dataset: Dataset, plan: Faults) -> None:

@@ -208,8 +208,12 @@ class Dataset:
         forbidden_every: int = 0,
         vanished_every: int = 0,
         batches: int = 25,
+        open_share: float | None = None,
     ) -> None:
+        """`open_share`: the share of seeded attempts left Running or Not Started (half
+        each). None keeps the historical 10% + 10%, drawn exactly as before."""
         self.seed = seed
+        self._state_weights = _state_weights(open_share)
         self._scores_memo: dict[tuple[int, bool], _Scores] = {}
         self._rng = random.Random(seed)
         self.users = [
@@ -260,7 +264,8 @@ class Dataset:
         for _ in range(count):
             number = exam.attempts_made
             exam.attempts_made += 1
-            state = self._rng.choices(ATTEMPT_STATES, weights=(8, 1, 1))[0]
+            # One random() per attempt whatever the weights: the v2.1 stream stays in step.
+            state = self._rng.choices(ATTEMPT_STATES, weights=self._state_weights)[0]
             attempt = SimAttempt(
                 id=exam.id * 100_000 + number + 1,
                 user=self._rng.choice(self.users),
@@ -560,6 +565,16 @@ class Dataset:
         if attempt.malformed:
             payload["score"] = "twelve"
         return payload
+
+
+def _state_weights(open_share: float | None) -> tuple[float, ...]:
+    """Weights of ATTEMPT_STATES (Completed, Running, Not Started) for the seeded draw."""
+    if open_share is None:
+        return (8, 1, 1)  # the historical weights, as integers: the same draws bit for bit
+    if not 0.0 <= open_share <= 1.0:
+        raise ValueError("open_share must be between 0 and 1")
+    return (1.0 - open_share, open_share / 2, open_share / 2)
+
 
 @dataclass(frozen=True)
 class _Scores:

@@ -25,6 +25,7 @@ from sync.simulator.app import (
     login,
 )
 from sync.simulator.data import Dataset, Faults
+from sync.simulator.webhooks import control_webhooks
 
 
 def create_app(
@@ -62,6 +63,7 @@ def create_app(
     app.router.add_get("/_simulator/stats", control_stats)
     app.router.add_post("/_simulator/faults", control_faults)
     app.router.add_post("/_simulator/change", control_change)
+    app.router.add_post("/_simulator/webhooks", control_webhooks)
     add_admin_routes(app)
     return app
 

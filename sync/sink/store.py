@@ -17,19 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from operator import itemgetter
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import ColumnElement, Table, Text, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from schema import metadata, sync_errors, sync_progress, sync_runs, users
+from schema import attempts, exams, metadata, sync_errors, sync_progress, sync_runs, sync_state, users
+from sync.model.admin_rows import DETAIL_TABLES
 from sync.model.normalize import UserRow
+from sync.model.plan import SyncState
 from sync.model.resources import Resource
 from sync.model.run import SUCCESSFUL, RowCounts, RunRecord
+from sync.model.webhook import WEBHOOK_SOURCE
 from sync.sink.dialects import Dialect, dialect_of
 from sync.sink.dialects.base import Converter
 
@@ -75,7 +78,7 @@ def _picker(names: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
 @cache
 def _payload_upsert(resource: Resource, dialect: Dialect) -> _Upsert:
     """Content columns (raw last), content_hash, first/last seen."""
-    table, key = table_of(resource), resource.id_field
+    table, key = table_of(resource), resource.key_column
     by_converter: dict[Converter | None, list[str]] = {}
     for name in resource.content_columns:
         if name != "raw":
@@ -83,7 +86,15 @@ def _payload_upsert(resource: Resource, dialect: Dialect) -> _Upsert:
     ordered = [name for names in by_converter.values() for name in names]
     names = [*ordered, "raw", "content_hash", "first_seen_at", "last_seen_at"]
     refreshed = [name for name in names if name not in (key, "first_seen_at")]
-    sql = dialect.upsert_sql(table.name, names, key, refreshed, also=", deleted_at = NULL")
+    also = ", deleted_at = NULL"
+    if {"state", "source"} <= set(names):
+        # A completion that a webhook delivery stored while this run's page was on its way
+        # is newer than the page: never taken back (the next run's page shows it too).
+        also += (
+            f" WHERE NOT (COALESCE({table.name}.source, '') = '{WEBHOOK_SOURCE}' AND {table.name}.state = 'Completed'"
+            " AND COALESCE(excluded.state, '') <> 'Completed')"
+        )
+    sql = dialect.upsert_sql(table.name, names, key, refreshed, also=also)
     groups = tuple((_picker(names), convert) for convert, names in by_converter.items())
     return _Upsert(sql, groups)
 
@@ -117,7 +128,7 @@ async def stored_digests(
     connection: AsyncConnection, resource: Resource, ids: Sequence[int]
 ) -> dict[int, tuple[str | None, bool]]:
     """id → (content_hash, marked deleted) of the stored rows among `ids`."""
-    rows = await _stored(connection, table_of(resource), resource.id_field, "content_hash, deleted_at IS NOT NULL", ids)
+    rows = await _stored(connection, table_of(resource), resource.key_column, "content_hash, deleted_at IS NOT NULL", ids)
     return {ident: (digest, bool(gone)) for ident, digest, gone in rows}
 
 
@@ -146,7 +157,7 @@ class RowBatch:
         self.values.append(tuple(values))
         for column, wanted in self.unique.items():
             if row[column] is not None:
-                wanted[row[column]] = row[self.resource.id_field]
+                wanted[row[column]] = row[self.resource.key_column]
 
 
 async def upsert_rows(connection: AsyncConnection, batch: RowBatch) -> None:
@@ -161,12 +172,16 @@ async def upsert_rows(connection: AsyncConnection, batch: RowBatch) -> None:
 
 
 async def _free_unique_values(connection: AsyncConnection, resource: Resource, column: str, wanted: dict[Any, int]) -> None:
-    """Slugs are unique, but Testpress may give a slug to another exam (one was deleted,
-    or two swapped names). A stored row holding a value that an incoming item now has is
-    given a placeholder `value#id` first; its own next sighting restores its real value."""
-    table, key = table_of(resource), resource.id_field
+    """Slugs and usernames are unique, but Testpress may give one to another item (one was
+    deleted, two swapped names). A stored row holding a value that an incoming item now
+    has is given a placeholder `value#key` first; its own next sighting restores its real
+    value. A row holding it without a key (a user a student login named by username only)
+    is the same item: it takes the key, and the upsert then updates it."""
+    table, key = table_of(resource), resource.key_column
     for value, holder in await _stored(connection, table, column, key, list(wanted)):
-        if holder != wanted[value]:
+        if holder is None:
+            await connection.execute(update(table).where(table.c[column] == value).values({key: wanted[value]}))
+        elif holder != wanted[value]:
             await connection.execute(update(table).where(table.c[key] == holder).values({column: f"{value}#{holder}"}))
 
 
@@ -233,14 +248,6 @@ async def upsert_users(
 # --- deletion marks and fetch outcomes ----------------------------------------------------
 
 
-async def _mark_deleted(
-    connection: AsyncConnection, table: Table, ids: Sequence[int], now: datetime, write: bool
-) -> int:
-    for chunk in _chunks(sorted(ids) if write else []):
-        await connection.execute(update(table).where(table.c.id.in_(chunk)).values(deleted_at=now))
-    return len(ids)
-
-
 async def mark_missing_deleted(
     connection: AsyncConnection,
     resource: Resource,
@@ -249,15 +256,39 @@ async def mark_missing_deleted(
     scope: Mapping[str, Any],
     *,
     write: bool = True,
+    written_before: datetime | None = None,
 ) -> int:
     """Rows of a top-level resource that a complete listing no longer shows, within the
-    listing's `scope` (the filters it was walked with, by column)."""
+    listing's `scope` (the filters it was walked with, by column). With `written_before`
+    (the walk's start), a row a webhook wrote since is newer than the listing: kept."""
     table = table_of(resource)
-    live = select(table.c[resource.id_field]).where(table.c.deleted_at.is_(None))
+    live = select(table.c[resource.key_column]).where(
+        table.c.deleted_at.is_(None), table.c[resource.key_column].is_not(None)
+    )
     for column, value in scope.items():
         live = live.where(table.c[column] == value)
+    kept = _not_written_by_webhook_since(table, written_before)
+    if kept is not None:
+        live = live.where(kept)
     missing = set((await connection.execute(live)).scalars()) - present
-    return await _mark_deleted(connection, table, list(missing), now, write)
+    key = table.c[resource.key_column]
+    for chunk in _chunks(sorted(missing) if write else []):
+        # The guard again: a delivery committed since the SELECT above is kept too.
+        marked = update(table).where(key.in_(chunk)) if kept is None else update(table).where(key.in_(chunk), kept)
+        await connection.execute(marked.values(deleted_at=now))
+    return len(missing)
+
+
+def _webhook_writes(table: Table) -> bool:
+    return "source" in table.c  # exams and attempts: the tables a delivery writes to
+
+
+def _not_written_by_webhook_since(table: Table, moment: datetime | None) -> ColumnElement[bool] | None:
+    """Rows that a webhook delivery has not written at or after `moment`; None (no
+    condition) without a moment or for a table that the webhook does not write."""
+    if moment is None or not _webhook_writes(table):
+        return None
+    return or_(table.c.source.is_distinct_from(WEBHOOK_SOURCE), table.c.last_seen_at < moment)
 
 
 async def mark_missing_children_deleted(
@@ -267,19 +298,164 @@ async def mark_missing_children_deleted(
     now: datetime,
     *,
     write: bool = True,
+    written_before: datetime | None = None,
 ) -> int:
     """Rows that a complete walk of their parent's listing no longer shows, for every
-    parent in `present_by_parent` (parent id → the ids the walk showed)."""
+    parent in `present_by_parent` (parent id → the keys the walk showed). With
+    `written_before` (the walk's start), a row a webhook wrote since is newer than the
+    listing: kept."""
     assert resource.parent_column is not None, f"{resource.name} has no parent"
-    table, parent = table_of(resource), resource.parent_column
+    table, parent, key = table_of(resource), resource.parent_column, resource.key_column
     dialect = dialect_of(connection)
-    missing: list[int] = []
+    # The guard of _not_written_by_webhook_since, in SQL: its moment bound at `mark`.
+    since = (dialect.stamp(written_before),) if written_before is not None and _webhook_writes(table) else ()
+
+    def kept(mark: str) -> str:
+        return f" AND (source IS NULL OR source <> '{WEBHOOK_SOURCE}' OR last_seen_at < {mark})" if since else ""
+
+    missing: list[tuple[int, int]] = []
     for chunk in _chunks(list(present_by_parent)):
-        marks = ", ".join(dialect.placeholders(len(chunk)))
-        sql = f"SELECT id, {parent} FROM {table.name} WHERE {parent} IN ({marks}) AND deleted_at IS NULL"
-        live = await dialect.run(connection, "execute_fetchall", sql, tuple(chunk))
-        missing.extend(ident for ident, parent_id in live if ident not in present_by_parent[parent_id])
-    return await _mark_deleted(connection, table, missing, now, write)
+        *marks, last = dialect.placeholders(len(chunk) + 1)
+        sql = f"SELECT {key}, {parent} FROM {table.name} WHERE {parent} IN ({', '.join(marks)}) AND deleted_at IS NULL{kept(last)}"
+        live = await dialect.run(connection, "execute_fetchall", sql, (*chunk, *since))
+        missing.extend((ident, parent_id) for ident, parent_id in live if ident not in present_by_parent[parent_id])
+    if missing and write:
+        # The guard again: a delivery committed since the SELECT above is kept too.
+        stamp, (first, second, third, fourth) = dialect.stamp(now), dialect.placeholders(4)
+        sql = f"UPDATE {table.name} SET deleted_at = {first} WHERE {key} = {second} AND {parent} = {third}{kept(fourth)}"
+        await dialect.run(connection, "executemany", sql, [(stamp, ident, parent_id, *since) for ident, parent_id in missing])
+    return len(missing)
+
+
+async def upsert_links(
+    connection: AsyncConnection, resource: Resource, rows: Sequence[Mapping[str, Any]], now: datetime, *, write: bool = True
+) -> RowCounts:
+    """Membership rows (user_batches): new ones inserted, changed or returning ones
+    rewritten, the rest left alone, so an unchanged night writes nothing."""
+    assert resource.parent_column is not None, f"{resource.name} has no parent"
+    table, parent, key = table_of(resource), resource.parent_column, resource.key_column
+    extra = [name for name in resource.content_columns if name not in (parent, key)]
+    wanted = {(row[parent], row[key]): row for row in rows}
+    stored = {
+        (parent_id, ident): (tuple(values), gone)
+        for parent_id, ident, *values, gone in await _stored(
+            connection, table, parent, ", ".join([key, *extra, "deleted_at IS NOT NULL"]), sorted({p for p, _ in wanted})
+        )
+    }
+    counts, to_write = RowCounts(), []
+    dialect = dialect_of(connection)
+    convert = [dialect.converter(table.c[name].type) or (lambda value: value) for name in extra]
+    stamp = dialect.stamp(now)
+    for pair, row in wanted.items():
+        values = tuple(row[name] for name in extra)
+        before = stored.get(pair)
+        if before is not None and not before[1] and before[0] == tuple(c(v) for c, v in zip(convert, values, strict=True)):
+            counts.unchanged += 1
+            continue
+        if before is None:
+            counts.inserted += 1
+        else:
+            counts.updated += 1
+        to_write.append((*pair, *(c(v) for c, v in zip(convert, values, strict=True)), stamp, stamp))
+    if to_write and write:
+        names = [parent, key, *extra, "first_seen_at", "last_seen_at"]
+        sql = dialect.upsert_sql(table.name, names, f"{parent}, {key}", [*extra, "last_seen_at"], also=", deleted_at = NULL")
+        await dialect.run(connection, "executemany", sql, to_write)
+    return counts
+
+
+# --- attempt details: each attempt's breakdowns, replaced whole ---------------------------
+
+
+async def attempts_needing_details(connection: AsyncConnection) -> list[int]:
+    """The live attempts of the admin API whose details were never fetched, or were
+    fetched for a row that has changed since (details_hash is the row's content_hash of
+    then): the ones a run with attempt details reads, in id order."""
+    stale = or_(attempts.c.details_hash.is_(None), attempts.c.details_hash != attempts.c.content_hash)
+    result = await connection.execute(
+        select(attempts.c.id)
+        .where(attempts.c.deleted_at.is_(None), attempts.c.source == "admin", stale)
+        .order_by(attempts.c.id)
+    )
+    return list(result.scalars())
+
+
+@dataclass(frozen=True)
+class _DetailInsert:
+    """The INSERT of one detail table in one dialect, and its values from a row: picked
+    at once (a C-level itemgetter), then the few that need it converted (ten rows a
+    detail, and a first run has one detail per attempt)."""
+
+    sql: str
+    pick: Callable[[Any], tuple[Any, ...]]
+    converted: tuple[tuple[int, Converter], ...]  # (position, converter)
+
+    def values(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        picked = self.pick(row)
+        if not self.converted:
+            return picked
+        values = list(picked)
+        for position, convert in self.converted:
+            values[position] = convert(values[position])
+        return tuple(values)
+
+
+@cache
+def _detail_insert(table: Table, dialect: Dialect) -> _DetailInsert:
+    # Without attempt_subjects' surrogate id, which the database numbers.
+    columns = [column for column in table.columns if column.name != "id"]
+    converted: list[tuple[int, Converter]] = []
+    for position, column in enumerate(columns):
+        convert = dialect.converter(column.type)
+        if convert is None and isinstance(column.type, Text) and not dialect.holds_nul():
+            convert = without_nul  # a subject's name from the API, on a database that refuses NUL
+        if convert is not None:
+            converted.append((position, convert))
+    names = [column.name for column in columns]
+    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join(dialect.placeholders(len(names)))})"
+    return _DetailInsert(sql, _picker(names), tuple(converted))
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+async def replace_attempt_details(
+    connection: AsyncConnection, details: Sequence[Mapping[str, Any]], now: datetime, *, write: bool = True
+) -> RowCounts:
+    """Each attempt's details (sync.model.admin_rows.attempt_details_row) in place of the
+    ones stored: its rows in the detail tables deleted and the new ones inserted, and its
+    row marked as having them (details_hash = its content_hash, details_fetched_at = now)
+    with the detail's percentile, which the admin listing does not serve. In the caller's
+    transaction: an attempt's details are replaced whole, or not at all.
+
+    Counted by attempt: inserted for a first set of details, updated for a replaced one."""
+    if not details:
+        return RowCounts()
+    ids = [detail["id"] for detail in details]
+    had = sum(1 for _, fetched in await _stored(connection, attempts, "id", "details_hash IS NOT NULL", ids) if fetched)
+    counts = RowCounts(inserted=len(ids) - had, updated=had)
+    if not write:
+        return counts
+    dialect = dialect_of(connection)
+    (mark,) = dialect.placeholders(1)
+    keys = [(ident,) for ident in ids]
+    for name in DETAIL_TABLES:
+        # Deleted even for an attempt never fetched: cheap (by the key's first column),
+        # and it keeps an operator's reset of details_hash from failing on duplicates.
+        await dialect.run(connection, "executemany", f"DELETE FROM {name} WHERE attempt_id = {mark}", keys)
+        insert = _detail_insert(metadata.tables[name], dialect)
+        rows = [insert.values(row) for detail in details for row in detail[name]]
+        if rows:
+            await dialect.run(connection, "executemany", insert.sql, rows)
+    # The row's own content_hash, read in this statement: the details belong to the row as
+    # it is now. (A webhook delivery that rewrote it since the selection makes the hash a
+    # newer one; the next admin run rewrites that row from its listing, and reads again.)
+    stamp, percentile = dialect.stamp(now), dialect.converter(attempts.c.percentile.type) or _as_is
+    first, second, third = dialect.placeholders(3)
+    sql = f"UPDATE attempts SET details_hash = content_hash, details_fetched_at = {first}, percentile = {second} WHERE id = {third}"
+    await dialect.run(connection, "executemany", sql, [(stamp, percentile(detail["percentile"]), detail["id"]) for detail in details])
+    return counts
 
 
 async def set_listing_status(connection: AsyncConnection, resource: Resource, statuses: Mapping[int, str]) -> None:
@@ -426,3 +602,53 @@ async def row_counts(connection: AsyncConnection) -> dict[str, int]:
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:  # for Core statements
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
+
+
+# --- what incremental runs resume from ---------------------------------------------------
+
+
+async def read_sync_state(connection: AsyncConnection, resource: str) -> SyncState:
+    row = (
+        await connection.execute(
+            select(sync_state.c.watermark, sync_state.c.last_full_at).where(sync_state.c.resource == resource)
+        )
+    ).first()
+    return SyncState() if row is None else SyncState(watermark=row.watermark, last_full_at=row.last_full_at)
+
+
+async def save_sync_state(connection: AsyncConnection, resource: str, state: SyncState, now: datetime) -> None:
+    """Written only once a run has completed: what it read is stored, so the next may
+    start from it."""
+    values = {"watermark": state.watermark, "last_full_at": state.last_full_at, "updated_at": now}
+    done = await connection.execute(update(sync_state).where(sync_state.c.resource == resource).values(**values))
+    if not done.rowcount:
+        await connection.execute(sync_state.insert().values(resource=resource, **values))
+
+
+async def longest_exam_duration(connection: AsyncConnection) -> timedelta | None:
+    seconds = (await connection.execute(select(func.max(exams.c.duration_seconds)))).scalar()
+    return None if seconds is None else timedelta(seconds=int(seconds))
+
+
+async def open_attempts_before(connection: AsyncConnection, moment: datetime) -> dict[int, int]:
+    """Attempt id → exam id of the live attempts stored as Running or Not Started that
+    started before `moment` (or at no known time): a nightly run must read them again."""
+    started_before = (attempts.c.date < moment) | attempts.c.date.is_(None)
+    result = await connection.execute(
+        select(attempts.c.id, attempts.c.exam_id).where(
+            attempts.c.state.in_(("Running", "Not Started")), attempts.c.deleted_at.is_(None), started_before
+        )
+    )
+    return {ident: exam_id for ident, exam_id in result}
+
+
+async def stored_keys_and_digests(connection: AsyncConnection, resource: Resource) -> dict[int, str | None]:
+    """key → content_hash of every live row of `resource` (thousands of users, not
+    attempts): what an admin run compares listings with, to read only what changed."""
+    table = table_of(resource)
+    result = await connection.execute(
+        select(table.c[resource.key_column], table.c.content_hash).where(
+            table.c.deleted_at.is_(None), table.c[resource.key_column].is_not(None)
+        )
+    )
+    return {key: digest for key, digest in result}

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import orjson
 import structlog
@@ -34,10 +35,11 @@ from tenacity import (
 from sync.errors import DatabaseError, RecordError, error_text
 from sync.model.batches import Batch, Failure, Message, Payload, ResourceDone
 from sync.model.normalize import UserRow, payload_digest
-from sync.model.resources import RESOURCES, Resource
+from sync.model.resources import ATTEMPT_DETAILS, RESOURCES, Resource
 from sync.model.run import Clock, RowCounts, RunSummary, utc_now
 from sync.ops.logs import Redactor
 from sync.sink import store
+from sync.sink.dialects.base import WRITES_OPTION
 from sync.sink.faults import DatabaseFault, classify, connection_lost, database_unusable
 
 log = structlog.get_logger("testpress_sync.writer")
@@ -46,7 +48,8 @@ log = structlog.get_logger("testpress_sync.writer")
 # uninterrupted pass kept responses waiting past their latency and idled the fetchers.
 _YIELD_EVERY = 250
 
-Items = Mapping[int, tuple["int | None", Payload]]  # id → (parent id, payload as received)
+# id (or, for a link resource, (parent id, id)) → (parent id, payload as received)
+Items = Mapping[Any, tuple["int | None", Payload]]
 
 
 @dataclass
@@ -56,6 +59,7 @@ class PayloadOutcome:
     counts: RowCounts = field(default_factory=RowCounts)
     users: list[UserRow] = field(default_factory=list)  # the users the written rows name
     malformed: list[Failure] = field(default_factory=list)  # items that would not normalize
+    problems: list[Failure] = field(default_factory=list)  # fields stored null: the rows were stored
 
 
 async def write_payloads(
@@ -69,20 +73,24 @@ async def write_payloads(
     outcome = PayloadOutcome()
     if not items:
         return outcome
+    if resource.write == "link":
+        return await _write_links(connection, resource, items, now, write=write)
+    if resource.write == "details":
+        return await _write_details(connection, resource, items, now, write=write)
     stored = await store.stored_digests(connection, resource, list(items))
-    counts, normalize = outcome.counts, resource.normalize
+    counts, normalize, rules = outcome.counts, resource.normalize, resource.fingerprint
     rows = store.RowBatch(connection, resource, now)
     for number, (ident, (parent_id, payload)) in enumerate(items.items(), 1):
         if number % _YIELD_EVERY == 0:
             await asyncio.sleep(0)
         raw_json = orjson.dumps(payload)
-        digest = payload_digest(raw_json)
+        digest = payload_digest(raw_json, rules)
         before = stored.get(ident)
         if before is not None and before[0] == digest and not before[1]:
             counts.unchanged += 1
             continue
         try:
-            row, users = normalize(payload, parent_id)
+            row, users, problems = normalize(payload, parent_id)
         except RecordError as error:
             outcome.malformed.append(Failure(resource.entity, str(ident), str(error), payload=payload))
             continue
@@ -90,10 +98,46 @@ async def write_payloads(
             counts.inserted += 1
         else:
             counts.updated += 1
-        outcome.users.extend(users)
-        rows.add(row, raw_json, digest)
+        if users:
+            outcome.users.extend(users)
+        if problems:
+            outcome.problems += [Failure(resource.entity, str(ident), problem, payload=row["raw"]) for problem in problems]
+        # The row's raw is the payload, unless the personal-data policy replaced some of it.
+        rows.add(row, raw_json if row["raw"] is payload else orjson.dumps(row["raw"]), digest)
     if write:
         await store.upsert_rows(connection, rows)
+    return outcome
+
+
+async def _write_links(
+    connection: AsyncConnection, resource: Resource, items: Items, now: datetime, *, write: bool
+) -> PayloadOutcome:
+    """Membership rows: normalized, then inserted if new (they carry no payload to compare)."""
+    outcome, rows = PayloadOutcome(), []
+    for ident, (parent_id, payload) in items.items():
+        try:
+            rows.append(resource.normalize(payload, parent_id)[0])
+        except RecordError as error:
+            outcome.malformed.append(Failure(resource.entity, str(ident), str(error), payload=payload))
+    outcome.counts = await store.upsert_links(connection, resource, rows, now, write=write)
+    return outcome
+
+
+async def _write_details(
+    connection: AsyncConnection, resource: Resource, items: Items, now: datetime, *, write: bool
+) -> PayloadOutcome:
+    """Attempt details: each normalized, then stored in place of the attempt's old ones.
+    They are fetched only when new or changed, so there is no digest to compare first; one
+    that will not normalize is recorded and left unfetched, to be read again next run."""
+    outcome, rows = PayloadOutcome(), []
+    for number, (ident, (parent_id, payload)) in enumerate(items.items(), 1):
+        if number % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+        try:
+            rows.append(resource.normalize(payload, parent_id)[0])
+        except RecordError as error:
+            outcome.malformed.append(Failure(resource.entity, str(ident), str(error), payload=payload))
+    outcome.counts = await store.replace_attempt_details(connection, rows, now, write=write)
     return outcome
 
 
@@ -101,7 +145,7 @@ async def write_payloads(
 class _Pending:
     """Items and markers waiting for the next commit."""
 
-    items: dict[str, dict[int, tuple[int | None, Payload]]] = field(default_factory=dict)  # by resource
+    items: dict[str, dict[Any, tuple[int | None, Payload]]] = field(default_factory=dict)  # by resource
     failures: list[Failure] = field(default_factory=list)
     done: list[ResourceDone] = field(default_factory=list)  # child listings that ended
 
@@ -116,6 +160,7 @@ class _Tally:
     by_table: dict[str, RowCounts] = field(default_factory=dict)
     refused: list[Failure] = field(default_factory=list)  # rows the database would not take
     malformed: list[tuple[str, Failure]] = field(default_factory=list)  # (resource, item) not normalized
+    problems: list[Failure] = field(default_factory=list)  # fields stored null in rows that were stored
     unstorable: set[tuple[str, int]] = field(default_factory=set)  # (resource, id) of those
 
     def count(self, table: str, counts: RowCounts) -> None:
@@ -126,6 +171,7 @@ class _Tally:
             self.count(table, counts)
         self.refused += other.refused
         self.malformed += other.malformed
+        self.problems += other.problems
         self.unstorable |= other.unstorable
 
 
@@ -150,7 +196,9 @@ class Writer:
         clock: Clock = utc_now,
         resources: Mapping[str, Resource] = RESOURCES,
     ) -> None:
-        self._engine = engine
+        # Its transactions read stored digests, then write: on SQLite they take the write
+        # lock as they begin, so a webhook commit in between cannot fail them (WRITES_OPTION).
+        self._engine = engine.execution_options(**{WRITES_OPTION: True})
         self._summary = summary
         self._redactor = redactor
         self._batch_size = batch_size
@@ -163,6 +211,9 @@ class Writer:
         self._pending = _Pending()
         self._listings: list[ResourceDone] = []  # top-level listings: marked at the end
         self._unstorable: set[tuple[str, int]] = set()  # parents that would not normalize
+        # When the walk began (the crawl starts after its writer exists): rows a webhook
+        # wrote since then are newer than any listing of this run, and never marked deleted.
+        self._walk_started = clock()
 
     async def consume(self, queue: asyncio.Queue[Message | None]) -> None:
         """Take items until the None that ends the crawl, committing batch by batch.
@@ -200,7 +251,10 @@ class Writer:
             # The last sighting of an id wins: one statement may not touch a row twice.
             waiting = pending.items.setdefault(item.resource, {})
             parent = item.parent_id
-            waiting.update((ident, (parent, payload)) for ident, payload in item.items)
+            if self._resources[item.resource].write == "link":  # an id is unique per parent only
+                waiting.update(((parent, ident), (parent, payload)) for ident, payload in item.items)
+            else:
+                waiting.update((ident, (parent, payload)) for ident, payload in item.items)
             self._summary.count_seen(item.resource, len(item.items))
         elif isinstance(item, Failure):
             pending.failures.append(item)
@@ -226,7 +280,7 @@ class Writer:
                 else:
                     await self._write_items(connection, resource, items, tally, now)
             if self._write:
-                for failure in [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused]:
+                for failure in [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused, *tally.problems]:
                     await self._record_failure(connection, failure, now)
             await self._finish_child_listings(connection, pending.done, tally, now)
 
@@ -243,7 +297,7 @@ class Writer:
         self._summary.exams_done += len(pending.done)
         for resource, _ in tally.malformed:
             self._summary.count_seen(resource, -1)  # seen, but not as an item
-        for failure in [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused]:
+        for failure in [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused, *tally.problems]:
             self._summary.errors += 1
             log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
         for done in pending.done:
@@ -261,6 +315,7 @@ class Writer:
         if outcome.users:
             tally.count("users", await store.upsert_users(connection, outcome.users, now, write=self._write))
         tally.malformed += [(resource.name, failure) for failure in outcome.malformed]
+        tally.problems += outcome.problems
         tally.unstorable |= {(resource.name, int(failure.key or 0)) for failure in outcome.malformed}
 
     def _without_orphans(self, resource: Resource, items: Items, tally: _Tally) -> Items:
@@ -347,7 +402,9 @@ class Writer:
                 for item in listings
                 if item.status == "ok" and item.complete and item.parent_id is not None
             }
-            deleted = await store.mark_missing_children_deleted(connection, resource, complete, now, write=self._write)
+            deleted = await store.mark_missing_children_deleted(
+                connection, resource, complete, now, write=self._write, written_before=self._walk_started
+            )
             tally.count(resource.table, RowCounts(deleted=deleted))
             if self._record_progress and self._write:
                 await store.record_progress(connection, self._summary.run_id, list(complete), now)
@@ -365,7 +422,8 @@ class Writer:
             async def mark(connection: AsyncConnection, tally: _Tally, resource: Resource = resource,
                            listing: ResourceDone = listing) -> None:
                 deleted = await store.mark_missing_deleted(
-                    connection, resource, listing.seen_ids, self._clock(), listing.scope, write=self._write
+                    connection, resource, listing.seen_ids, self._clock(), listing.scope, write=self._write,
+                    written_before=self._walk_started,
                 )
                 tally.count(resource.table, RowCounts(deleted=deleted))
 
@@ -387,7 +445,7 @@ class Writer:
         for table, counts in tally.by_table.items():
             # The run's totals are of the data rows (exams, attempts); a user re-seen on
             # every page would swamp them, so users are counted in by_table only.
-            if table != "users":
+            if table not in ("users", ATTEMPT_DETAILS):  # details: counted by attempt, in by_table only
                 self._summary.rows.add(counts)
             self._summary.by_table.setdefault(table, RowCounts()).add(counts)
 

@@ -31,7 +31,6 @@ import structlog
 
 from sync.errors import ApiError, RecordError, SkippableError
 from sync.model.batches import Batch, Failure, Message, Payload, ResourceDone
-from sync.model.normalize import require_id
 from sync.model.resources import Resource
 from sync.source.client import TestpressClient
 from sync.source.pagination import Page, later_page_urls, page_count, read_page
@@ -70,9 +69,19 @@ class _Walk:
         )
 
 
+ChildFilter = Callable[[Resource, int, Payload], bool]
+
+
 class Crawler:
     """Walks `root`'s listing (or only the items named by `keys`) and every child listing
-    of each item it shows, handing batches and markers to `out`."""
+    of each item it shows, handing batches and markers to `out`.
+
+    `variants` are filters the listing is walked with in turn, sharing what was seen: the
+    student API's exams under each `state` (its default without one is undocumented), or
+    an admin run's slices of the attempt listing (since a date; still running). With
+    `partial` the walks are slices, never the whole listing: nothing may be marked deleted
+    from them. `child_filter` says which items' child listings are walked (an admin
+    nightly run reads the batches of new and changed users only)."""
 
     def __init__(
         self,
@@ -87,6 +96,9 @@ class Crawler:
         limit: int | None = None,
         skip_children_of: frozenset[int] = frozenset(),
         max_passes: int = 3,
+        variants: Sequence[Mapping[str, str]] = ({},),
+        partial: bool = False,
+        child_filter: ChildFilter | None = None,
     ) -> None:
         self._client = client
         self._out = out
@@ -98,14 +110,19 @@ class Crawler:
         self._limit = limit
         self._skip = skip_children_of
         self._max_passes = max_passes
+        self._variants = variants
+        self._partial = partial
+        self._child_filter = child_filter
         self._listings: asyncio.Queue[ChildListing | None] = asyncio.Queue(maxsize=workers * 4)
         self.skipped = 0  # root items whose children were not walked (backfill --resume)
+        self.present: set[int] = set()  # every root id the listings showed
         self.total: int | None = None  # root items, known once the listing's first page arrived
 
-    def listing_url(self) -> str:
+    def listing_url(self, variant: Mapping[str, str] | None = None) -> str:
         url = self._client.url(self._root.listing_path())
-        if self._filters:
-            url += "?" + urlencode(self._filters)
+        query = {**self._filters, **(variant or {})}
+        if query:
+            url += "?" + urlencode(query)
         return url
 
     async def crawl(self) -> None:
@@ -124,21 +141,28 @@ class Crawler:
 
     async def _walk_root(self) -> None:
         seen: set[int] = set()  # items handed to the writer
-        present: set[int] = set()  # every id the listing showed, malformed items included
-        complete = failed = False
-        for number in range(1, self._max_passes + 1):
-            walk = await self._walk(self.listing_url(), self._root_page_handler(seen), self._limit)
-            present |= walk.ids
-            failed = walk.failed
-            if walk.failed or walk.uncounted or self._limit is not None:
-                break  # a limited walk is a sample: never complete, never a reason to delete
-            if walk.consistent:
-                complete = True
-                break
-            log.info("listing_shifted_walking_again", entity=self._root.entity, walk=number)
+        present = self.present  # every id the listings showed, malformed items included
+        complete, failed = True, False
+        for variant in self._variants:
+            walked, walk_failed = await self._walk_variant(variant, seen, present)
+            complete, failed = complete and walked, failed or walk_failed
         await self._close_child_queue()
         status = "error" if failed else "ok"
-        await self._out.put(ResourceDone(self._root.name, status, complete, frozenset(present), scope=self._filters))
+        whole = complete and not failed and not self._partial
+        await self._out.put(ResourceDone(self._root.name, status, whole, frozenset(present), scope=self._filters))
+
+    async def _walk_variant(self, variant: Mapping[str, str], seen: set[int], present: set[int]) -> tuple[bool, bool]:
+        """One listing, walked again while it shifts: (complete, failed)."""
+        for number in range(1, self._max_passes + 1):
+            walk = await self._walk(self.listing_url(variant), self._root_page_handler(seen), self._limit, self._root.name)
+            present |= walk.ids
+            if walk.failed or walk.uncounted or self._limit is not None:
+                # A limited walk is a sample: never complete, never a reason to delete.
+                return False, walk.failed
+            if walk.consistent:
+                return True, False
+            log.info("listing_shifted_walking_again", entity=self._root.entity, walk=number, **variant)
+        return False, False
 
     async def _fetch_named_items(self) -> None:
         """--exam SLUG: those items from their detail pages, not the listing."""
@@ -149,7 +173,7 @@ class Crawler:
         for key in self._keys:
             url = self._client.url(f"/api/{self._root.api_version}/{self._root.detail_path.format(key=key)}")
             try:
-                detail = await self._client.get_json(url)
+                detail = await self._client.get_json(url, self._root.name)
             except SkippableError as exc:
                 message = f"cannot read {self._root.entity} {key!r}: {exc}"
                 await self._out.put(Failure(self._root.entity, key, message, exc.status))
@@ -164,6 +188,47 @@ class Crawler:
         await self._close_child_queue()
         await self._out.put(ResourceDone(self._root.name, "ok", False, frozenset(seen), scope=self._filters))
 
+    async def fetch_each(self) -> None:
+        """Each item that `keys` names, from the root's detail route, `workers` at a time
+        (the client bounds requests in flight, for these and any other walk alike): a
+        Batch for each, a Failure for each that could not be read or is not the item asked
+        for. Nothing else: a set of details is no listing, so no ResourceDone (nothing may be
+        marked deleted from it), and no children."""
+        assert self._root.detail_path is not None, f"{self._root.name} cannot be read one by one"
+        self.total = len(self._keys)
+        keys = iter(self._keys)  # shared: each worker takes the next key when it is free
+
+        async def worker() -> None:
+            for key in keys:
+                await self._fetch_one(key)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self._workers, len(self._keys))):
+                    group.create_task(worker())
+        except BaseExceptionGroup as failure:
+            raise failure.exceptions[0] from None  # a fatal error (a refused login) says it once
+
+    async def _fetch_one(self, key: str) -> None:
+        root = self._root
+        assert root.detail_path is not None
+        url = self._client.url(f"/api/{root.api_version}/{root.detail_path.format(key=key)}")
+        try:
+            detail = await self._client.get_json(url)
+        except ApiError as exc:  # after the client's retries: this item, not the run
+            await self._out.put(Failure(root.entity, key, f"cannot read {root.entity} {key}: {exc}", exc.status))
+            return
+        try:
+            ident = root.identify(detail, root.entity)
+        except RecordError as exc:
+            await self._out.put(Failure(root.entity, key, str(exc), payload=detail))
+            return
+        if root.key_of(detail, ident) != key:
+            message = f"asked for {root.entity} {key}, the server answered with {root.key_of(detail, ident)}"
+            await self._out.put(Failure(root.entity, key, message, payload=detail))
+            return
+        await self._out.put(Batch(root.name, [(ident, detail)]))
+
     async def _close_child_queue(self) -> None:
         # Not in a `finally`: on an error the task group cancels the workers anyway, and a
         # put on a full queue would block the cancellation.
@@ -177,7 +242,7 @@ class Crawler:
                 self.total = listed if self._limit is None else min(listed, self._limit)
             if self._limit is not None:
                 items = items[: max(0, self._limit - len(seen))]
-            identified, failures = identify_items(items, self._root.entity, walk.ids)
+            identified, failures = identify_items(items, self._root, walk.ids)
             fresh = [(ident, payload) for ident, payload in identified if ident not in seen]
             seen.update(ident for ident, _ in fresh)
             await self._hand_over(Batch(self._root.name, fresh) if fresh else None, failures)
@@ -186,7 +251,8 @@ class Crawler:
                     self.skipped += 1
                     continue
                 for child in self._children:
-                    await self._queue_child_listing(child, ident, payload)
+                    if self._child_filter is None or self._child_filter(child, ident, payload):
+                        await self._queue_child_listing(child, ident, payload)
 
         return handle
 
@@ -218,7 +284,7 @@ class Crawler:
         handle = self._child_page_handler(resource, parent_id, seen)
         for number in range(1, self._max_passes + 1):
             try:
-                walk = await self._walk(listing.url, handle)
+                walk = await self._walk(listing.url, handle, route=resource.name)
             except SkippableError as exc:
                 status = "forbidden" if exc.status == 403 else "not_found"
                 break
@@ -236,7 +302,7 @@ class Crawler:
 
     def _child_page_handler(self, resource: Resource, parent_id: int, seen: set[int]) -> PageHandler:
         async def handle(items: list[Any], walk: _Walk) -> None:
-            identified, failures = identify_items(items, resource.entity, walk.ids)
+            identified, failures = identify_items(items, resource, walk.ids)
             fresh = [(ident, payload) for ident, payload in identified if ident not in seen]
             seen.update(ident for ident, _ in fresh)
             await self._hand_over(Batch(resource.name, fresh, parent_id) if fresh else None, failures)
@@ -251,7 +317,9 @@ class Crawler:
 
     # --- shared: one pass over a paginated listing -----------------------------------
 
-    async def _walk(self, first_url: str, handle: PageHandler, max_items: int | None = None) -> _Walk:
+    async def _walk(
+        self, first_url: str, handle: PageHandler, max_items: int | None = None, route: str | None = None
+    ) -> _Walk:
         """Fetch every page of a listing (or enough for `max_items`), page 1 first, the
         rest concurrently.
 
@@ -259,7 +327,7 @@ class Crawler:
         is recorded as a Failure and marks the walk failed."""
         walk = _Walk()
         try:
-            first = read_page(await self._client.get_json(first_url), first_url)
+            first = read_page(await self._client.get_json(first_url, route), first_url)
         except SkippableError:
             raise
         except ApiError as exc:
@@ -270,12 +338,12 @@ class Crawler:
             walk.counts.add(first.count)
         await handle(first.results, walk)
         if page_count(first) is None:
-            await self._follow_next(first, handle, walk)
+            await self._follow_next(first, handle, walk, route)
             return walk
         urls = later_page_urls(first)
         if max_items is not None and first.results:
             urls = urls[: max(0, -(-max_items // len(first.results)) - 1)]
-        async for _url, outcome in fetch_concurrently(self._client, urls, window=self._workers):
+        async for _url, outcome in fetch_concurrently(self._client, urls, window=self._workers, route=route):
             if isinstance(outcome, Page):
                 walk.counts.add(-1 if outcome.count is None else outcome.count)
                 await handle(outcome.results, walk)
@@ -286,7 +354,7 @@ class Crawler:
                 walk.failed = True
         return walk
 
-    async def _follow_next(self, page: Page, handle: PageHandler, walk: _Walk) -> None:
+    async def _follow_next(self, page: Page, handle: PageHandler, walk: _Walk, route: str | None) -> None:
         """A listing without `count`: one page after another, as `next` says."""
         walk.uncounted = True
         log.warning("listing_without_count", url=page.url,
@@ -295,7 +363,7 @@ class Crawler:
         while page.next_url is not None and page.next_url not in visited:
             visited.add(page.next_url)
             try:
-                page = read_page(await self._client.get_json(page.next_url), page.next_url)
+                page = read_page(await self._client.get_json(page.next_url, route), page.next_url)
             except ApiError as exc:
                 await self._page_failed(exc)
                 walk.failed = True
@@ -307,15 +375,18 @@ class Crawler:
         await self._out.put(Failure("page", error.url, str(error), http_status=error.status))
 
 
-def identify_items(items: list[Any], entity: str, ids: set[int]) -> tuple[list[tuple[int, Any]], list[Failure]]:
+def identify_items(
+    items: list[Any], resource: Resource, ids: set[int]
+) -> tuple[list[tuple[int, Any]], list[Failure]]:
     """Each item of a page with its id, or a Failure for an item without a usable one;
     every id seen goes to `ids` (malformed items included: they exist, and must not count
     as deleted)."""
     identified: list[tuple[int, Any]] = []
     failures: list[Failure] = []
+    identify, entity = resource.identify, resource.entity
     for payload in items:
         try:
-            ident = require_id(payload, entity)
+            ident = identify(payload, entity)
         except RecordError as exc:
             failures.append(Failure(entity, None, str(exc), payload=payload))
             continue
@@ -325,7 +396,7 @@ def identify_items(items: list[Any], entity: str, ids: set[int]) -> tuple[list[t
 
 
 async def fetch_concurrently(
-    client: TestpressClient, urls: Iterable[str], *, window: int
+    client: TestpressClient, urls: Iterable[str], *, window: int, route: str | None = None
 ) -> AsyncIterator[tuple[str, Page | ApiError]]:
     """Pages in the order they arrive, at most `window` requested at once.
 
@@ -334,7 +405,7 @@ async def fetch_concurrently(
 
     async def fetch(url: str) -> tuple[str, Page | ApiError]:
         try:
-            return url, read_page(await client.get_json(url), url)
+            return url, read_page(await client.get_json(url, route), url)
         except ApiError as exc:
             return url, exc
 

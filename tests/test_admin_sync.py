@@ -1,0 +1,263 @@
+"""The institute-wide sync through the admin API (v2.5), against the simulator on
+127.0.0.1, into real SQLite and PostgreSQL: what a full walk stores, what a nightly run
+reads and stores, personal data, bad fields, and the choice of source."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from schema import attempts, batches, exams, sync_errors, sync_runs, sync_state, user_batches, users
+from sync.config import Settings, SyncSettings
+from sync.errors import ApiError
+from sync.run import RunOptions
+from sync.simulator import Dataset, SimulatorServer
+from tests.conftest import PASSWORD, USERNAME, fast_settings
+from tests.helpers import sync_with
+
+ADMIN = "/api/v2.5/admin"
+
+
+def dataset() -> Dataset:
+    # 360 attempts (two admin pages), 30 users and 25 batches (two pages each).
+    return Dataset(exams=9, attempts_per_exam=40, users=30, seed=5, forbidden_every=0, vanished_every=0)
+
+
+@pytest.fixture
+async def institute() -> AsyncIterator[SimulatorServer]:
+    async with SimulatorServer(dataset(), username=USERNAME, password=PASSWORD,
+                               student_username="pupil", student_password="pupil-pw") as server:  # fmt: skip
+        yield server
+
+
+class NoSuchDay(date):
+    """A birth date the server sends as a day that does not exist."""
+
+    def strftime(self, _format: str) -> str:
+        return "31/02/2001"
+
+
+def admin_settings(simulator: SimulatorServer, database_url: str, **sync: Any) -> Settings:
+    settings = fast_settings(simulator.base_url, database_url)
+    return replace(
+        settings,
+        api=replace(settings.api, source="auto"),
+        sync=replace(SyncSettings(batch_size=100), **sync),
+    )
+
+
+async def server_rows(simulator: SimulatorServer, path: str) -> dict[int, dict[str, Any]]:
+    """Every row of an admin listing, as the server has it now, by id."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{simulator.base_url}/api/v2.5/auth-token/",
+                             json={"username": USERNAME, "password": PASSWORD}) as response:  # fmt: skip
+            token = (await response.json())["token"]
+        rows: dict[int, dict[str, Any]] = {}
+        url: str | None = f"{simulator.base_url}{ADMIN}/{path}"
+        while url:
+            async with http.get(url, headers={"Authorization": f"JWT {token}"}) as response:
+                page = await response.json()
+            rows.update((row["id"], row) for row in page["results"])
+            url = page["next"]
+        return rows
+
+
+async def stored(engine: AsyncEngine, table: Any, key: str = "id") -> dict[Any, Any]:
+    async with engine.connect() as connection:
+        result = await connection.execute(select(table).where(table.c.deleted_at.is_(None)))
+        return {row._mapping[key]: row._mapping for row in result}
+
+
+async def assert_attempts_match(engine: AsyncEngine, simulator: SimulatorServer) -> None:
+    served = await server_rows(simulator, "attempts/")
+    kept = await stored(engine, attempts)
+    assert set(kept) == set(served)
+    for ident, row in served.items():
+        mine = kept[ident]
+        assert (mine["exam_id"], mine["user_id"], mine["state"], mine["result"]) == (
+            row["exam_id"], row["user_id"], row["state"], row["result"]
+        ), ident
+        assert mine["score"] == Decimal(row["score"]) and mine["correct_count"] == row["correct_answers_count"], ident
+        assert mine["percentage"] == Decimal(row["percentage"]) and mine["source"] == "admin"
+
+
+async def test_a_full_admin_sync_stores_the_whole_institute(institute: SimulatorServer, engine: AsyncEngine, database_url: str) -> None:
+    summary = await sync_with(admin_settings(institute, database_url))
+    assert (summary.status, summary.source, summary.full_walk) == ("succeeded", "admin", True)
+    await assert_attempts_match(engine, institute)
+    served_exams, kept_exams = await server_rows(institute, "exams/"), await stored(engine, exams)
+    assert set(kept_exams) == set(served_exams)
+    assert all(row["slug"] is None and row["source"] == "admin" for row in kept_exams.values())
+    served_users, kept_users = await server_rows(institute, "users/"), await stored(engine, users, "user_id")
+    assert set(kept_users) == set(served_users)
+    some = next(user for user in served_users.values() if user["birth_date"])
+    day, month, year = map(int, some["birth_date"].split("/"))
+    assert kept_users[some["id"]]["birth_date"] == date(year, month, day)
+    assert kept_users[some["id"]]["email"] == some["email"] and kept_users[some["id"]]["raw"] == some
+    assert set(await stored(engine, batches)) == set(await server_rows(institute, "batches/"))
+    memberships = {
+        (user_id, batch["id"])
+        for user_id in served_users
+        for batch in (await server_rows(institute, f"users/{user_id}/batches/")).values()
+    }
+    async with engine.connect() as connection:
+        kept_memberships = set((await connection.execute(select(user_batches.c.user_id, user_batches.c.batch_id))).all())
+        state = (await connection.execute(select(sync_state))).one()._mapping
+        run = (await connection.execute(select(sync_runs.c.source, sync_runs.c.status))).one()
+    assert kept_memberships == memberships
+    assert state["resource"] == "attempts" and state["watermark"] is not None and state["last_full_at"] == state["watermark"]
+    assert tuple(run) == ("admin", "succeeded")
+
+
+async def test_the_nightly_run_reads_only_what_can_have_changed_and_ends_exact(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    settings = admin_settings(institute, database_url)
+    full = await sync_with(settings)
+    data = institute.dataset
+    exam = data.exams[2]
+    user_ids = [user.id for user in data.users[:4]]
+    new = data.start_attempts(exam, [data.user(ident) for ident in user_ids], state="Running")
+    finished = data.complete_attempts([attempt.id for attempt in new[:2]])
+    running_before = [a.id for e in data.exams for a in e.attempts if a.state == "Running" and a.id not in {n.id for n in new}]
+    data.complete_attempts(running_before[:3])  # old attempts that were running at the full walk
+    data.update_user(user_ids[0], {"first_name": "Renamed", "city": "Madurai"})
+    before = institute.state.requests
+    nightly = await sync_with(settings)
+    assert (nightly.status, nightly.full_walk) == ("succeeded", False)
+    assert institute.state.requests - before == nightly.requests
+    assert nightly.requests < full.requests, (nightly.requests, full.requests)
+    await assert_attempts_match(engine, institute)
+    assert len(finished) == 2
+    # Only the changed user's batches were read again.
+    assert nightly.by_table["users"].updated == 1 and nightly.by_table["users"].unchanged == len(data.users) - 1
+    kept = await stored(engine, users, "user_id")
+    assert (kept[user_ids[0]]["first_name"], kept[user_ids[0]]["city"]) == ("Renamed", "Madurai")
+    again = await sync_with(settings)
+    assert (again.rows.inserted, again.rows.updated, again.rows.deleted) == (0, 0, 0)
+
+
+async def test_only_a_full_walk_marks_rows_deleted(institute: SimulatorServer, engine: AsyncEngine, database_url: str) -> None:
+    settings = admin_settings(institute, database_url)
+    await sync_with(settings)
+    gone = institute.dataset.exams[0].attempts[0].id
+    institute.dataset.delete_attempt(gone)
+    nightly = await sync_with(settings)
+    assert nightly.rows.deleted == 0 and gone in await stored(engine, attempts)
+    full = await sync_with(settings, RunOptions(full=True))
+    assert full.rows.deleted == 1 and gone not in await stored(engine, attempts)
+
+
+async def test_a_run_that_ends_with_errors_does_not_move_the_watermark(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    settings = admin_settings(institute, database_url)
+    await sync_with(settings)
+    async with engine.connect() as connection:
+        first = (await connection.execute(select(sync_state.c.watermark))).scalar_one()
+    institute.state.faults.server_error_rate = 1.0  # every request fails: the run fails
+    with pytest.raises(ApiError):
+        await sync_with(replace(settings, http=replace(settings.http, max_attempts=1)))
+    institute.state.faults.server_error_rate = 0.0
+    institute.dataset.profile(institute.dataset.users[0]).birth_date = NoSuchDay(2001, 2, 1)
+    partial = await sync_with(settings)  # a field went to sync_errors: the run ends partial
+    assert partial.status == "partial"
+    async with engine.connect() as connection:
+        assert (await connection.execute(select(sync_state.c.watermark))).scalar_one() == first
+
+
+@pytest.mark.parametrize("policy", ["hash", "drop"])
+async def test_personal_data_follows_the_policy_in_columns_and_raw(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str, policy: str
+) -> None:
+    settings = admin_settings(institute, database_url, pii=policy, pii_salt="pepper")
+    assert (await sync_with(settings)).status == "succeeded"
+    served = await server_rows(institute, "users/")
+    kept = await stored(engine, users, "user_id")
+    user = next(user for user in served.values() if user["email"] and user["phone"] and user["city"])
+    mine = kept[user["id"]]
+    expected = (lambda value: hashlib.sha256(f"pepper:{value}".encode()).hexdigest()) if policy == "hash" else (lambda _: None)
+    assert (mine["email"], mine["phone"], mine["city"]) == tuple(expected(user[key]) for key in ("email", "phone", "city"))
+    assert mine["birth_date"] is None
+    assert mine["raw"]["email"] == expected(user["email"]) and mine["raw"]["username"] == user["username"]
+    # The attempts' flat rows carry e-mails and phones too: their raw follows the policy.
+    served_attempts = await server_rows(institute, "attempts/")
+    kept_attempts = await stored(engine, attempts)
+    emailed = [ident for ident, row in served_attempts.items() if row["email"]]
+    assert emailed and all(kept_attempts[i]["raw"]["email"] == expected(served_attempts[i]["email"]) for i in emailed)
+    async with engine.connect() as connection:
+        everything = str((await connection.execute(text("SELECT * FROM users"))).all())
+        everything += str((await connection.execute(text("SELECT raw FROM attempts"))).all())
+    assert user["email"] not in everything and user["phone"] not in everything
+
+
+async def test_a_field_that_will_not_parse_costs_the_field_not_the_row(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    user = institute.dataset.users[3]
+    institute.dataset.profile(user).birth_date = NoSuchDay(2001, 2, 1)
+    summary = await sync_with(admin_settings(institute, database_url))
+    assert summary.status == "partial"
+    kept = await stored(engine, users, "user_id")
+    assert kept[user.id]["birth_date"] is None and kept[user.id]["username"] == user.username
+    async with engine.connect() as connection:
+        [error] = (await connection.execute(select(sync_errors.c.entity, sync_errors.c.key, sync_errors.c.message))).all()
+    assert error.entity == "user" and error.key == str(user.id) and "birth_date" in error.message
+
+
+async def test_a_student_login_reads_its_own_attempts_through_the_student_api(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    settings = admin_settings(institute, database_url)
+    student = replace(settings, api=replace(settings.api, username="pupil", password="pupil-pw"))
+    summary = await sync_with(student)
+    assert (summary.status, summary.source) == ("succeeded", "student")
+    own = institute.dataset.users[0]
+    kept = await stored(engine, attempts)
+    assert kept and {row["username"] for row in kept.values()} == {own.username}
+    assert {row["source"] for row in kept.values()} == {"student"}
+
+
+async def test_source_admin_with_a_student_login_stops_with_exit_3_reasons(
+    institute: SimulatorServer, database_url: str
+) -> None:
+    from sync.errors import AuthError
+
+    settings = admin_settings(institute, database_url)
+    student = replace(settings, api=replace(settings.api, username="pupil", password="pupil-pw", source="admin"))
+    with pytest.raises(AuthError, match="may not read the admin API"):
+        await sync_with(student)
+
+
+def test_status_shows_the_source_and_the_watermark(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from sync.cli import main
+    from tests.conftest import SimulatorThread
+
+    for name, value in (("TESTPRESS_USERNAME", USERNAME), ("TESTPRESS_PASSWORD", PASSWORD),
+                        ("TESTPRESS_DATABASE_URL", database_url), ("TESTPRESS_LOG_FORMAT", "json")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TESTPRESS_SOURCE", raising=False)
+    with SimulatorThread(dataset()) as server:
+        monkeypatch.setenv("TESTPRESS_BASE_URL", server.base_url)
+        assert main(["run"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["runs"][0]["source"] == "admin"
+    assert document["sync_state"]["attempts"]["watermark"] is not None
+    assert main(["status"]) == 0
+    table = capsys.readouterr().out
+    assert " admin " in table and "Attempts watermark:" in table and "Last full walk:" in table
