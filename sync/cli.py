@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_.add_parser(
         "doctor", parents=[common], help="check configuration, server, login and database",
         description="Check each thing a run needs, in order, and say how to fix what fails.",
-    )
+    ).add_argument("--json", action="store_true", help="print the checks as JSON for machines (the exit code is the same)")
     config = commands_.add_parser(
         "config", parents=[common], help="show the effective settings and where each came from",
         description="Print every setting with its value, the layer that set it (default, config "
@@ -321,7 +321,7 @@ def _command(
     if args.command == "status":
         return lambda: status_command.show_status(settings, limit=args.limit, as_json=args.json, max_age=args.max_age)
     if args.command == "doctor":
-        return lambda: doctor_command.doctor(settings, redactor)
+        return lambda: doctor_command.doctor(settings, redactor, as_json=args.json)
     if args.command == "config":
         return lambda: config_command.show_config(settings, sources, as_json=args.json)
     if args.command == "webhook":

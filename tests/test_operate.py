@@ -367,3 +367,19 @@ def test_a_pushgateway_that_is_down_does_not_fail_the_run(
     assert main(["run", "--metrics-push", url]) == 0
     [warning] = [line for line in log_lines(capsys.readouterr().err) if line["event"] == "metrics_not_pushed"]
     assert warning["level"] == "warning"
+
+
+def test_doctor_json_gives_each_check_and_the_same_exit_code(
+    cli_environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["doctor", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["ok"] is True and document["failure"] is None
+    assert [check["name"] for check in document["checks"]] == ["configuration", "server", "login", "source", "database"]
+    monkeypatch.setenv("TESTPRESS_PASSWORD", "not-the-password")
+    assert main(["doctor", "--json"]) == 3
+    out = capsys.readouterr().out
+    document = json.loads(out)
+    login = next(check for check in document["checks"] if check["name"] == "login")
+    assert (document["ok"], document["failure"], login["ok"]) == (False, "AuthError", False)
+    assert login["remedy"].startswith("check TESTPRESS_USERNAME") and "not-the-password" not in out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sync.commands import Outcome, Result
 from sync.config import Settings
@@ -200,6 +202,25 @@ def print_checks(checks: list[Check], out: Printer) -> Result:
     return failures[0].failure if failures else Outcome.OK
 
 
-async def doctor(settings: Settings, redactor: Redactor) -> Result:
+def checks_document(checks: list[Check]) -> dict[str, Any]:
+    """The checks for machines: each one's name, verdict, detail and remedy, and the
+    kind of error the first failure is (what the exit code says)."""
+    failures = [check for check in checks if not check.ok]
+    return {
+        "ok": not failures,
+        "failure": failures[0].failure.__name__ if failures else None,
+        "checks": [
+            {"name": check.name, "ok": check.ok, "detail": check.detail, "remedy": check.remedy or None}
+            for check in checks
+        ],
+    }
+
+
+async def doctor(settings: Settings, redactor: Redactor, *, as_json: bool = False) -> Result:
+    checks = await run_checks(settings, redactor)
     # Redacted like the log: a detail may quote an error that quotes a proxy's URL.
-    return print_checks(await run_checks(settings, redactor), lambda line: print(redactor.redact(line)))
+    if as_json:
+        print(redactor.redact(json.dumps(checks_document(checks), indent=2)))
+        failures = [check for check in checks if not check.ok]
+        return failures[0].failure if failures else Outcome.OK
+    return print_checks(checks, lambda line: print(redactor.redact(line)))
