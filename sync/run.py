@@ -5,6 +5,11 @@
 The crawler (sync.source.crawler) fetches; the writer (sync.sink.writer) normalizes and
 is the only task that touches the database. This module starts both, stops them cleanly
 on request, and records the run's outcome in sync_runs.
+
+An admin run with `[sync] attempt_details` has a second such round once the first has
+ended, and so committed every attempt row: the store says which attempts are new or
+changed since their details were read, the crawler reads those details, a writer of
+their own replaces them.
 """
 
 from __future__ import annotations
@@ -164,10 +169,13 @@ class _Walks:
         if not plan.full and limit is None:
             await self._open_attempts_again(resources["attempts"], known, attempts.present)
 
-    async def details(self, details: Resource, attempt_ids: Sequence[int]) -> None:
-        """The detail of each of these attempts, one request each, as many at once as the
-        run's concurrency (the same client: the same bound and retries as every walk)."""
-        await self.crawler(details, keys=tuple(str(ident) for ident in attempt_ids)).fetch_each()
+    async def details(self, details: Resource, attempt_ids: Sequence[int], out: asyncio.Queue[Message | None]) -> None:
+        """The detail of each of these attempts into `out`, one request each, as many at
+        once as the run's concurrency (the same client: the same bound and retries as every
+        walk)."""
+        keys = tuple(str(ident) for ident in attempt_ids)
+        # The crawler never puts the queue's closing None.
+        await Crawler(self.client, out, details, keys=keys, workers=self.settings.http.concurrency).fetch_each()  # type: ignore[arg-type]
 
     def _attempt_slices(self, plan: AdminPlan, exams: Crawler) -> tuple[dict[str, str], ...]:
         if self.options.limit is not None:  # a first try: the attempts of the exams stored
@@ -187,6 +195,8 @@ class _Walks:
 
 
 STUDENT_EXAM_STATES = ("available", "upcoming", "history")
+# Details buffered for the writer per page that `[sync] queue_pages` allows.
+DETAILS_PER_PAGE = 16
 
 
 @dataclass(frozen=True)
@@ -375,7 +385,7 @@ async def _attempt_details(
         log.warning("attempt_details_need_the_admin_api", hint="a student login reads no attempt details")
         return
     if options.dry_run:
-        log.info("attempt_details_skipped", reason="a dry run writes nothing, and would fetch the details again")
+        log.info("attempt_details_skipped", reason="a dry run stores no details, so it reads none")
         return
     details = resources[ATTEMPT_DETAILS]
     async with engine.connect() as connection:
@@ -384,7 +394,11 @@ async def _attempt_details(
     if not wanted:
         return
     started, requests = time.monotonic(), walks.client.stats.requests
-    await _produce_and_write(lambda: walks.details(details, wanted), walks.queue, writer_of({details.name: details}), stop)
+    # A message here is one attempt's detail, not a page of up to 200 items: a queue of
+    # more of them holds no more memory, and keeps the fetchers going while the writer
+    # commits (a commit of 500 details takes longer than 64 details take to arrive).
+    queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=walks.settings.sync.queue_pages * DETAILS_PER_PAGE)
+    await _produce_and_write(lambda: walks.details(details, wanted, queue), queue, writer_of({details.name: details}), stop)
     log.info("attempt_details_finished", attempts=len(wanted), requests=walks.client.stats.requests - requests,
              seconds=round(time.monotonic() - started, 3), stopped=stop.is_set())  # fmt: skip
 

@@ -69,3 +69,17 @@ def _tables(stdout: str) -> dict[str, list[dict[str, str]]]:
                           if title.startswith(name))  # fmt: skip
             tables.setdefault(prefix, []).append(dict(zip(header, cells, strict=True)))
     return tables
+
+
+def test_the_quick_details_scenario_reads_every_detail_once_and_none_the_second_time() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "details", "--databases", "sqlite"],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in done.stdout.splitlines() if line.startswith("|")]
+    header, row = lines[0], lines[-1]
+    figures = dict(zip(header, row, strict=True))
+    assert figures["db"] == "sqlite" and figures["attempts"] == figures["detail requests"] == "5,000"
+    assert float(figures["details s"]) > 0 and float(figures["ratio"]) > 0
+    assert figures["2nd run detail requests"] == "0"

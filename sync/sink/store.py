@@ -23,7 +23,7 @@ from operator import itemgetter
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Table, Text, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, Text, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schema import attempts, exams, metadata, sync_errors, sync_progress, sync_runs, sync_state, users
@@ -438,13 +438,14 @@ async def replace_attempt_details(
     if not write:
         return counts
     dialect = dialect_of(connection)
-    (mark,) = dialect.placeholders(1)
-    keys = [(ident,) for ident in ids]
     for name in DETAIL_TABLES:
-        # Deleted even for an attempt never fetched: cheap (by the key's first column),
-        # and it keeps an operator's reset of details_hash from failing on duplicates.
-        await dialect.run(connection, "executemany", f"DELETE FROM {name} WHERE attempt_id = {mark}", keys)
-        insert = _detail_insert(metadata.tables[name], dialect)
+        table = metadata.tables[name]
+        # Deleted even for an attempt never fetched: one statement a table (by the key's
+        # first column), and it keeps an operator's reset of details_hash from failing on
+        # duplicates.
+        for chunk in _chunks(ids):
+            await connection.execute(delete(table).where(table.c.attempt_id.in_(chunk)))
+        insert = _detail_insert(table, dialect)
         rows = [insert.values(row) for detail in details for row in detail[name]]
         if rows:
             await dialect.run(connection, "executemany", insert.sql, rows)
