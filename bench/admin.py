@@ -9,7 +9,9 @@ processes as in the other scenarios, and its own fresh databases:
              the same run: a bare aiohttp client fetching the same pages (a child process,
              start-up included) plus the driver's own executemany of the same rows (read
              back from the sync's database into a fresh one); attempts per CPU-second
-    wall     20 ms latency: `run --full` against the ideal requests × latency ÷ concurrency
+    wall     20 ms latency: `run --full` against the ideal requests × latency ÷ concurrency,
+             and against the floor's bare client fetching the same pages at 20 ms: what
+             this machine allows, with the simulator's own CPU on the same two cores
     dlt      dlt's rest_api source on the same admin endpoints and data (with --dlt-python)
     nightly  after a day's changes (1% new attempts, Running; 0.5% of attempts completed,
              taken from those new ones), `run` against the full walk: requests, wall, and
@@ -51,8 +53,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 # bench.__main__ again, as a module: its helpers measure every scenario alike. (Its import,
-# ~40 ms of CPU beyond asyncio, is also in the floor's child process: it makes the floor
-# higher by about 1%, in the sync's favour; said here so nobody takes it for free.)
+# ~20-30 ms of CPU beyond aiohttp's, is also in the floor's child process: it makes the
+# floor higher by about 1%, in the sync's favour; said here so nobody takes it for free.)
 from bench.__main__ import (
     DEFAULT_CONCURRENCY,
     REPO,
@@ -108,7 +110,8 @@ W2 = Workload(exams=2000, per_exam=75, users=5000)
 
 @contextmanager
 def admin_simulator(workload: Workload, latency: float) -> Iterator[str]:
-    """`python -m bench.admin serve`: `sync simulate` fixes neither the users nor open_share."""
+    """`python -m bench.admin serve`: bench.__main__.simulator fixes 2,000 users, and
+    `sync simulate` has no open_share."""
     port = free_port()
     command = [
         sys.executable, "-m", "bench.admin", "serve", "--port", str(port), "--exams", str(workload.exams),
@@ -145,8 +148,7 @@ async def serve(workload: Workload, port: int, latency: float) -> None:
 
 
 def control(base: str, path: str, body: dict[str, Any]) -> Any:
-    """POST to a control route on one kept-alive connection's worth of code: the day's
-    changes are a thousand small requests."""
+    """POST to a control route (the simulator counts none of them as API requests)."""
     parts = urlsplit(base)
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
     try:
@@ -278,7 +280,9 @@ def admin_run(base: str, database_url: str, kind: str, *, full: bool, label: str
         "TESTPRESS_DATABASE_URL": database_url,
         "TESTPRESS_LOG_FORMAT": "json",
     }
-    for name in ("TESTPRESS_SOURCE", "TESTPRESS_CONCURRENCY"):
+    # Defaults for what W2 measures: the source chosen by itself, the default concurrency,
+    # and no attempt details (the `details` scenario measures those).
+    for name in ("TESTPRESS_SOURCE", "TESTPRESS_CONCURRENCY", "TESTPRESS_ATTEMPT_DETAILS", "TESTPRESS_SYNC_ATTEMPT_DETAILS"):
         env.pop(name, None)
     before = simulator_stats(base)
     with RouteWatch(base) as watch:
@@ -322,7 +326,7 @@ def median(runs: Sequence[T], key: Callable[[T], float]) -> T:
 class Floor:
     fetch: ChildUsage  # the bare client's process: start-up, requests, JSON decoding
     requests: int
-    insert_cpu: float  # the driver's executemany of the sync's rows, in this process
+    insert_cpu: float  # the driver's executemany of the sync's rows: its CPU alone, in a child process
     rows: int
 
     @property
@@ -442,10 +446,10 @@ def _sqlite_insert_floor(synced: str, fresh: str) -> tuple[float, int]:
             target.execute(f"PRAGMA {pragma}")
         cpu, total = 0.0, 0
         for name in TABLES:
-            cursor = source.execute(f"SELECT * FROM {name}")  # noqa: S608 - our own table names
+            cursor = source.execute(f"SELECT * FROM {name}")  # our own table names
             columns = [column[0] for column in cursor.description]
             rows = cursor.fetchall()
-            sql = f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"  # noqa: S608
+            sql = f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
             started = time.process_time()
             for chunk in _chunks(rows, FLOOR_BATCH):
                 target.execute("BEGIN")
@@ -466,12 +470,12 @@ async def _postgres_insert_floor(synced: str, fresh: str) -> tuple[float, int]:
     try:
         cpu, total = 0.0, 0
         for name in TABLES:
-            rows = await source.fetch(f"SELECT * FROM {name}")  # noqa: S608 - our own table names
+            rows = await source.fetch(f"SELECT * FROM {name}")  # our own table names
             if not rows:
                 continue
             columns = list(rows[0].keys())
             marks = ", ".join(f"${number}" for number in range(1, len(columns) + 1))
-            sql = f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608
+            sql = f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({marks})"
             values = [tuple(row) for row in rows]
             started = time.process_time()
             for chunk in _chunks(values, FLOOR_BATCH):
@@ -716,7 +720,8 @@ def wall_rows(all_figures: list[KindFigures]) -> list[list[str]]:
             figures.kind, f"{run.attempts_seen:,}", f"{run.requests:,}", f"{run.wall:.2f}", f"{ideal:.2f}",
             f"{run.wall / ideal:.2f}", spread([r.wall / ideal_wall(r.requests, LATENCY) for r in runs], ".2f"),
             f"{run.run_wall:.2f}", f"{run.run_wall / ideal:.2f}", f"{run.in_flight:.1f}",
-            f"{figures.bare_fetch.wall:.2f}", f"{run.cpu:.2f}", f"{run.simulator_cpu:.2f}",
+            f"{figures.bare_fetch.wall:.2f}", f"{run.wall / figures.bare_fetch.wall:.2f}", f"{run.cpu:.2f}",
+            f"{run.simulator_cpu:.2f}",
             f"{run.peak_rss_mb:.0f}", _mark(run.wall / ideal <= TARGET_WALL),
         ])  # fmt: skip
     return rows
@@ -834,7 +839,7 @@ def print_tables(all_figures: list[KindFigures], workload: Workload, repeat: int
         f"W2 full walk (`run --full`) at {LATENCY * 1000:.0f} ms latency, concurrency {DEFAULT_CONCURRENCY} "
         f"(ideal = requests × latency ÷ {DEFAULT_CONCURRENCY}; target ≤ {TARGET_WALL}×; median of {repeat} by wall)",
         ["db", "attempts", "requests", "wall s", "ideal s", "ratio", "ratio range", "run s", "run ÷ ideal",
-         "mean in flight", "bare fetch wall s", "cpu s", "simulator cpu s", "peak MB", "target"],
+         "mean in flight", "bare fetch wall s", "wall ÷ bare fetch", "cpu s", "simulator cpu s", "peak MB", "target"],
         wall_rows(all_figures)), flush=True)  # fmt: skip
     print(table(
         f"W2 CPU at 0 ms against the floor (aiohttp fetching the same pages + the driver's executemany of the "
