@@ -62,7 +62,7 @@ def _demo_report(database_url: str, summary: RunSummary, counts: dict[str, int])
         f"Run {summary.run_id} {summary.status} in {summary.duration_seconds:.1f}s "
         f"({summary.requests} requests, {summary.retries} retries).",
         "Rows per table:",
-        *(f"  {name:<14} {count:>7}" for name, count in counts.items()),
+        *(f"  {name:<18} {count:>7}" for name, count in counts.items()),
         "",
     ]
     if database_url.startswith("sqlite:///"):
