@@ -5,6 +5,7 @@ application's, and one run at a time per schema."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pwd
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -451,6 +453,18 @@ def test_an_unknown_parameter_is_one_line_and_exit_2(capsys: pytest.CaptureFixtu
     assert code == 2
     assert err.count("\n") == 0 and "'ssl_mode'" in err and "sslmode, sslrootcert, sslcert, sslkey" in err
     assert "Traceback" not in err
+
+
+@pytest.fixture(autouse=True)
+def _collect_the_sockets_of_refused_connections() -> Iterator[None]:
+    """This module makes connections fail on purpose (a silent listener, a wrong CA, a
+    rule that refuses plain TCP). asyncpg leaves such an attempt's socket to the garbage
+    collector, whose ResourceWarning would then surface in whichever test runs next:
+    collect them here, at the end of the test that provoked them."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 async def test_connect_timeout_is_honoured() -> None:
