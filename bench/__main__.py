@@ -74,16 +74,22 @@ def free_port() -> int:
 
 @contextmanager
 def simulator(exams: int, attempts_per_exam: int, latency: float) -> Iterator[str]:
-    port = free_port()
     command = [
-        sys.executable, "-m", "sync", "simulate", "--port", str(port), "--exams", str(exams),
-        "--attempts-per-exam", str(attempts_per_exam), "--latency", str(latency),
-        "--users", "2000",
+        sys.executable, "-m", "sync", "simulate", "--exams", str(exams),
+        "--attempts-per-exam", str(attempts_per_exam), "--latency", str(latency), "--users", "2000",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL)
+    with simulator_process(command) as base:
+        yield base
+
+
+@contextmanager
+def simulator_process(command: list[str], *, start_within: float = 60) -> Iterator[str]:
+    """A simulator started by `command` (given a free port here), until it answers."""
+    port = free_port()
+    process = subprocess.Popen([*command, "--port", str(port)], cwd=REPO, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_within
         while True:
             try:
                 simulator_stats(base)

@@ -60,9 +60,9 @@ from bench.__main__ import (
     REPO,
     ChildUsage,
     database,
-    free_port,
     ideal_wall,
     measure_child,
+    simulator_process,
     simulator_stats,
     spread,
     table,
@@ -112,29 +112,14 @@ W2 = Workload(exams=2000, per_exam=75, users=5000)
 def admin_simulator(workload: Workload, latency: float) -> Iterator[str]:
     """`python -m bench.admin serve`: bench.__main__.simulator fixes 2,000 users, and
     `sync simulate` has no open_share."""
-    port = free_port()
     command = [
-        sys.executable, "-m", "bench.admin", "serve", "--port", str(port), "--exams", str(workload.exams),
+        sys.executable, "-m", "bench.admin", "serve", "--exams", str(workload.exams),
         "--attempts-per-exam", str(workload.per_exam), "--users", str(workload.users), "--latency", str(latency),
     ]  # fmt: skip
     if workload.open_share is not None:
         command += ["--open-share", str(workload.open_share)]
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120  # 150,000 attempts take ~6 s to draw
-        while True:
-            try:
-                simulator_stats(base)
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the simulator did not start") from None
-                time.sleep(0.2)
+    with simulator_process(command, start_within=120) as base:  # 150,000 attempts take ~6 s to draw
         yield base
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 async def serve(workload: Workload, port: int, latency: float) -> None:
