@@ -208,7 +208,10 @@ def test_demo_syncs_the_bundled_simulator(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--exams", "6", "--attempts-per-exam", "25", "--log-format", "json"]) == 0
     out = capsys.readouterr().out
-    assert "exams                6" in out and "testpress-demo.db" in out
+    counts = dict(line.split() for line in out.splitlines() if line.startswith("  ") and len(line.split()) == 2)
+    # The demo syncs through the admin API: exams, and the institute's users and batches.
+    assert counts["exams"] == "6" and int(counts["users"]) > 0 and int(counts["user_batches"]) > 0
+    assert "testpress-demo.db" in out
     assert (tmp_path / "testpress-demo.db").exists()
 
 
