@@ -92,6 +92,8 @@ class SyncSettings:
     batch_size: int = 500  # rows per upsert statement and per transaction
     commit_interval: float = 1.0  # seconds rows may wait for their batch to fill
     queue_pages: int = 64  # pages buffered between the fetchers and the writer
+    # ... and items in them: an admin page holds 200, and memory follows the items.
+    queue_items: int = 2000
     database_retry_seconds: float = 60.0  # how long a lost database connection is retried
     course: str | None = None  # the API's own course filter (a course name)
     # Admin runs: a full walk (the only kind that marks rows deleted) when the last one is
@@ -573,6 +575,7 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> Se
         ("sync.batch_size", sync.batch_size >= 1, "must be at least 1"),
         ("sync.commit_interval", sync.commit_interval >= 0, "cannot be negative"),
         ("sync.queue_pages", sync.queue_pages >= 1, "must be at least 1"),
+        ("sync.queue_items", sync.queue_items >= 1, "must be at least 1"),
         ("sync.database_retry_seconds", sync.database_retry_seconds >= 0, "cannot be negative"),
         ("log.format", log.format in ("auto", "console", "json"), "must be auto, console or json"),
         ("log.level", log.level in ("debug", "info", "warning", "error"), "must be debug, info, warning or error"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sync.config import Settings, parse_duration
 from sync.errors import ConfigError, error_text
 from sync.model.admin_rows import PiiPolicy
-from sync.model.batches import Message, Payload
+from sync.model.batches import Message, MessageQueue, Payload
 from sync.model.normalize import payload_digest
 from sync.model.plan import STATE_FILTER, AdminPlan, SyncState, lookback_for, plan_admin_run
 from sync.model.resources import ATTEMPT_DETAILS, ATTEMPTS, EXAMS, RESOURCES, Resource, admin_resources
@@ -185,7 +185,7 @@ class _Walks:
         open_states = (STATE_FILTER["Running"], STATE_FILTER["Not Started"])
         return (plan.attempt_window(), *({"state": state} for state in open_states))
 
-    async def _open_attempts_again(self, attempts: Resource, known: _Known, seen: set[int]) -> None:
+    async def _open_attempts_again(self, attempts: Resource, known: _Known, seen: Set[int]) -> None:
         """Attempts stored as Running or Not Started before the window, that the `state`
         listings no longer show: they finished (or vanished); read their exams again."""
         exam_ids = sorted({exam_id for ident, exam_id in known.open_attempts.items() if ident not in seen})
@@ -255,7 +255,7 @@ async def _crawl_and_write(
     source, reason = await choose_source(client, settings.api.source)
     summary.source = source
     log.info("source_chosen", source=source, reason=reason)
-    queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=settings.sync.queue_pages)
+    queue = MessageQueue(settings.sync.queue_pages, settings.sync.queue_items)
     walks = _Walks(client, queue, settings, options)
     if source == "student":
         log.warning("student_login_sees_own_attempts_only",

@@ -56,6 +56,7 @@ CANONICAL = {
     "sync.batch_size": "TESTPRESS_SYNC_BATCH_SIZE",
     "sync.commit_interval": "TESTPRESS_SYNC_COMMIT_INTERVAL",
     "sync.queue_pages": "TESTPRESS_SYNC_QUEUE_PAGES",
+    "sync.queue_items": "TESTPRESS_SYNC_QUEUE_ITEMS",
     "sync.database_retry_seconds": "TESTPRESS_SYNC_DATABASE_RETRY_SECONDS",
     "sync.course": "TESTPRESS_SYNC_COURSE",
     "sync.full_every": "TESTPRESS_SYNC_FULL_EVERY",

@@ -9,7 +9,8 @@ tomorrow) puts on the writer's queue. Plain values; no producer and no database 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,38 @@ class ResourceDone:
     resource: str
     status: str  # ok, forbidden, not_found, error
     complete: bool
-    seen_ids: frozenset[int]
+    seen_ids: Set[int]  # read-only: the producer adds nothing once it has put this
     parent_id: int | None = None
     scope: Mapping[str, Any] = field(default_factory=dict)
 
 
 Message = Batch | Failure | ResourceDone
+
+
+class MessageQueue(asyncio.Queue["Message | None"]):
+    """The producer–writer queue, full at `max_messages` messages or `max_items` items.
+
+    Memory follows items, not pages: an admin page holds 200 attempts, a student page 20,
+    so a bound in pages alone let an admin run buffer ten times as much. A message larger
+    than the whole bound still goes in when the queue is empty."""
+
+    def __init__(self, max_messages: int, max_items: int) -> None:
+        super().__init__(maxsize=max_messages)
+        self._max_items = max_items
+        self._items_held = 0
+
+    def full(self) -> bool:  # asyncio.Queue's put() waits while this is true
+        return super().full() or self._items_held >= self._max_items
+
+    def _put(self, message: Message | None) -> None:
+        self._items_held += _weight(message)
+        super()._put(message)
+
+    def _get(self) -> Message | None:
+        message: Message | None = super()._get()
+        self._items_held -= _weight(message)
+        return message
+
+
+def _weight(message: Message | None) -> int:
+    return len(message.items) if isinstance(message, Batch) else 1

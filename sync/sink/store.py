@@ -15,7 +15,7 @@ data writes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
@@ -23,7 +23,7 @@ from operator import itemgetter
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Table, Text, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, Table, Text, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schema import attempts, exams, metadata, sync_errors, sync_progress, sync_runs, sync_state, users
@@ -251,7 +251,7 @@ async def upsert_users(
 async def mark_missing_deleted(
     connection: AsyncConnection,
     resource: Resource,
-    present: frozenset[int],
+    present: Set[int],
     now: datetime,
     scope: Mapping[str, Any],
     *,
@@ -270,13 +270,30 @@ async def mark_missing_deleted(
     kept = _not_written_by_webhook_since(table, written_before)
     if kept is not None:
         live = live.where(kept)
-    missing = set((await connection.execute(live)).scalars()) - present
     key = table.c[resource.key_column]
-    for chunk in _chunks(sorted(missing) if write else []):
+    missing = [ident async for ident in _keys_in_order(connection, live, key) if ident not in present]
+    for chunk in _chunks(missing if write else []):
         # The guard again: a delivery committed since the SELECT above is kept too.
         marked = update(table).where(key.in_(chunk)) if kept is None else update(table).where(key.in_(chunk), kept)
         await connection.execute(marked.values(deleted_at=now))
     return len(missing)
+
+
+_KEYS_AT_ONCE = 20_000
+
+
+async def _keys_in_order(connection: AsyncConnection, query: Select[Any], key: Any) -> AsyncIterator[Any]:
+    """The keys `query` selects, in key order, read `_KEYS_AT_ONCE` at a time: a table of
+    millions of rows is never held whole beside the walk's own set of ids."""
+    last = None
+    while True:
+        page = query if last is None else query.where(key > last)
+        keys = (await connection.execute(page.order_by(key).limit(_KEYS_AT_ONCE))).scalars().all()
+        for ident in keys:
+            yield ident
+        if len(keys) < _KEYS_AT_ONCE:
+            return
+        last = keys[-1]
 
 
 def _webhook_writes(table: Table) -> bool:
@@ -294,7 +311,7 @@ def _not_written_by_webhook_since(table: Table, moment: datetime | None) -> Colu
 async def mark_missing_children_deleted(
     connection: AsyncConnection,
     resource: Resource,
-    present_by_parent: Mapping[int, frozenset[int]],
+    present_by_parent: Mapping[int, Set[int]],
     now: datetime,
     *,
     write: bool = True,

@@ -31,6 +31,7 @@ import structlog
 
 from sync.errors import ApiError, RecordError, SkippableError
 from sync.model.batches import Batch, Failure, Message, Payload, ResourceDone
+from sync.model.ids import IdSet
 from sync.model.resources import Resource
 from sync.source.client import TestpressClient
 from sync.source.pagination import Page, later_page_urls, page_count, read_page
@@ -54,7 +55,7 @@ class _Walk:
     """What one pass over a paginated listing saw."""
 
     counts: set[int] = field(default_factory=set)
-    ids: set[int] = field(default_factory=set)
+    ids: IdSet = field(default_factory=IdSet)
     failed: bool = False
     past_end: bool = False
     uncounted: bool = False  # the server gave no `count`: completeness cannot be checked
@@ -115,7 +116,7 @@ class Crawler:
         self._child_filter = child_filter
         self._listings: asyncio.Queue[ChildListing | None] = asyncio.Queue(maxsize=workers * 4)
         self.skipped = 0  # root items whose children were not walked (backfill --resume)
-        self.present: set[int] = set()  # every root id the listings showed
+        self.present = IdSet()  # every root id the listings showed
         self.total: int | None = None  # root items, known once the listing's first page arrived
 
     def listing_url(self, variant: Mapping[str, str] | None = None) -> str:
@@ -140,22 +141,25 @@ class Crawler:
     # --- the root listing --------------------------------------------------------------
 
     async def _walk_root(self) -> None:
-        seen: set[int] = set()  # items handed to the writer
-        present = self.present  # every id the listings showed, malformed items included
         complete, failed = True, False
         for variant in self._variants:
-            walked, walk_failed = await self._walk_variant(variant, seen, present)
+            walked, walk_failed = await self._walk_variant(variant)
             complete, failed = complete and walked, failed or walk_failed
         await self._close_child_queue()
         status = "error" if failed else "ok"
         whole = complete and not failed and not self._partial
-        await self._out.put(ResourceDone(self._root.name, status, whole, frozenset(present), scope=self._filters))
+        # `present` itself, not a copy: nothing adds to it any more, and at 150,000
+        # attempts each copy of the set costs ~8 MB.
+        await self._out.put(ResourceDone(self._root.name, status, whole, self.present, scope=self._filters))
 
-    async def _walk_variant(self, variant: Mapping[str, str], seen: set[int], present: set[int]) -> tuple[bool, bool]:
+    async def _walk_variant(self, variant: Mapping[str, str]) -> tuple[bool, bool]:
         """One listing, walked again while it shifts: (complete, failed)."""
+        present = self.present  # every id the listings showed: the items handed over
         for number in range(1, self._max_passes + 1):
-            walk = await self._walk(self.listing_url(variant), self._root_page_handler(seen), self._limit, self._root.name)
-            present |= walk.ids
+            # The usual walk, one pass of one listing, counts its ids in `present` itself
+            # (the page handler adds every item it hands over to `present`).
+            ids = present if not present else IdSet()
+            walk = await self._walk(self.listing_url(variant), self._root_page_handler(), self._limit, self._root.name, ids=ids)
             if walk.failed or walk.uncounted or self._limit is not None:
                 # A limited walk is a sample: never complete, never a reason to delete.
                 return False, walk.failed
@@ -167,8 +171,7 @@ class Crawler:
     async def _fetch_named_items(self) -> None:
         """--exam SLUG: those items from their detail pages, not the listing."""
         self.total = len(self._keys)
-        seen: set[int] = set()
-        handle = self._root_page_handler(seen)
+        handle = self._root_page_handler()
         assert self._root.detail_path is not None, f"{self._root.name} cannot be read one by one"
         for key in self._keys:
             url = self._client.url(f"/api/{self._root.api_version}/{self._root.detail_path.format(key=key)}")
@@ -186,7 +189,7 @@ class Crawler:
                     detail.pop(child.name, None)
             await handle([detail], _Walk())
         await self._close_child_queue()
-        await self._out.put(ResourceDone(self._root.name, "ok", False, frozenset(seen), scope=self._filters))
+        await self._out.put(ResourceDone(self._root.name, "ok", False, self.present, scope=self._filters))
 
     async def fetch_each(self) -> None:
         """Each item that `keys` names, from the root's detail route, `workers` at a time
@@ -235,16 +238,20 @@ class Crawler:
         for _ in range(self._workers):
             await self._listings.put(None)
 
-    def _root_page_handler(self, seen: set[int]) -> PageHandler:
+    def _root_page_handler(self) -> PageHandler:
+        present = self.present  # the items handed to the writer (an item shown twice goes once)
+
         async def handle(items: list[Any], walk: _Walk) -> None:
             if self.total is None and walk.counts:  # the listing's first page
                 listed = next(iter(walk.counts))
                 self.total = listed if self._limit is None else min(listed, self._limit)
             if self._limit is not None:
-                items = items[: max(0, self._limit - len(seen))]
-            identified, failures = identify_items(items, self._root, walk.ids)
-            fresh = [(ident, payload) for ident, payload in identified if ident not in seen]
-            seen.update(ident for ident, _ in fresh)
+                items = items[: max(0, self._limit - len(present))]
+            identified, failures = identify_items(items, self._root)
+            fresh = [(ident, payload) for ident, payload in identified if ident not in present]
+            present.update(ident for ident, _ in fresh)
+            if walk.ids is not present:
+                walk.ids.update(ident for ident, _ in identified)
             await self._hand_over(Batch(self._root.name, fresh) if fresh else None, failures)
             for ident, payload in fresh:
                 if ident in self._skip:
@@ -288,7 +295,7 @@ class Crawler:
             except SkippableError as exc:
                 status = "forbidden" if exc.status == 403 else "not_found"
                 break
-            present |= walk.ids
+            present.update(walk.ids)
             if walk.failed:
                 status = "error"
                 break
@@ -302,7 +309,8 @@ class Crawler:
 
     def _child_page_handler(self, resource: Resource, parent_id: int, seen: set[int]) -> PageHandler:
         async def handle(items: list[Any], walk: _Walk) -> None:
-            identified, failures = identify_items(items, resource, walk.ids)
+            identified, failures = identify_items(items, resource)
+            walk.ids.update(ident for ident, _ in identified)
             fresh = [(ident, payload) for ident, payload in identified if ident not in seen]
             seen.update(ident for ident, _ in fresh)
             await self._hand_over(Batch(resource.name, fresh, parent_id) if fresh else None, failures)
@@ -318,14 +326,20 @@ class Crawler:
     # --- shared: one pass over a paginated listing -----------------------------------
 
     async def _walk(
-        self, first_url: str, handle: PageHandler, max_items: int | None = None, route: str | None = None
+        self,
+        first_url: str,
+        handle: PageHandler,
+        max_items: int | None = None,
+        route: str | None = None,
+        *,
+        ids: IdSet | None = None,
     ) -> _Walk:
         """Fetch every page of a listing (or enough for `max_items`), page 1 first, the
         rest concurrently.
 
         Raises SkippableError when page 1 is forbidden or gone; a later page that fails
         is recorded as a Failure and marks the walk failed."""
-        walk = _Walk()
+        walk = _Walk() if ids is None else _Walk(ids=ids)
         try:
             first = read_page(await self._client.get_json(first_url, route), first_url)
         except SkippableError:
@@ -375,12 +389,10 @@ class Crawler:
         await self._out.put(Failure("page", error.url, str(error), http_status=error.status))
 
 
-def identify_items(
-    items: list[Any], resource: Resource, ids: set[int]
-) -> tuple[list[tuple[int, Any]], list[Failure]]:
-    """Each item of a page with its id, or a Failure for an item without a usable one;
-    every id seen goes to `ids` (malformed items included: they exist, and must not count
-    as deleted)."""
+def identify_items(items: list[Any], resource: Resource) -> tuple[list[tuple[int, Any]], list[Failure]]:
+    """Each item of a page with its id, or a Failure for an item without a usable one.
+    (Every identified item, malformed or not, counts as shown: it exists, and must not be
+    marked deleted.)"""
     identified: list[tuple[int, Any]] = []
     failures: list[Failure] = []
     identify, entity = resource.identify, resource.entity
@@ -390,7 +402,6 @@ def identify_items(
         except RecordError as exc:
             failures.append(Failure(entity, None, str(exc), payload=payload))
             continue
-        ids.add(ident)
         identified.append((ident, payload))
     return identified, failures
 

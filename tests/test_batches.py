@@ -1,0 +1,41 @@
+"""The producer–writer queue: bounded in items as well as in messages."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sync.model.batches import Batch, Failure, MessageQueue
+
+
+def _batch(size: int) -> Batch:
+    return Batch("attempts", [(ident, {"id": ident}) for ident in range(size)])
+
+
+async def test_a_put_waits_while_the_queue_holds_its_items_bound() -> None:
+    queue = MessageQueue(max_messages=64, max_items=300)
+    await queue.put(_batch(200))
+    await queue.put(_batch(200))  # 200 held: below the bound, so it goes in (400 held)
+    third = asyncio.create_task(queue.put(_batch(200)))
+    await asyncio.sleep(0.01)
+    assert not third.done(), "a put went in while 400 items were held against a bound of 300"
+    first = await queue.get()
+    assert isinstance(first, Batch) and len(first.items) == 200
+    await asyncio.wait_for(third, 1)  # 200 held now, below the bound: the waiting page goes in
+    assert queue.qsize() == 2 and queue.full()
+
+
+async def test_the_message_bound_still_holds_for_markers() -> None:
+    queue = MessageQueue(max_messages=2, max_items=10_000)
+    for number in range(2):
+        queue.put_nowait(Failure("page", str(number), "failed"))
+    assert queue.full()
+    await queue.get()
+    assert not queue.full()
+
+
+async def test_a_message_larger_than_the_item_bound_goes_into_an_empty_queue() -> None:
+    queue = MessageQueue(max_messages=64, max_items=50)
+    await asyncio.wait_for(queue.put(_batch(200)), 1)
+    assert queue.full()
+    await queue.get()
+    assert not queue.full() and queue.empty()
