@@ -52,6 +52,9 @@ class ResourceDone:
     seen_ids: Set[int]  # read-only: the producer adds nothing once it has put this
     parent_id: int | None = None
     scope: Mapping[str, Any] = field(default_factory=dict)
+    # Walked in slices on purpose (an incremental run, --exam, --limit): never complete,
+    # and nothing is wrong with that.
+    sliced: bool = False
 
 
 Message = Batch | Failure | ResourceDone

@@ -414,6 +414,10 @@ class Writer:
         no longer shows as deleted."""
         for listing in self._listings:
             self._summary.listing_complete = listing.complete
+            if listing.sliced:
+                log.info("deletions_not_checked", resource=listing.resource,
+                         reason="this run read slices of the listing (incremental, --exam or --limit)")
+                continue
             if not listing.complete:
                 log.warning("listing_incomplete", resource=listing.resource, hint="nothing is marked deleted from it this run")
                 continue

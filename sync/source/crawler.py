@@ -150,7 +150,8 @@ class Crawler:
         whole = complete and not failed and not self._partial
         # `present` itself, not a copy: nothing adds to it any more, and at 150,000
         # attempts each copy of the set costs ~8 MB.
-        await self._out.put(ResourceDone(self._root.name, status, whole, self.present, scope=self._filters))
+        sliced = self._partial or self._limit is not None
+        await self._out.put(ResourceDone(self._root.name, status, whole, self.present, scope=self._filters, sliced=sliced))
 
     async def _walk_variant(self, variant: Mapping[str, str]) -> tuple[bool, bool]:
         """One listing, walked again while it shifts: (complete, failed)."""
@@ -189,7 +190,7 @@ class Crawler:
                     detail.pop(child.name, None)
             await handle([detail], _Walk())
         await self._close_child_queue()
-        await self._out.put(ResourceDone(self._root.name, "ok", False, self.present, scope=self._filters))
+        await self._out.put(ResourceDone(self._root.name, "ok", False, self.present, scope=self._filters, sliced=True))
 
     async def fetch_each(self) -> None:
         """Each item that `keys` names, from the root's detail route, `workers` at a time
