@@ -92,6 +92,24 @@ async def test_expired_token_causes_one_login_for_all_requests_in_flight(
     assert simulator.state.logins == 2
 
 
+async def test_a_403_to_a_token_past_its_expiry_is_a_token_question_on_a_route_not_yet_answered(
+    client: TestpressClient, simulator: SimulatorServer
+) -> None:
+    """The token expired before the first attempt listing of the run answered: its 403 is
+    still a token question (the token's own `exp` says so), not a forbidden exam."""
+    simulator.state.faults.expired_token_status, simulator.state.faults.token_lifetime = 403, 0.2
+    await client.get_json(exams_url(simulator), route="exams")
+    await asyncio.sleep(0.3)  # the token has expired now
+    simulator.state.faults.token_lifetime = 3600
+    exam = next(exam for exam in simulator.dataset.exams if not exam.forbidden)
+    page = await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{exam.slug}/attempts/", route="attempts")
+    assert page["results"] and simulator.state.logins == 2
+    forbidden = next(exam for exam in simulator.dataset.exams if exam.forbidden)
+    with pytest.raises(SkippableError):  # a fresh token's 403 stays a forbidden exam
+        await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{forbidden.slug}/attempts/", route="attempts")
+    assert simulator.state.logins == 2
+
+
 async def test_throttling_waits_what_retry_after_says(
     client: TestpressClient, simulator: SimulatorServer, sleep: RecordedSleep
 ) -> None:

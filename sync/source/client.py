@@ -97,6 +97,12 @@ class TokenAuth:
             return time.time() >= expiry - EXPIRY_MARGIN
         return token != self._vouched
 
+    def has_expired(self, token: str) -> bool:
+        """The token says so itself (its `exp` has passed): a 403 to it is a token question
+        on any route, even one that has not answered yet in this run."""
+        expiry = token_expiry(token)
+        return expiry is not None and time.time() >= expiry
+
     def vouch(self, token: str) -> None:
         self._vouched = token
 
@@ -244,9 +250,13 @@ class TestpressClient:
             token = await self.auth.refresh(token)
             document = await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
         except SkippableError as refused:
-            if not (refused.status == 403 and route in self._answered and self.auth.may_have_expired(token)):
+            # A token question first: when the token's own expiry has passed, or on a route
+            # that answered in this run, unless the token is known to be good.
+            token_question = self.auth.has_expired(token) or (route in self._answered and self.auth.may_have_expired(token))
+            if not (refused.status == 403 and token_question):
                 raise
-            log.info("forbidden_on_a_route_that_answered_logging_in_again", url=url, route=route)
+            log.info("forbidden_logging_in_again", url=url, route=route,
+                     reason="the token has expired" if self.auth.has_expired(token) else "this route answered before")
             token = await self.auth.refresh(token)
             try:
                 document = await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
