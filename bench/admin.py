@@ -118,7 +118,7 @@ def admin_simulator(workload: Workload, latency: float) -> Iterator[str]:
     ]  # fmt: skip
     if workload.open_share is not None:
         command += ["--open-share", str(workload.open_share)]
-    with simulator_process(command, start_within=120) as base:  # 150,000 attempts take ~6 s to draw
+    with simulator_process(command, start_within=120) as base:  # 150,000 attempts: ~7 s to draw and render
         yield base
 
 
@@ -127,7 +127,11 @@ async def serve(workload: Workload, port: int, latency: float) -> None:
 
     options: dict[str, Any] = {} if workload.open_share is None else {"open_share": workload.open_share}
     dataset = Dataset(exams=workload.exams, attempts_per_exam=workload.per_exam, users=workload.users, **options)
-    server = SimulatorServer(dataset, faults=Faults(latency=latency), username=USERNAME, password=PASSWORD, port=port)
+    # warm: every row rendered before the first request, so each walk measured (the first
+    # on a fresh simulator too) meets a simulator as cheap as on a repeat.
+    server = SimulatorServer(
+        dataset, faults=Faults(latency=latency), username=USERNAME, password=PASSWORD, port=port, warm=True
+    )
     async with server:
         await asyncio.Event().wait()  # until terminated
 

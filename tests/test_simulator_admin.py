@@ -734,3 +734,232 @@ async def test_new_attempts_start_now_by_the_data_sets_clock(
     assert [(r["id"], r["date"], r["state"]) for r in rows] == [
         (body["added"][0], "2025-06-01T12:00:00.123456Z", "Not Started")
     ]
+
+
+# --- rows and listings kept between requests (sync/simulator/cache.py) ---------------------------
+#
+# Every page read after a change must be what a fresh rendering of the changed data gives,
+# byte for byte, however the data was changed: by the change route, by a Dataset method, or
+# by hand on the records and lists themselves, as tests do.
+
+
+async def served_rows(
+    http: aiohttp.ClientSession, url: str, token: str, params: dict[str, str] | None = None
+) -> list[bytes]:
+    return [orjson.dumps(row) for row in await walk(http, url, token, params)]
+
+
+def fresh_attempt_rows(dataset: Dataset, base: str, keep: Any = lambda attempt: True) -> list[bytes]:
+    from sync.simulator.admin import attempt_row
+
+    pairs = sorted(((e, a) for e in dataset.exams for a in e.attempts), key=lambda pair: pair[1].id)
+    return [orjson.dumps(attempt_row(dataset, e, a, base)) for e, a in pairs if keep(a)]
+
+
+def fresh_user_rows(dataset: Dataset, base: str) -> list[bytes]:
+    from sync.simulator.admin import user_row
+
+    return [orjson.dumps(user_row(dataset, user, base)) for user in sorted(dataset.users, key=lambda u: u.id)]
+
+
+async def test_kept_rows_and_listings_follow_every_change_by_route_or_by_hand(
+    http: aiohttp.ClientSession, sim: SimulatorServer, admin: str
+) -> None:
+    dataset, base = sim.dataset, sim.base_url
+    attempts_url, users_url = f"{base}{ADMIN}/attempts/", f"{base}{ADMIN}/users/"
+
+    async def served_attempts(params: dict[str, str] | None = None) -> list[bytes]:
+        return await served_rows(http, attempts_url, admin, params)
+
+    def fresh_attempts(keep: Any = lambda attempt: True) -> list[bytes]:
+        return fresh_attempt_rows(dataset, base, keep)
+
+    running = [a for _, a in dataset.attempts_by_id() if a.state == "Running"]
+    assert len(running) >= 2
+    # Read everything twice: the second reads come from what the first kept.
+    for _ in range(2):
+        assert await served_attempts() == fresh_attempts()
+        assert await served_attempts({"state": "0"}) == fresh_attempts(lambda a: a.state == "Running")
+        assert await served_rows(http, users_url, admin) == fresh_user_rows(dataset, base)
+
+    # Through the change route: a completed attempt leaves the Running listing and its row
+    # shows it completed (state, result, figures, last answer).
+    done = running[0]
+    status, body = await change(http, sim, action="complete_attempts", attempt_ids=[done.id])
+    assert (status, body) == (200, {"completed": [done.id]})
+    running_now = await served_attempts({"state": "0"})
+    assert len(running_now) == len(running) - 1
+    assert running_now == fresh_attempts(lambda a: a.state == "Running")
+    assert await served_attempts() == fresh_attempts()
+    assert [orjson.loads(row)["state"] for row in fresh_attempts(lambda a: a is done)] == ["Completed"]
+
+    # By hand, on the records themselves: a profile's e-mail, a user's name and an
+    # attempt's state show on the next read of both listings.
+    user = running[1].user
+    dataset.profile(user).email = "changed@example.com"
+    user.last_name = "Ray"
+    running[1].state = "Completed"
+    served = await served_attempts()
+    assert served == fresh_attempts()
+    mine = [row for row in map(orjson.loads, served) if row["user_id"] == user.id]
+    expected = ("changed@example.com", f"{user.first_name} Ray")
+    assert mine and {(row["email"], row["name"]) for row in mine} == {expected}
+    assert await served_attempts({"state": "0"}) == fresh_attempts(lambda a: a.state == "Running")
+    assert await served_rows(http, users_url, admin) == fresh_user_rows(dataset, base)
+
+    # A list changed in place by hand: the attempt is gone from the listing, and from the
+    # exam's own listing, read before.
+    exam = next(e for e in dataset.exams if len(e.attempts) > 1)
+    of_exam = {"exams": str(exam.id)}
+    assert await served_attempts(of_exam) == fresh_attempts(lambda a: a in exam.attempts)
+    gone = exam.attempts.pop()
+    served = await served_attempts()
+    assert served == fresh_attempts() and gone.id not in {orjson.loads(row)["id"] for row in served}
+    assert await served_attempts(of_exam) == fresh_attempts(lambda a: a in exam.attempts)
+    # ... and a list replaced by hand: the old one is left as it was.
+    exam.attempts = exam.attempts[:-1]
+    assert await served_attempts() == fresh_attempts()
+    assert await served_attempts(of_exam) == fresh_attempts(lambda a: a in exam.attempts)
+
+
+async def test_records_made_by_hand_are_served_as_they_are_edited(
+    http: aiohttp.ClientSession, sim: SimulatorServer, admin: str
+) -> None:
+    # Records made outside the data set and put in its lists by hand count their edits in
+    # it once it serves them (data.EditCount.adopt): kept rows and listings follow them,
+    # rows of theirs rendered or not.
+    from sync.simulator.admin import exam_row
+    from sync.simulator.data import EPOCH, SimAttempt, SimExam, SimUser
+
+    dataset, base = sim.dataset, sim.base_url
+    attempts_url, users_url = f"{base}{ADMIN}/attempts/", f"{base}{ADMIN}/users/"
+    running = {"state": "0"}
+    for _ in range(2):  # everything kept before the records come
+        await walk(http, attempts_url, admin, running)
+        await walk(http, users_url, admin)
+
+    # Put in the lists, then edited by hand before any row of theirs was rendered: the
+    # listings read their fields all the same. Each is on page 2 of its listing, by id.
+    loner = SimUser(5998, "loner", "Lo", "Ner")
+    dataset.users.append(loner)
+    _, page = await get(http, users_url, admin)
+    assert page["count"] == len(dataset.users) > 20 and page["results"][-1]["id"] < loner.id
+    loner.id = 1
+    _, page = await get(http, users_url, admin)
+    assert page["results"][0]["id"] == 1
+    exam = dataset.exams[0]  # the newest: its attempt has the highest id
+    newcomer = SimUser(999, "newcomer", "New", "Comer")
+    attempt = SimAttempt(exam.id * 100_000 + 99_000, newcomer, "Running", exam.created + timedelta(days=3))
+    dataset.users.append(newcomer)
+    exam.attempts.insert(0, attempt)
+    until = {"date_1": "2030-01-01"}
+    _, page = await get(http, attempts_url, admin, until)
+    assert page["count"] == len(dataset.attempts_by_id()) > 200 and page["results"][-1]["id"] < attempt.id
+    attempt.started = datetime(2031, 1, 1, tzinfo=UTC)
+    _, page = await get(http, attempts_url, admin, until)
+    assert page["count"] == len(dataset.attempts_by_id()) - 1
+
+    for _ in range(2):
+        assert await served_rows(http, attempts_url, admin) == fresh_attempt_rows(dataset, base)
+        assert await served_rows(http, attempts_url, admin, running) == fresh_attempt_rows(
+            dataset, base, lambda a: a.state == "Running"
+        )
+        assert await served_rows(http, users_url, admin) == fresh_user_rows(dataset, base)
+    assert attempt.id in {orjson.loads(row)["id"] for row in await served_rows(http, attempts_url, admin, running)}
+
+    attempt.state = "Completed"
+    newcomer.last_name = "Later"
+    assert await served_rows(http, attempts_url, admin) == fresh_attempt_rows(dataset, base)
+    served = await served_rows(http, attempts_url, admin, running)
+    assert served == fresh_attempt_rows(dataset, base, lambda a: a.state == "Running")
+    assert attempt.id not in {orjson.loads(row)["id"] for row in served}
+    assert await served_rows(http, users_url, admin) == fresh_user_rows(dataset, base)
+
+    # A user set by hand on one of its attempts: that user's own fields count too, even
+    # before any row of theirs was rendered (a filtered listing reads them).
+    stranger = SimUser(4343, "stranger", "Stran", "Ger")
+    attempt.user = stranger
+    before = dataset.edits.value
+    stranger.id = 4344
+    assert dataset.edits.value > before
+    assert await served_rows(http, attempts_url, admin, {"users": "4344"}) == fresh_attempt_rows(
+        dataset, base, lambda a: a is attempt
+    )
+
+    # An exam put in by hand, read through its detail, then renamed by hand.
+    url = f"{base}{ADMIN}/exams/900/"
+    extra = SimExam(id=900, slug="exam-00900", title="By hand", course="SSC", created=EPOCH)
+    dataset.exams.insert(0, extra)
+    for title in ("By hand", "Renamed by hand"):
+        extra.title = title
+        status, body = await get(http, url, admin)
+        assert (status, orjson.dumps(body)) == (200, orjson.dumps(exam_row(dataset, extra, base)))
+        assert body["title"] == title
+
+
+def test_each_data_set_counts_its_own_edits() -> None:
+    # No count shared by the process: each data set counts the edits of the records it
+    # made, from the start, and a record two data sets hold counts in both.
+    one, other = small(), small()
+    assert one.edits is not other.edits
+    exam = other.exams[0]
+    user = other.users[0]
+    fields = [
+        (exam, "title"), (exam.attempts[0], "state"), (user, "first_name"), (other.profile(user), "email"),
+        (other.batches[0], "name"),
+    ]  # fmt: skip
+    for record, name in fields:
+        before = one.edits.value, other.edits.value
+        setattr(record, name, getattr(record, name))  # even set to what it was
+        assert one.edits.value == before[0] and other.edits.value > before[1], record
+    before = one.edits.value, other.edits.value
+    other.rename_exam(other.exams[1].id, "Renamed")
+    assert one.edits.value == before[0] and other.edits.value > before[1]
+
+    shared = other.users[1]
+    one.exams[0].attempts[0].user = shared  # an edit of one, which adopts the user
+    before = one.edits.value, other.edits.value
+    shared.last_name = "Both"
+    assert one.edits.value > before[0] and other.edits.value > before[1]
+
+
+async def test_a_warmed_simulator_renders_its_rows_as_it_starts(http: aiohttp.ClientSession) -> None:
+    # `warm=True` (the benchmark's simulator) renders every listing row as the server
+    # starts: the first walk renders none, and serves what a fresh rendering gives.
+    from sync.simulator.admin import ADMIN_CACHE_KEY
+
+    async with SimulatorServer(small(), warm=True) as sim:
+        dataset, base, cache = sim.dataset, sim.base_url, sim.app[ADMIN_CACHE_KEY]
+        status, body = await login(http, sim, "admin", "secret")
+        assert status == 200
+        token = body["token"]
+        rows = {base: len(dataset.attempts_by_id())}
+        assert cache.attempts.kept() == rows and cache.users.kept() == {base: len(dataset.users)}
+        assert await served_rows(http, f"{base}{ADMIN}/attempts/", token) == fresh_attempt_rows(dataset, base)
+        assert await served_rows(http, f"{base}{ADMIN}/users/", token) == fresh_user_rows(dataset, base)
+        assert cache.attempts.kept() == rows
+
+
+async def test_rows_are_kept_for_two_hosts_and_for_the_items_still_served(
+    http: aiohttp.ClientSession, sim: SimulatorServer, admin: str
+) -> None:
+    from sync.simulator.admin import ADMIN_CACHE_KEY
+
+    dataset, cache = sim.dataset, sim.app[ADMIN_CACHE_KEY]
+    url = f"{sim.base_url}{ADMIN}/attempts/"
+    hosts = [f"{name}:{sim.port}" for name in ("127.0.0.1", "localhost", "simulator.test")]
+    for host in hosts:
+        async with http.get(url, headers={"Authorization": f"JWT {admin}", "Host": host}) as response:
+            page = await response.json()
+        base = f"http://{host}"
+        assert page["results"][0]["exam_url"].startswith(f"{base}{ADMIN}/exams/")
+        assert [orjson.dumps(row) for row in page["results"]] == fresh_attempt_rows(dataset, base)[:200]
+    assert list(cache.attempts.kept()) == [f"http://{host}" for host in hosts[1:]]
+
+    # Most attempts deleted: their rows go, those still listed stay.
+    await walk(http, url, admin)
+    for exam in dataset.exams[2:]:
+        exam.attempts.clear()
+    listed = len(dataset.attempts_by_id())
+    assert await served_rows(http, url, admin) == fresh_attempt_rows(dataset, sim.base_url)
+    assert cache.attempts.kept()[sim.base_url] == listed

@@ -98,6 +98,7 @@ async def simulate(options: dict[str, Any], ready: Callable[[str], None]) -> Non
         per_page=options["per_page"],
         host=options["host"],
         port=options["port"],
+        warm=True,  # a long-lived simulator: every admin row rendered once, at start
     )
     async with server:
         ready(server.base_url)

@@ -27,10 +27,16 @@ stable; batches newest first, as the docs' example lists them.
 
 The routes sit behind the app's middlewares: faults, accounting and authentication apply
 as on v2.1, and a student token gets 403 here (app.authentication).
+
+Each row's JSON and each filtered listing are kept between requests and served again
+while the data they came from is unchanged (cache.py, AdminCache): a page of 200 attempts
+costs a fraction of a millisecond once its rows were rendered. What is served is byte for
+byte what rendering afresh gives, whether the data changed by the change route or by hand.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
@@ -46,9 +52,11 @@ from sync.simulator.app import (
     STATE_KEY,
     Change,
     base_url,
+    json_body_response,
     json_response,
-    paginate,
+    paginate_serialized,
 )
+from sync.simulator.cache import Fingerprint, Listings, RowCache
 from sync.simulator.data import (
     Breakdown,
     Counts,
@@ -120,6 +128,12 @@ def exam_row(dataset: Dataset, exam: SimExam, base: str) -> dict[str, Any]:
     }
 
 
+def exam_fingerprint(dataset: Dataset, exam: SimExam) -> Fingerprint:
+    """Everything exam_row reads: the exam's fields (its v2.1 payload is drawn from its id,
+    its created and extra_fields) and its settings."""
+    return (exam, *vars(exam).values(), dataset.settings(exam))
+
+
 def attempt_row(
     dataset: Dataset,
     exam: SimExam,
@@ -159,6 +173,20 @@ def attempt_row(
         "exam_url": f"{base}{ADMIN}/exams/{exam.id}/",
         "user_url": f"{base}{ADMIN}/users/{user.id}/",
     }
+
+
+def attempt_fingerprint(dataset: Dataset, pair: tuple[SimExam, SimAttempt]) -> Fingerprint:
+    """Everything attempt_row reads. The figures drawn from the attempt's id and state
+    (scores, speed, the last answer's time) follow from these; so does the settings' pass
+    mark. Kept short on purpose: W2 keeps 150,000 of them."""
+    exam, attempt = pair
+    user = attempt.user
+    profile = dataset.profile(user)
+    return (
+        exam, exam.id, dataset.settings(exam), attempt, attempt.id, attempt.state, attempt.started,
+        user, user.id, user.first_name, user.last_name, profile, profile.email, profile.phone,
+        dataset.finished_at(attempt),
+    )  # fmt: skip
 
 
 def _result(dataset: Dataset, exam: SimExam, attempt: SimAttempt, percentage: int) -> str:
@@ -247,6 +275,12 @@ def user_row(dataset: Dataset, user: SimUser, base: str) -> dict[str, Any]:
     }
 
 
+def user_fingerprint(dataset: Dataset, user: SimUser) -> Fingerprint:
+    """Everything user_row reads: every field of the user and of its profile."""
+    profile = dataset.profile(user)
+    return (user, *vars(user).values(), profile, *vars(profile).values())
+
+
 def batch_row(batch: SimBatch, base: str, *, detail: bool = False) -> dict[str, Any]:
     """A listing row (`id`, `name`, `url`, `is_local`); the detail adds the timestamps."""
     row: dict[str, Any] = {"id": batch.id, "name": batch.name, "url": f"{base}{ADMIN}/batches/{batch.id}/"}
@@ -260,6 +294,96 @@ def batch_row(batch: SimBatch, base: str, *, detail: bool = False) -> dict[str, 
 def membership_row(batch: SimBatch, base: str) -> dict[str, Any]:
     """A row of a user's batches: the fields the docs list for it."""
     return {"id": batch.id, "name": batch.name, "url": f"{base}{ADMIN}/batches/{batch.id}/"}
+
+
+def batch_fingerprint(batch: SimBatch) -> Fingerprint:
+    """Everything a listing's batch_row or a membership_row reads."""
+    return (batch, batch.id, batch.name)
+
+
+# --- rendered rows and listings, kept between requests (cache.py) -------------------------
+
+
+@dataclass
+class AdminCache:
+    """The admin routes' rows as JSON, by kind, and their filtered listings, for one data
+    set. Details are not kept: a sync reads each attempt's detail once, and v2.1 is not
+    served from here at all."""
+
+    dataset: Dataset
+    attempts: RowCache[tuple[SimExam, SimAttempt]]
+    exams: RowCache[SimExam]
+    users: RowCache[SimUser]
+    batches: RowCache[SimBatch]
+    memberships: RowCache[SimBatch]
+    listings: Listings
+    users_seen: list[SimUser] = field(default_factory=list)  # see users_token
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> AdminCache:
+        edits = dataset.edits
+        return cls(
+            dataset=dataset,
+            attempts=RowCache(
+                edits,
+                lambda pair: pair[1].id,
+                lambda pair: attempt_fingerprint(dataset, pair),
+                lambda pair, base: attempt_row(dataset, *pair, base),
+            ),
+            exams=RowCache(
+                edits,
+                lambda exam: exam.id,
+                lambda exam: exam_fingerprint(dataset, exam),
+                lambda exam, base: exam_row(dataset, exam, base),
+            ),
+            users=RowCache(
+                edits,
+                lambda user: user.id,
+                lambda user: user_fingerprint(dataset, user),
+                lambda user, base: user_row(dataset, user, base),
+            ),
+            batches=RowCache(edits, lambda batch: batch.id, batch_fingerprint, batch_row),
+            memberships=RowCache(edits, lambda batch: batch.id, batch_fingerprint, membership_row),
+            listings=Listings(edits),
+        )
+
+    def users_token(self) -> list[SimUser]:
+        """The data set's users list as last seen, the same object while it holds the same
+        users: a token for `listings` (the attempts index does not cover the users, and no
+        method changes them; this sees a list changed by hand too, and adopts the users
+        put in it). Compared by identity, in a C loop: microseconds for thousands."""
+        users = self.dataset.users
+        seen = self.users_seen
+        if len(seen) != len(users) or not all(map(operator.is_, seen, users)):
+            self.dataset.edits.adopt_all(users)
+            self.users_seen = seen = list(users)
+        return seen
+
+    def warm(self, base: str) -> None:
+        """Renders every row the admin listings serve (attempts, exams, users, batches and
+        each user's batches) for `base`, drawing what they show: a first walk then costs
+        what a repeat does. For W2's 150,000 attempts, ~3.5 s and ~160 MB (what the first
+        walk would have cost and kept anyway); tests' small simulators skip it."""
+        dataset = self.dataset
+        self.attempts.bodies(dataset.attempts_by_id(), base)
+        self.exams.bodies(dataset.exams, base)
+        self.users.bodies(dataset.users, base)
+        self.batches.bodies(dataset.batches, base)
+        for user in dataset.users:
+            self.memberships.bodies(dataset.memberships(user), base)
+
+
+ADMIN_CACHE_KEY = web.AppKey("admin_cache", AdminCache)
+
+
+def _cache(request: web.Request) -> AdminCache:
+    return request.app[ADMIN_CACHE_KEY]
+
+
+def _listing_query(request: web.Request) -> tuple[tuple[str, str], ...]:
+    """The query but its page: what a listing's filters and ordering are read from, and
+    the key it is kept under."""
+    return tuple((name, value) for name, value in request.query.items() if name != "page")
 
 
 # --- query parameters ----------------------------------------------------------------------
@@ -300,10 +424,12 @@ def _ordered(request: web.Request, items: list[T], keys: dict[str, Callable[[T],
     return items
 
 
-def _page(request: web.Request, items: Sequence[T], kind: str, render: Callable[[T], Any]) -> web.Response:
+def _page(request: web.Request, items: Sequence[T], kind: str, rows: RowCache[T]) -> web.Response:
+    """One page of `items`, each row from `rows` (kept JSON, rendered when missing or stale)."""
     per_page = request.app[STATE_KEY].admin_per_page[kind]
-    page = paginate(request, items, per_page, render, page_last=True)
-    return json_response(page) if page else json_response(INVALID_PAGE, 404)
+    base = base_url(request)
+    body = paginate_serialized(request, items, per_page, lambda page: rows.bodies(page, base), page_last=True)
+    return json_body_response(body) if body is not None else json_response(INVALID_PAGE, 404)
 
 
 def _path_id(request: web.Request, name: str) -> int | None:
@@ -319,11 +445,21 @@ def _path_id(request: web.Request, name: str) -> int | None:
 async def exam_list(request: web.Request) -> web.Response:
     dataset = request.app[DATASET_KEY]
     try:
-        exams = _filtered_exams(request, dataset)
+        exams = _listed_exams(request, dataset)
     except BadFilter as bad:
         return json_response(bad.body, 400)
-    base = base_url(request)
-    return _page(request, exams, "exams", lambda exam: exam_row(dataset, exam, base))
+    return _page(request, exams, "exams", _cache(request).exams)
+
+
+def _listed_exams(request: web.Request, dataset: Dataset) -> Sequence[SimExam]:
+    cache = _cache(request)
+    cache.exams.prune(len(dataset.exams), lambda: {exam.id for exam in dataset.exams})
+    if request.query.get("status"):  # judged at the clock's now: not kept
+        return _filtered_exams(request, dataset)
+    # The attempts index is rebuilt whenever the exams list changes: it stands for it.
+    token = dataset.attempts_by_id()
+    key = ("exams", _listing_query(request))
+    return cache.listings.get(key, token, lambda: _filtered_exams(request, dataset))
 
 
 def _filtered_exams(request: web.Request, dataset: Dataset) -> list[SimExam]:
@@ -362,7 +498,7 @@ async def exam_detail(request: web.Request) -> web.Response:
         exam = dataset.exam(exam_id if exam_id is not None else -1)
     except KeyError:
         return json_response(NOT_FOUND, 404)
-    return json_response(exam_row(dataset, exam, base_url(request)))
+    return json_body_response(_cache(request).exams.body(exam, base_url(request)))
 
 
 # --- attempts ---------------------------------------------------------------------------------
@@ -371,17 +507,28 @@ async def exam_detail(request: web.Request) -> web.Response:
 async def attempt_list(request: web.Request) -> web.Response:
     dataset = request.app[DATASET_KEY]
     try:
-        pairs = _filtered_attempts(request, dataset)
+        pairs = _listed_attempts(request, dataset)
     except BadFilter as bad:
         return json_response(bad.body, 400)
-    base = base_url(request)
-    return _page(request, pairs, "attempts", lambda pair: attempt_row(dataset, *pair, base))
+    return _page(request, pairs, "attempts", _cache(request).attempts)
 
 
-def _filtered_attempts(request: web.Request, dataset: Dataset) -> list[tuple[SimExam, SimAttempt]]:
-    pairs = dataset.attempts_by_id()
+def _listed_attempts(request: web.Request, dataset: Dataset) -> Sequence[tuple[SimExam, SimAttempt]]:
+    index = dataset.attempts_by_id()
+    cache = _cache(request)
+    cache.attempts.prune(len(index), lambda: {attempt.id for _, attempt in index})
+    query = _listing_query(request)
+    if not query:  # the full walk: the index is the listing, in id order
+        return index
+    return cache.listings.get(("attempts", query), index, lambda: _filtered_attempts(request, dataset, index))
+
+
+def _filtered_attempts(
+    request: web.Request, dataset: Dataset, index: list[tuple[SimExam, SimAttempt]]
+) -> list[tuple[SimExam, SimAttempt]]:
+    pairs = index
     if (exam_ids := _ints(request, "exams")) is not None:
-        pairs = [pair for pair in pairs if pair[0].id in exam_ids]
+        pairs = _attempts_of(dataset, exam_ids)
     if (user_ids := _ints(request, "users")) is not None:
         pairs = [pair for pair in pairs if pair[1].user.id in user_ids]
     state = request.query.get("state")
@@ -408,6 +555,15 @@ def _filtered_attempts(request: web.Request, dataset: Dataset) -> list[tuple[Sim
         "unanswered_count": count("unanswered_count"),
     }
     return _ordered(request, list(pairs), keys)
+
+
+def _attempts_of(dataset: Dataset, exam_ids: set[int]) -> list[tuple[SimExam, SimAttempt]]:
+    """The index's pairs of these exams, in its order, without going through all 150,000:
+    gathered exam by exam as the index is, then sorted by id as stably, so ties (none are
+    expected) fall as they do in the index."""
+    pairs = [(exam, attempt) for exam in dataset.exams if exam.id in exam_ids for attempt in exam.attempts]
+    pairs.sort(key=lambda pair: pair[1].id)
+    return pairs
 
 
 def attempt_counts(dataset: Dataset, attempt: SimAttempt) -> dict[str, int]:
@@ -452,6 +608,15 @@ async def attempt_detail_view(request: web.Request) -> web.Response:
 
 async def user_list(request: web.Request) -> web.Response:
     dataset = request.app[DATASET_KEY]
+    cache = _cache(request)
+    token = cache.users_token()
+    cache.users.prune(len(token), lambda: {user.id for user in token})
+    key = ("users", _listing_query(request))
+    users = cache.listings.get(key, token, lambda: _filtered_users(request, dataset))
+    return _page(request, users, "users", cache.users)
+
+
+def _filtered_users(request: web.Request, dataset: Dataset) -> list[SimUser]:
     users = sorted(dataset.users, key=lambda user: user.id)
     if needle := request.query.get("q", "").strip().lower():
         users = [
@@ -459,8 +624,7 @@ async def user_list(request: web.Request) -> web.Response:
             for user in users
             if needle in user.username.lower() or needle in (dataset.profile(user).email or "").lower()
         ]
-    base = base_url(request)
-    return _page(request, users, "users", lambda user: user_row(dataset, user, base))
+    return users
 
 
 def _user_or_none(request: web.Request) -> SimUser | None:
@@ -475,16 +639,15 @@ async def user_detail(request: web.Request) -> web.Response:
     user = _user_or_none(request)
     if user is None:
         return json_response(NOT_FOUND, 404)
-    return json_response(user_row(request.app[DATASET_KEY], user, base_url(request)))
+    return json_body_response(_cache(request).users.body(user, base_url(request)))
 
 
 async def user_batches(request: web.Request) -> web.Response:
     user = _user_or_none(request)
     if user is None:
         return json_response(NOT_FOUND, 404)
-    base = base_url(request)
     memberships = request.app[DATASET_KEY].memberships(user)
-    return _page(request, memberships, "batches", lambda batch: membership_row(batch, base))
+    return _page(request, memberships, "batches", _cache(request).memberships)
 
 
 async def batch_list(request: web.Request) -> web.Response:
@@ -492,8 +655,7 @@ async def batch_list(request: web.Request) -> web.Response:
     batches = sorted(request.app[DATASET_KEY].batches, key=lambda batch: -batch.id)
     if needle := request.query.get("search", "").strip().lower():
         batches = [batch for batch in batches if needle in batch.name.lower()]
-    base = base_url(request)
-    return _page(request, batches, "batches", lambda batch: batch_row(batch, base))
+    return _page(request, batches, "batches", _cache(request).batches)
 
 
 async def batch_detail(request: web.Request) -> web.Response:
@@ -576,3 +738,4 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get(f"{ADMIN}/batches/{{batch_id}}/", batch_detail)
     app[CHANGES_KEY] = CHANGES
     app[DETAIL_FAULTS_KEY] = DetailFaults()
+    app[ADMIN_CACHE_KEY] = AdminCache.of(app[DATASET_KEY])  # the data set is set before the routes

@@ -9,10 +9,15 @@ attempt breakdowns, exam settings) is drawn lazily, per entity, from random stre
 its own (`_admin_rng`): the stream that draws the v2.1 data (`Dataset._rng`) never sees
 them, so v2.1 payloads stay byte for byte those of earlier versions, and a data set of
 150,000 attempts costs no more to build than before.
+
+Each data set counts its changes (`Dataset.edits`): each of its methods that changes
+anything, and each field set on one of its records, by a method or by hand. The admin
+API's caches (cache.py) trust what they rendered while the count stands still.
 """
 
 from __future__ import annotations
 
+import operator
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -58,8 +63,60 @@ class Faults:
             setattr(self, name, type(getattr(self, name))(value))
 
 
+class EditCount:
+    """How many times one data set has changed: each change its methods make (whatever
+    they touch, its private memos included), and each field set on one of its records
+    (SimExam, SimAttempt, SimUser, SimProfile, SimBatch), whoever sets it: tests set
+    `attempt.state` or `profile.email` on the records themselves. The admin API keeps what
+    it rendered between requests (cache.py) and trusts it while this count stands still.
+    Each data set has its own: an edit to one leaves the others' caches alone.
+
+    A record counts its changes in the data sets that adopted it (`adopt`; one record in
+    two data sets counts in both). A data set adopts the records it makes, when it makes
+    them, and any other before it serves anything from it: those it finds in its lists
+    when it indexes them (exams, their attempts and those attempts' users; its users),
+    those a row is rendered from, and a record set on a field of one it adopted
+    (`attempt.user = SimUser(...)`). A record no data set adopted counts nowhere."""
+
+    __slots__ = ("value", "_alone")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._alone = (self,)  # the `_counts` of a record only this data set adopted: one tuple for all
+
+    def adopt(self, record: object) -> None:
+        """From now on, every field set on `record` (if it is a record) counts here too."""
+        if not isinstance(record, _Counted):
+            return
+        counts = record._counts
+        if counts is not self._alone and self not in counts:
+            object.__setattr__(record, "_counts", (*counts, self) if counts else self._alone)
+
+    def adopt_all(self, records: Iterable[object]) -> None:
+        """`adopt` each of them: those not records, or adopted already, cost no call."""
+        alone = self._alone
+        for record in records:
+            if isinstance(record, _Counted) and record._counts is not alone:
+                self.adopt(record)
+
+
+class _Counted:
+    """A record whose fields, once it is adopted (EditCount.adopt), count in the edits of
+    the data sets that adopted it each time one is set. Fields set while it is made are
+    not counted: it is adopted after."""
+
+    __slots__ = ()
+    _counts: tuple[EditCount, ...] = ()  # the data sets it counts in: none until adopted
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        for count in self._counts:
+            count.value += 1
+            count.adopt(value)  # a record set on one: its own fields count too
+
+
 @dataclass
-class SimUser:
+class SimUser(_Counted):
     id: int
     username: str
     first_name: str
@@ -67,7 +124,7 @@ class SimUser:
 
 
 @dataclass
-class SimProfile:
+class SimProfile(_Counted):
     """A user's personal fields: the admin API shows them, v2.1 never does."""
 
     email: str | None
@@ -88,7 +145,7 @@ PROFILE_FIELDS = tuple(SimProfile.__dataclass_fields__)
 
 
 @dataclass
-class SimBatch:
+class SimBatch(_Counted):
     id: int
     name: str
     created: datetime
@@ -96,7 +153,7 @@ class SimBatch:
 
 
 @dataclass
-class SimAttempt:
+class SimAttempt(_Counted):
     id: int
     user: SimUser
     state: str  # Running, Completed, Not Started
@@ -113,7 +170,7 @@ class SimAttempt:
 
 
 @dataclass
-class SimExam:
+class SimExam(_Counted):
     id: int
     slug: str
     title: str
@@ -216,9 +273,11 @@ class Dataset:
         self._state_weights = _state_weights(open_share)
         self._scores_memo: dict[tuple[int, bool], _Scores] = {}
         self._rng = random.Random(seed)
+        self.edits = EditCount()  # every change, by a method or by hand (cache.py trusts it)
         self.users = [
             SimUser(1000 + i, f"student{i:05d}", f"First{i}", f"Last{i}") for i in range(users)
         ]
+        self.edits.adopt_all(self.users)
         self.exams: list[SimExam] = []
         self._by_slug: dict[str, SimExam] = {}
         self._next_exam_id = 1
@@ -227,6 +286,7 @@ class Dataset:
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # tests may pin it
         self._users_by_id = {user.id: user for user in self.users}
         self.batches = _draw_batches(seed, batches)
+        self.edits.adopt_all(self.batches)
         self._batches_by_id = {batch.id: batch for batch in self.batches}
         self._profiles: dict[int, SimProfile] = {}
         self._memberships: dict[int, list[int]] = {}
@@ -234,7 +294,9 @@ class Dataset:
         self._finished: dict[int, datetime] = {}  # attempts completed by a change: when
         self._index: list[tuple[SimExam, SimAttempt]] = []
         self._index_by_id: dict[int, tuple[SimExam, SimAttempt]] = {}
-        self._index_key: list[tuple[SimExam, list[SimAttempt], int]] = []
+        # What the index was built from: the exams, their attempts lists and their lengths.
+        self._index_key: tuple[list[SimExam], list[list[SimAttempt]], list[int]] = ([], [], [])
+        self._index_edits = -1  # self.edits when the lists in _index_key were last found current
         for index in range(exams):
             exam = self.add_exam(attempts=attempts_per_exam)
             exam.forbidden = bool(forbidden_every) and index % forbidden_every == 1
@@ -253,9 +315,10 @@ class Dataset:
             created=EPOCH + timedelta(hours=exam_id, microseconds=(exam_id * 1237) % 1_000_000),
             extra_fields=exam_id % 4 == 0,
         )
+        self.edits.adopt(exam)
         self.exams.insert(0, exam)
         self._by_slug[exam.slug] = exam
-        self.add_attempts(exam, attempts)
+        self.add_attempts(exam, attempts)  # counts as an edit, even when it adds none
         return exam
 
     def add_attempts(self, exam: SimExam, count: int) -> list[SimAttempt]:
@@ -272,9 +335,11 @@ class Dataset:
                 state=state,
                 started=exam.created + timedelta(days=1, minutes=number * 7),
             )
+            self.edits.adopt(attempt)
             exam.attempts.insert(0, attempt)
             new.append(attempt)
             self._scores(attempt)  # drawn now, so serving the first walk costs no more than later ones
+        self.edits.value += 1
         return new
 
     def start_attempts(
@@ -290,10 +355,12 @@ class Dataset:
             number = exam.attempts_made
             exam.attempts_made += 1
             attempt = SimAttempt(id=exam.id * 100_000 + number + 1, user=user, state=state, started=now)
+            self.edits.adopt_all((attempt, user))
             exam.attempts.insert(0, attempt)
             if state == "Completed":
                 self._finished[attempt.id] = now
             new.append(attempt)
+        self.edits.value += 1
         return new
 
     def complete_running(self) -> int:
@@ -304,6 +371,7 @@ class Dataset:
                 if attempt.state == "Running":
                     attempt.state = "Completed"
                     done += 1
+        self.edits.value += 1
         return done
 
     def complete_attempts(self, attempt_ids: Sequence[int]) -> list[int]:
@@ -315,22 +383,26 @@ class Dataset:
                 attempt.state = "Completed"
                 self._finished[attempt.id] = self.clock()
                 done.append(attempt.id)
+        self.edits.value += 1
         return done
 
     def rename_exam(self, exam_id: int, title: str) -> None:
         exam = self.exam(exam_id)
         exam.title = title
         exam.modified = self.clock()
+        self.edits.value += 1
 
     def delete_exam(self, exam_id: int) -> None:
         exam = self.exam(exam_id)
         self.exams.remove(exam)
         del self._by_slug[exam.slug]
+        self.edits.value += 1
 
     def restore_exam(self, exam: SimExam) -> None:
         """An exam deleted earlier comes back, at the top of the listing."""
         self.exams.insert(0, exam)
         self._by_slug[exam.slug] = exam
+        self.edits.value += 1
 
     def delete_attempt(self, attempt_id: int) -> bool:
         """Removes the attempt; returns whether there was one."""
@@ -338,6 +410,7 @@ class Dataset:
         kept = [a for a in exam.attempts if a.id != attempt_id]
         deleted = len(kept) < len(exam.attempts)
         exam.attempts = kept
+        self.edits.value += 1
         return deleted
 
     def update_user(self, user_id: int, changes: dict[str, Any]) -> None:
@@ -354,6 +427,7 @@ class Dataset:
                 profile.birth_date = _parse_birth_date(value)
             else:
                 setattr(profile, name, value)
+        self.edits.value += 1
 
     def add_membership(self, user_id: int, batch_id: int) -> bool:
         """The user joins the batch; returns whether they were not in it already."""
@@ -361,6 +435,7 @@ class Dataset:
         if self.batch(batch_id).id in batch_ids:
             return False
         batch_ids.append(batch_id)
+        self.edits.value += 1
         return True
 
     def remove_membership(self, user_id: int, batch_id: int) -> bool:
@@ -369,6 +444,7 @@ class Dataset:
         if self.batch(batch_id).id not in batch_ids:
             return False
         batch_ids.remove(batch_id)
+        self.edits.value += 1
         return True
 
     # --- look-ups --------------------------------------------------------------------
@@ -395,11 +471,17 @@ class Dataset:
         sorting 150,000 attempts for every page of 200 would cost more than the page."""
         if not self._index_is_current():
             pairs = [(exam, attempt) for exam in self.exams for attempt in exam.attempts]
+            # Whatever was put in the lists by hand counts its edits here from now on.
+            self.edits.adopt_all(self.exams)
+            self.edits.adopt_all([attempt for _, attempt in pairs])
+            self.edits.adopt_all([attempt.user for _, attempt in pairs])
             pairs.sort(key=lambda pair: pair[1].id)
             self._index = pairs
             self._index_by_id = {attempt.id: (exam, attempt) for exam, attempt in pairs}
             # The lists themselves are kept, not their id()s, so none can be reused.
-            self._index_key = [(exam, exam.attempts, len(exam.attempts)) for exam in self.exams]
+            lists = [exam.attempts for exam in self.exams]
+            self._index_key = (list(self.exams), lists, list(map(len, lists)))
+            self._index_edits = self.edits.value
         return self._index
 
     def find_attempt(self, attempt_id: int) -> tuple[SimExam, SimAttempt]:
@@ -407,11 +489,19 @@ class Dataset:
         return self._index_by_id[attempt_id]
 
     def _index_is_current(self) -> bool:
-        key = self._index_key
-        return len(key) == len(self.exams) and all(
-            exam is current and attempts is current.attempts and count == len(attempts)
-            for (exam, attempts, count), current in zip(key, self.exams, strict=True)
-        )
+        """Whether the exams are those the index was built from, in the same order, each
+        with the same attempts list at the same length: however they were changed, by a
+        method or by hand. Checked on every admin request, so in C loops, and each exam's
+        list is looked up again only after an edit: replacing one is an edit (self.edits:
+        the index adopted its exams)."""
+        exams, lists, lengths = self._index_key
+        if len(exams) != len(self.exams) or not all(map(operator.is_, self.exams, exams)):
+            return False
+        if self._index_edits != self.edits.value:
+            if not all(map(operator.is_, [exam.attempts for exam in exams], lists)):
+                return False
+            self._index_edits = self.edits.value
+        return list(map(len, lists)) == lengths
 
     # --- admin-only figures, drawn on first use ----------------------------------------
 
@@ -419,6 +509,7 @@ class Dataset:
         profile = self._profiles.get(user.id)
         if profile is None:
             profile = self._profiles[user.id] = _draw_profile(self.seed, user)
+            self.edits.adopt(profile)
         return profile
 
     def memberships(self, user: SimUser) -> list[SimBatch]:
@@ -442,6 +533,10 @@ class Dataset:
     def scores(self, attempt: SimAttempt) -> _Scores:
         return self._scores(attempt)
 
+    def finished_at(self, attempt: SimAttempt) -> datetime | None:
+        """When a change completed (or started as Completed) this attempt; None if none did."""
+        return self._finished.get(attempt.id)
+
     def time_taken(self, attempt: SimAttempt) -> timedelta:
         """How long the attempt has taken: none for one not started."""
         if attempt.state == "Not Started":
@@ -454,8 +549,10 @@ class Dataset:
             return None
         if attempt.id in self._finished:
             return self._finished[attempt.id]
-        rng = _admin_rng(self.seed, "answered", attempt.id)
-        share = 1.0 if attempt.state == "Completed" else rng.choice((None, 0.3, 0.6, 0.9))
+        # The stream is made only when drawn from: seeding one costs more than the rest.
+        share = 1.0 if attempt.state == "Completed" else _admin_rng(self.seed, "answered", attempt.id).choice(
+            (None, 0.3, 0.6, 0.9)
+        )
         return None if share is None else attempt.started + self.time_taken(attempt) * share
 
     def speed(self, attempt: SimAttempt) -> int:

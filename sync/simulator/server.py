@@ -7,7 +7,7 @@ import ssl
 
 from aiohttp import web
 
-from sync.simulator.admin import add_admin_routes
+from sync.simulator.admin import ADMIN_CACHE_KEY, add_admin_routes
 from sync.simulator.app import (
     API,
     DATASET_KEY,
@@ -74,6 +74,12 @@ class SimulatorServer:
 
         async with SimulatorServer(Dataset(exams=10)) as sim:
             ... sim.base_url, sim.state.faults.throttle_rate = 0.2, sim.dataset ...
+
+    `warm`: render every admin listing row for `base_url` as the server starts, before it
+    answers anything, so that a first walk costs what a repeat does (AdminCache.warm;
+    seconds for 150,000 attempts). For a benchmark or a long-lived simulator; tests'
+    small simulators do without. Requests asked with another Host are served as well,
+    their rows rendered on first use.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class SimulatorServer:
         student_username: str = "student",
         student_password: str = "student-secret",
         student_user_id: int | None = None,
+        warm: bool = False,
     ) -> None:
         self.app = create_app(
             dataset,
@@ -104,6 +111,7 @@ class SimulatorServer:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        self.warm = warm
         self._runner: web.AppRunner | None = None
 
     @property
@@ -125,6 +133,9 @@ class SimulatorServer:
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the port the OS picked for port 0
+        if self.warm:
+            # Now the port is known. Nothing is answered meanwhile: connections wait.
+            self.app[ADMIN_CACHE_KEY].warm(self.base_url)
 
     async def stop(self) -> None:
         if self._runner is not None:
