@@ -91,7 +91,7 @@ class HttpSettings:
 class SyncSettings:
     batch_size: int = 500  # rows per upsert statement and per transaction
     commit_interval: float = 1.0  # seconds rows may wait for their batch to fill
-    queue_pages: int = 64  # pages buffered between the fetchers and the writer
+    queue_pages: int = 64  # pages buffered between the fetchers and the writer, per resource
     # ... and items in them: an admin page holds 200, and memory follows the items.
     queue_items: int = 2000
     database_retry_seconds: float = 60.0  # how long a lost database connection is retried

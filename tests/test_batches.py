@@ -1,10 +1,10 @@
-"""The producer–writer queue: bounded in items as well as in messages."""
+"""The producer–writer queue: bounded in items as well as in messages, per resource."""
 
 from __future__ import annotations
 
 import asyncio
 
-from sync.model.batches import Batch, Failure, MessageQueue
+from sync.model.batches import Batch, Failure, MessageQueue, ResourceDone
 
 
 def _batch(size: int) -> Batch:
@@ -21,21 +21,38 @@ async def test_a_put_waits_while_the_queue_holds_its_items_bound() -> None:
     first = await queue.get()
     assert isinstance(first, Batch) and len(first.items) == 200
     await asyncio.wait_for(third, 1)  # 200 held now, below the bound: the waiting page goes in
-    assert queue.qsize() == 2 and queue.full()
+    assert queue.qsize() == 2 and queue.full_for("attempts")
 
 
 async def test_the_message_bound_still_holds_for_markers() -> None:
     queue = MessageQueue(max_messages=2, max_items=10_000)
     for number in range(2):
         queue.put_nowait(Failure("page", str(number), "failed"))
-    assert queue.full()
+    assert queue.full_for("failures")
     await queue.get()
-    assert not queue.full()
+    assert not queue.full_for("failures")
 
 
 async def test_a_message_larger_than_the_item_bound_goes_into_an_empty_queue() -> None:
     queue = MessageQueue(max_messages=64, max_items=50)
     await asyncio.wait_for(queue.put(_batch(200)), 1)
-    assert queue.full()
+    assert queue.full_for("attempts")
     await queue.get()
-    assert not queue.full() and queue.empty()
+    assert not queue.full_for("attempts") and queue.empty()
+
+
+async def test_a_resource_at_its_bound_does_not_hold_back_another() -> None:
+    """Ten pages of attempts waiting for the writer must not stop a user's batches from
+    being handed over: the bounds are each resource's own."""
+    queue = MessageQueue(max_messages=64, max_items=300)
+    await queue.put(_batch(200))
+    await queue.put(_batch(200))
+    blocked = asyncio.create_task(queue.put(_batch(200)))
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    for user_id in range(30):  # small messages of another resource go in at once
+        await asyncio.wait_for(queue.put(Batch("memberships", [(1, {"id": 1})], parent_id=user_id)), 1)
+        await asyncio.wait_for(queue.put(ResourceDone("memberships", "ok", True, {1}, parent_id=user_id)), 1)
+    assert not blocked.done() and queue.qsize() == 62
+    await queue.get()  # an attempts page taken: the waiting one goes in
+    await asyncio.wait_for(blocked, 1)

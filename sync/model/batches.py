@@ -10,6 +10,7 @@ tomorrow) puts on the writer's queue. Plain values; no producer and no database 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,28 +62,54 @@ Message = Batch | Failure | ResourceDone
 
 
 class MessageQueue(asyncio.Queue["Message | None"]):
-    """The producer–writer queue, full at `max_messages` messages or `max_items` items.
+    """The producer–writer queue, bounded for each resource apart: a resource's messages
+    wait while it has `max_messages` messages or `max_items` items in the queue.
 
-    Memory follows items, not pages: an admin page holds 200 attempts, a student page 20,
-    so a bound in pages alone let an admin run buffer ten times as much. A message larger
-    than the whole bound still goes in when the queue is empty."""
+    Items, because memory follows items, not pages: an admin page holds 200 attempts, a
+    student page 20. For each resource apart, because one bound for all let a producer of
+    heavy pages hold back the others: with ten pages of attempts waiting for the writer,
+    the users' batches (a request per user, two small messages each) could not be handed
+    over, and 5,000 such requests were left for after the attempts, one at a time per
+    connection. Memory stays bounded: by the listings walked at once, times the bounds.
+    A message larger than a whole bound still goes in when its resource has none queued."""
 
     def __init__(self, max_messages: int, max_items: int) -> None:
-        super().__init__(maxsize=max_messages)
+        super().__init__()  # unbounded as a queue: the bounds are per resource, in put()
+        self._max_messages = max_messages
         self._max_items = max_items
-        self._items_held = 0
+        self._messages: Counter[str] = Counter()
+        self._items: Counter[str] = Counter()
+        self._taken = asyncio.Event()  # set by every get: a waiting put looks again
 
-    def full(self) -> bool:  # asyncio.Queue's put() waits while this is true
-        return super().full() or self._items_held >= self._max_items
+    def full_for(self, resource: str) -> bool:
+        return self._messages[resource] >= self._max_messages or self._items[resource] >= self._max_items
+
+    async def put(self, message: Message | None) -> None:
+        resource = _resource_of(message)
+        while self.full_for(resource):
+            self._taken.clear()
+            await self._taken.wait()
+        self.put_nowait(message)
 
     def _put(self, message: Message | None) -> None:
-        self._items_held += _weight(message)
+        resource = _resource_of(message)
+        self._messages[resource] += 1
+        self._items[resource] += _weight(message)
         super()._put(message)
 
     def _get(self) -> Message | None:
         message: Message | None = super()._get()
-        self._items_held -= _weight(message)
+        resource = _resource_of(message)
+        self._messages[resource] -= 1
+        self._items[resource] -= _weight(message)
+        self._taken.set()
         return message
+
+
+def _resource_of(message: Message | None) -> str:
+    if isinstance(message, Batch | ResourceDone):
+        return message.resource
+    return "" if message is None else "failures"
 
 
 def _weight(message: Message | None) -> int:
