@@ -150,22 +150,25 @@ class _Walks:
         await self.main.crawl()
 
     async def admin(self, resources: Mapping[str, Resource], plan: AdminPlan, known: _Known) -> None:
-        """Exams first (attempts reference them, and the writer keeps the queue's order),
-        then users with their batches, the batches and the attempts, at once."""
+        """Users with their batches, the batches and the exams at once; the attempts once
+        every exam is handed over (they reference exams, and the writer keeps the queue's
+        order). The users' batches, a request per user, are the longest walk: they start
+        first."""
         if self.options.exam_slugs:
             raise ConfigError("--exam names exams by slug, which the admin API does not serve: use --limit, or --source student")
         partial, limit = not plan.full, self.options.limit
-        self.main = exams = self.crawler(resources["exams"], partial=partial, limit=limit)
-        await exams.crawl()
         users = self.crawler(
             resources["users"], children=(resources["memberships"],), partial=partial, limit=limit,
             child_filter=None if plan.full else known.changed_user(resources["users"]),
         )  # fmt: skip
         batches = self.crawler(resources["batches"], partial=partial, limit=limit)
-        attempts = self.crawler(resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams))
+        self.main = exams = self.crawler(resources["exams"], partial=partial, limit=limit)
         async with asyncio.TaskGroup() as group:
-            for crawler in (users, batches, attempts):
+            for crawler in (users, batches):
                 group.create_task(crawler.crawl())
+            await exams.crawl()
+            attempts = self.crawler(resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams))
+            group.create_task(attempts.crawl())
         if not plan.full and limit is None:
             await self._open_attempts_again(resources["attempts"], known, attempts.present)
 
