@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import select
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,6 +49,7 @@ log = structlog.get_logger("testpress_sync.cli")
 EXIT_OK, EXIT_PARTIAL, EXIT_CONFIG, EXIT_AUTH, EXIT_DATABASE, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
 EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: never 1, which cron reads as "partial"
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE, as shells report a writer whose reader left (`| head`)
 EXIT_OUTCOME = {Outcome.OK: EXIT_OK, Outcome.INCOMPLETE: EXIT_PARTIAL}
 # The error tree's exit codes, most specific first; any other SyncError ends a run that
 # could not finish: 1.
@@ -260,6 +262,10 @@ def entry_point() -> NoReturn:
     being one. main() itself, called from tests or other code, sets nothing global."""
     _collect_young_objects_less_often()
     code = main()
+    try:
+        sys.stdout.flush()  # here, not at Python's exit: a reader that left is no error of ours
+    except BrokenPipeError:
+        code = _quit_writing()
     # The process ends here, and nothing needs collecting any more; but Python's shutdown
     # would still run the cycle collector over every object alive, most of them made by
     # SQLAlchemy's imports: 0.07–0.11 s of every run. Frozen objects are skipped.
@@ -377,6 +383,11 @@ def _run_until_signal(
     except DatabaseError as exc:
         log.error("database_error", error=redactor.redact(str(exc)))
         return exit_code(DatabaseError)
+    except BrokenPipeError as exc:
+        if _output_closed():
+            return _quit_writing()
+        log.error("database_error", error=redactor.redact(error_text(exc)))
+        return exit_code(DatabaseError)
     except (SQLAlchemyError, OSError) as exc:
         log.error("database_error", error=redactor.redact(error_text(exc)))
         return exit_code(DatabaseError)
@@ -386,6 +397,25 @@ def _run_until_signal(
     except Exception as exc:  # a bug: say so in one line, keep the traceback in the log
         return _unexpected(exc)
     return EXIT_SIGNAL[received[0]] if received and not signal_is_stop else exit_code(result)
+
+
+def _output_closed() -> bool:
+    """Whether whoever read standard output has gone (`testpress-sync status | head -1`):
+    a broken pipe there is theirs, while one on the database's socket is the database's."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll(), no file descriptor
+        return False
+
+
+def _quit_writing() -> int:
+    """The reader took what it wanted: say nothing more to it (Python would otherwise
+    complain of the unflushed output at exit), and exit as a shell's writer does."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OUTPUT_CLOSED
 
 
 def _unexpected(error: Exception) -> int:

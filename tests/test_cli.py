@@ -251,3 +251,25 @@ def test_an_unexpected_error_exits_70_with_one_line_and_the_traceback_in_the_log
     [said] = [line for line in err.splitlines() if line.startswith("testpress-sync: unexpected error")]
     assert "KeyError" in said and "unexpected_error" in said
     assert "a-secret-password" not in err
+
+
+@pytest.mark.parametrize("command", [["config"], ["config", "--json"]])
+def test_a_reader_that_leaves_early_is_no_database_error(command: list[str], tmp_path: Path) -> None:
+    """`testpress-sync config | head -1`: standard output's reader has gone before the
+    command writes. Exit 141, as a shell's writer does, and nothing on stderr; a broken
+    pipe used to be taken for the database's (exit 4, `database_error`)."""
+    import os
+    import subprocess
+    import sys
+
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before anything is written: every write fails, deterministically
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TESTPRESS_")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sync", *command], stdout=writer, stderr=subprocess.PIPE,
+            cwd=tmp_path, env=environment, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr.decode()) == (141, "")
