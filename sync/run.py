@@ -30,7 +30,7 @@ from sync.errors import ConfigError, error_text
 from sync.model.admin_rows import PiiPolicy
 from sync.model.batches import Message, MessageQueue, Payload
 from sync.model.normalize import payload_digest
-from sync.model.plan import STATE_FILTER, AdminPlan, SyncState, lookback_for, plan_admin_run
+from sync.model.plan import AdminPlan, SyncState, lookback_for, plan_admin_run
 from sync.model.resources import ATTEMPT_DETAILS, ATTEMPTS, EXAMS, RESOURCES, Resource, admin_resources
 from sync.model.run import Clock, Progress, RunOptions, RunSummary, utc_now
 from sync.ops.logs import Redactor
@@ -185,8 +185,7 @@ class _Walks:
             return tuple({"exams": str(exam_id)} for exam_id in sorted(exams.present))
         if plan.full:
             return ({},)
-        open_states = (STATE_FILTER["Running"], STATE_FILTER["Not Started"])
-        return (plan.attempt_window(), *({"state": state} for state in open_states))
+        return (plan.attempt_window(), *plan.open_before_window())
 
     async def _open_attempts_again(self, attempts: Resource, known: _Known, seen: Set[int]) -> None:
         """Attempts stored as Running or Not Started before the window, that the `state`

@@ -16,7 +16,7 @@ on `run --full`, with no full walk on record, or when the last one is older than
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 # The admin attempt listing's numeric `state` filter (its rows say the state in words).
 STATE_FILTER = {"Running": "0", "Completed": "1", "Not Started": "3"}
@@ -44,6 +44,14 @@ class AdminPlan:
         (read in the institute's time, India's), so a day earlier is asked to be safe."""
         assert self.since is not None
         return {"date_0": (self.since - timedelta(days=1)).date().isoformat()}
+
+    def open_before_window(self) -> tuple[dict[str, str], ...]:
+        """The `state` listings of attempts still Running or Not Started that started
+        before the window (those in it are read there, open or not). `date_1` ends a day
+        after the window's `date_0`: the two overlap by a day, so no attempt falls between
+        them whether `date_1` means the start or the end of its day."""
+        until = date.fromisoformat(self.attempt_window()["date_0"]) + timedelta(days=1)
+        return tuple({"state": STATE_FILTER[state], "date_1": until.isoformat()} for state in ("Running", "Not Started"))
 
 
 def lookback_for(setting: timedelta | None, longest_exam: timedelta | None) -> timedelta:
