@@ -185,6 +185,16 @@ def simulator_thread() -> Iterator[SimulatorServer]:
 
 
 @pytest.fixture(autouse=True)
+def _no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Only the proxies a test sets: a developer's own HTTP(S)_PROXY would otherwise carry
+    every test's requests to 127.0.0.1 through it, unless NO_PROXY names 127.0.0.1."""
+    for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("REQUEST_METHOD", raising=False)  # urllib ignores HTTP_PROXY under CGI
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_logging() -> Iterator[None]:
     """The CLI configures structlog globally; every test starts from the defaults."""
     import structlog

@@ -5,8 +5,7 @@ or by HTTP_PROXY; NO_PROXY goes around it; its password never reaches a log."""
 from __future__ import annotations
 
 import base64
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,15 +76,6 @@ async def forward_proxy(login: tuple[str, str] | None = None) -> AsyncIterator[F
             yield proxy
         finally:
             await runner.cleanup()
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Only what a test sets: not the developer's own HTTP(S)_PROXY or NO_PROXY."""
-    for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
-        monkeypatch.delenv(name)
-    monkeypatch.delenv("REQUEST_METHOD", raising=False)  # urllib ignores HTTP_PROXY under CGI
-    yield
 
 
 def sqlite_url(tmp_path: Path) -> str:
