@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,15 +37,34 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from sync.config import HttpSettings
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@cache
+def child_folder() -> Path:
+    """Where every child process of the bench runs: an empty folder of its own, removed at
+    exit. testpress-sync reads ./.env from its working directory, as a user's does, and a
+    developer's .env in the checkout must not change what is measured."""
+    folder = Path(tempfile.mkdtemp(prefix="testpress-bench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def child_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (the bench's own by default) with the checkout on the import path: the
+    children run elsewhere (child_folder), and `python -m bench...` needs it."""
+    variables = dict(os.environ if env is None else env)
+    variables["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), variables.get("PYTHONPATH")]))
+    return variables
 PG_ADMIN_URL = os.environ.get("TESTPRESS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -86,7 +107,9 @@ def simulator(exams: int, attempts_per_exam: int, latency: float) -> Iterator[st
 def simulator_process(command: list[str], *, start_within: float = 60) -> Iterator[str]:
     """A simulator started by `command` (given a free port here), until it answers."""
     port = free_port()
-    process = subprocess.Popen([*command, "--port", str(port)], cwd=REPO, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], cwd=child_folder(), env=child_environment(), stderr=subprocess.DEVNULL
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_within
@@ -149,7 +172,7 @@ def measure_child(command: list[str], env: dict[str, str]) -> ChildUsage:
     goes to files, so neither pipe can fill up and stall the child."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err)
+        process = subprocess.Popen(command, cwd=child_folder(), env=child_environment(env), stdout=out, stderr=err)
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
         process.returncode = os.waitstatus_to_exitcode(status)

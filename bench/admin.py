@@ -57,8 +57,9 @@ from urllib.parse import urlsplit
 # floor higher by about 1%, in the sync's favour; said here so nobody takes it for free.)
 from bench.__main__ import (
     DEFAULT_CONCURRENCY,
-    REPO,
     ChildUsage,
+    child_environment,
+    child_folder,
     database,
     ideal_wall,
     measure_child,
@@ -394,7 +395,7 @@ def insert_floor(kind: str, synced_url: str) -> tuple[float, int]:
 
 
 def _child_json(command: list[str]) -> dict[str, Any]:
-    done = subprocess.run(command, cwd=REPO, capture_output=True, check=False)
+    done = subprocess.run(command, cwd=child_folder(), env=child_environment(), capture_output=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[2:4])} failed ({done.returncode}):\n{done.stderr.decode()[-2000:]}")
     return dict(json.loads(done.stdout.splitlines()[-1]))

@@ -19,12 +19,10 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 from sync.simulator import Dataset
 from sync.simulator.webhooks import DEMO_KEYS, Sent, deliveries, send_deliveries
 
-REPO = Path(__file__).resolve().parent.parent
 WARM_UP = 500  # deliveries sent before the clock starts: connections, caches, the first commits
 
 
@@ -96,8 +94,10 @@ def run_webhook(database_url: str, kind: str, count: int, concurrency: int) -> W
         **os.environ, "TESTPRESS_DATABASE_URL": database_url, "TESTPRESS_LOG_FORMAT": "json",
         "TESTPRESS_WEBHOOK_PUBLIC_KEY": DEMO_KEYS.public, "TESTPRESS_WEBHOOK_PRIVATE_KEY": DEMO_KEYS.private,
     }  # fmt: skip
-    with tempfile.TemporaryFile() as err:
-        process = subprocess.Popen([sys.executable, "-m", "sync", "webhook", "--port", str(port)], cwd=REPO, env=env, stderr=err)
+    # In an empty folder: the receiver reads ./.env, and a developer's in the checkout must
+    # not change what is measured.
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as folder:
+        process = subprocess.Popen([sys.executable, "-m", "sync", "webhook", "--port", str(port)], cwd=folder, env=env, stderr=err)
         try:
             wait_until_healthy(base, process)
             url = f"{base}/testpress/webhook"

@@ -185,6 +185,14 @@ def simulator_thread() -> Iterator[SimulatorServer]:
 
 
 @pytest.fixture(autouse=True)
+def _in_a_folder_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own temporary folder: a developer's ./.env in the checkout
+    (read by default, as a user's is) never reaches a test, nor does a test leave files
+    in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def _no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Only the proxies a test sets: a developer's own HTTP(S)_PROXY would otherwise carry
     every test's requests to 127.0.0.1 through it, unless NO_PROXY names 127.0.0.1."""

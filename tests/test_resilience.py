@@ -31,8 +31,6 @@ from sync.sink.database import migrate
 from tests.conftest import PASSWORD, USERNAME, SimulatorThread, _asyncpg_dsn, fast_settings, small_dataset
 from tests.helpers import assert_matches_server, on_engine, select_rows, select_value, stored_rows, sync_with
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(autouse=True)
 def _no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
@@ -66,7 +64,8 @@ def start_cli(args: list[str], simulator: SimulatorServer, database_url: str, lo
     }
     env.pop("TESTPRESS_CONFIG", None)
     with log.open("ab") as output:
-        return subprocess.Popen([sys.executable, "-m", "sync", *args], env=env, cwd=REPO, stdout=output, stderr=output)
+        # Not in the checkout: a developer's .env there would be read.
+        return subprocess.Popen([sys.executable, "-m", "sync", *args], env=env, cwd=log.parent, stdout=output, stderr=output)
 
 
 def wait_until(condition: Any, timeout: float = 30.0) -> None:
