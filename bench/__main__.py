@@ -183,8 +183,10 @@ def measure_child(command: list[str], env: dict[str, str]) -> ChildUsage:
         )
 
 
-def sync_run(base: str, database_url: str, kind: str) -> Measurement:
-    """One `testpress-sync run` in a child process, measured, at the default concurrency."""
+def sync_environment(base: str, database_url: str, source: str = "auto") -> dict[str, str]:
+    """The environment of a measured `testpress-sync` child: the simulator's login, JSON
+    logs, `source`, and the defaults for what the ideal assumes (the concurrency) and for
+    what a scenario does not measure (attempt details)."""
     env = {
         **os.environ,
         "TESTPRESS_BASE_URL": base,
@@ -192,9 +194,16 @@ def sync_run(base: str, database_url: str, kind: str) -> Measurement:
         "TESTPRESS_PASSWORD": "secret",
         "TESTPRESS_DATABASE_URL": database_url,
         "TESTPRESS_LOG_FORMAT": "json",
-        "TESTPRESS_SOURCE": "student",  # the v2.1 scenarios of issue #4
+        "TESTPRESS_SOURCE": source,
     }
-    env.pop("TESTPRESS_CONCURRENCY", None)
+    for name in ("TESTPRESS_CONCURRENCY", "TESTPRESS_HTTP_CONCURRENCY", "TESTPRESS_ATTEMPT_DETAILS", "TESTPRESS_SYNC_ATTEMPT_DETAILS"):
+        env.pop(name, None)
+    return env
+
+
+def sync_run(base: str, database_url: str, kind: str) -> Measurement:
+    """One `testpress-sync run` in a child process, measured, at the default concurrency."""
+    env = sync_environment(base, database_url, source="student")  # the v2.1 scenarios of issue #4
     before = simulator_stats(base)
     child = measure_child([sys.executable, "-m", "sync", "run"], env)
     after = simulator_stats(base)
@@ -219,19 +228,20 @@ def sync_run(base: str, database_url: str, kind: str) -> Measurement:
     )
 
 
-def dlt_run(dlt_python: str, base: str, database_url: str) -> tuple[ChildUsage, int, int]:
-    """dlt's rest_api source doing the same job (bench/dlt_job.py), measured alike."""
+def dlt_run(dlt_python: str, base: str, database_url: str, *job: str) -> tuple[ChildUsage, int, int]:
+    """dlt's rest_api source doing the same job (bench/dlt_job.py; `job` "admin" for its
+    admin configuration), measured alike: (usage, attempts loaded, requests)."""
     if database_url.startswith("postgresql://"):  # the driver dlt[postgres] installs
         database_url = database_url.replace("postgresql://", "postgresql+psycopg2://", 1)
     with tempfile.TemporaryDirectory() as pipelines:
         before = simulator_stats(base)["requests"]
         child = measure_child(
-            [dlt_python, "-m", "bench.dlt_job", base, database_url, pipelines],
+            [dlt_python, "-m", "bench.dlt_job", base, database_url, pipelines, *job],
             {**os.environ, "RUNTIME__LOG_LEVEL": "WARNING"},
         )
         requests = simulator_stats(base)["requests"] - before
     if child.returncode != 0:
-        raise RuntimeError(f"the dlt job failed ({child.returncode}):\n{child.stderr.decode()[-2000:]}")
+        raise RuntimeError(f"the dlt {' '.join(job)} job failed ({child.returncode}):\n{child.stderr.decode()[-2000:]}")
     loaded = json.loads(child.stdout.splitlines()[-1])
     return child, loaded["attempts"], requests
 
@@ -461,7 +471,7 @@ def main() -> None:
     if "details" in only:
         from bench import details
 
-        harness = details.Harness(simulator, database, measure_child, simulator_stats)
+        harness = details.Harness(simulator, database, measure_child, simulator_stats, sync_environment)
         count = 50_000 // scale
         rows = details.scenario(harness, kinds, count, 0.020)
         print(table(details.title(count, 0.020), details.HEADER, rows), flush=True)

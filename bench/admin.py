@@ -41,7 +41,6 @@ import resource
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -61,11 +60,13 @@ from bench.__main__ import (
     child_environment,
     child_folder,
     database,
+    dlt_run,
     ideal_wall,
     measure_child,
     simulator_process,
     simulator_stats,
     spread,
+    sync_environment,
     table,
 )
 
@@ -262,18 +263,9 @@ def sync_command(label: str) -> list[str]:
 def admin_run(base: str, database_url: str, kind: str, *, full: bool, label: str) -> AdminRun:
     """One `testpress-sync run [--full]` in a child process, as an admin login runs it:
     the source is left to choose itself (auto), at the default concurrency."""
-    env = {
-        **os.environ,
-        "TESTPRESS_BASE_URL": base,
-        "TESTPRESS_USERNAME": USERNAME,
-        "TESTPRESS_PASSWORD": PASSWORD,
-        "TESTPRESS_DATABASE_URL": database_url,
-        "TESTPRESS_LOG_FORMAT": "json",
-    }
-    # Defaults for what W2 measures: the source chosen by itself, the default concurrency,
-    # and no attempt details (the `details` scenario measures those).
-    for name in ("TESTPRESS_SOURCE", "TESTPRESS_CONCURRENCY", "TESTPRESS_ATTEMPT_DETAILS", "TESTPRESS_SYNC_ATTEMPT_DETAILS"):
-        env.pop(name, None)
+    # The source chosen by itself, the default concurrency, and no attempt details (the
+    # `details` scenario measures those).
+    env = sync_environment(base, database_url, source="auto")
     before = simulator_stats(base)
     with RouteWatch(base) as watch:
         child = measure_child([*sync_command(label), "run", *(["--full"] if full else [])], env)
@@ -642,7 +634,7 @@ def measure_kind(kind: str, workload: Workload, repeat: int, dlt_python: str | N
             figures.wall_runs.append(admin_run(base, last_url, kind, full=True, label=f"{kind}-wall-{number}"))
         if dlt_python:  # on the same data as our full walks, before the day's changes
             with database(kind) as url:
-                figures.dlt = dlt_admin_run(dlt_python, base, url)
+                figures.dlt = dlt_run(dlt_python, base, url, "admin")
         figures.nightlies.append(_nightly(base, kind, workload, last_url, figures.wall_runs[-1]))
     realistic = replace(workload, open_share=REALISTIC_OPEN_SHARE)
     with admin_simulator(realistic, LATENCY) as base, database(kind) as url:
@@ -672,24 +664,6 @@ def _nightly(base: str, kind: str, workload: Workload, database_url: str, full: 
     if night.full:
         raise RuntimeError(f"the nightly run walked everything: {night.reason}")
     return Nightly(workload.open_text(), full, day, night, check_attempts(base, database_url))
-
-
-def dlt_admin_run(dlt_python: str, base: str, database_url: str) -> tuple[ChildUsage, int, int]:
-    """bench/dlt_job.py's admin configuration, measured as bench.__main__.dlt_run measures
-    its v2.1 one: (usage, attempts loaded, requests)."""
-    if database_url.startswith("postgresql://"):  # the driver dlt[postgres] installs
-        database_url = database_url.replace("postgresql://", "postgresql+psycopg2://", 1)
-    with tempfile.TemporaryDirectory() as pipelines:
-        before = simulator_stats(base)["requests"]
-        child = measure_child(
-            [dlt_python, "-m", "bench.dlt_job", base, database_url, pipelines, "admin"],
-            {**os.environ, "RUNTIME__LOG_LEVEL": "WARNING"},
-        )
-        requests = simulator_stats(base)["requests"] - before
-    if child.returncode != 0:
-        raise RuntimeError(f"the dlt admin job failed ({child.returncode}):\n{child.stderr.decode()[-2000:]}")
-    loaded = json.loads(child.stdout.splitlines()[-1])
-    return child, loaded["attempts"], requests
 
 
 # --- tables --------------------------------------------------------------------------------------

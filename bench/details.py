@@ -13,7 +13,6 @@ requests.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -36,6 +35,7 @@ class Harness:
     database: Callable[[str], AbstractContextManager[str]]  # kind → URL of a fresh database
     measure: Callable[[list[str], dict[str, str]], Any]  # command, environment → its ChildUsage
     stats: Callable[[str], dict[str, Any]]  # base URL → /_simulator/stats
+    environment: Callable[[str, str, str], dict[str, str]]  # (base URL, database URL, source) → a sync's
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,7 @@ class DetailsRun:
 
 
 def _run(harness: Harness, base: str, database_url: str) -> DetailsRun:
-    env = {
-        **os.environ,
-        "TESTPRESS_BASE_URL": base,
-        "TESTPRESS_USERNAME": "admin",
-        "TESTPRESS_PASSWORD": "secret",
-        "TESTPRESS_DATABASE_URL": database_url,
-        "TESTPRESS_LOG_FORMAT": "json",
-        "TESTPRESS_SOURCE": "admin",
-    }
-    for name in ("TESTPRESS_CONCURRENCY", "TESTPRESS_HTTP_CONCURRENCY"):  # the default bound: the ideal's
-        env.pop(name, None)
+    env = harness.environment(base, database_url, "admin")  # the default concurrency: the ideal's
     before = harness.stats(base)
     child = harness.measure([sys.executable, "-m", "sync", "run", "--details"], env)
     after = harness.stats(base)

@@ -24,6 +24,7 @@ from sync.errors import RecordError
 from sync.model.batches import Payload
 from sync.model.normalize import (
     INT64,
+    attempt_fields,
     exam_fields,
     parse_bool,
     parse_count,
@@ -115,28 +116,12 @@ def admin_attempt_row(payload: Payload, policy: PiiPolicy) -> Row:
         "exam_id": exam_id,
         "username": None,
         "user_id": parse_int(get("user_id"), "user_id", limit=INT64),
-        "date": parse_timestamp(get("date"), "date"),
-        "last_started_time": parse_timestamp(get("last_started_time"), "last_started_time"),
-        "total_questions": parse_count(get("total_questions"), "total_questions"),
-        "correct_count": parse_count(get("correct_answers_count"), "correct_answers_count"),
-        "incorrect_count": parse_count(get("incorrect_answers_count"), "incorrect_answers_count"),
-        "unanswered_count": parse_count(get("unanswered_count"), "unanswered_count"),
-        "score": parse_decimal(get("score"), "score"),
-        "percentage": parse_decimal(get("percentage"), "percentage"),
-        "percentile": parse_decimal(get("percentile"), "percentile"),
-        "time_taken_seconds": parse_timedelta_seconds(get("time_taken"), "time_taken"),
-        "remaining_time_seconds": parse_timedelta_seconds(get("remaining_time"), "remaining_time"),
-        "state": parse_text(get("state"), "state"),
+        **attempt_fields(payload, correct="correct_answers_count", incorrect="incorrect_answers_count"),
         "rank": None,
         "max_rank": None,
-        "url": parse_text(get("url"), "url"),
         "review_url": None,
         "questions_url": None,
         "raw": policy.payload(payload),
-        "result": parse_text(get("result"), "result"),
-        "speed": parse_int(get("speed"), "speed"),
-        "accuracy": parse_int(get("accuracy"), "accuracy"),
-        "last_answer_updated_time": parse_timestamp(get("last_answer_updated_time"), "last_answer_updated_time"),
         "source": "admin",
     }
 
@@ -277,9 +262,7 @@ def _sections(attempt_id: int, value: Any) -> list[Row]:
             "section_id": section_id,
             "section_order": _read(parse_int, item, "order", where),
             "time_taken_seconds": _read(parse_timedelta_seconds, item, "time_taken", where),
-            "correct_count": _read(parse_count, item, "correct_answers_count", where),
-            "incorrect_count": _read(parse_count, item, "incorrect_answers_count", where),
-            "unanswered_count": _read(parse_count, item, "unanswered_count", where),
+            **_answer_counts(item, where),
             "score": _read(parse_decimal, item, "score", where),
         })  # fmt: skip
     return rows
@@ -306,13 +289,23 @@ def _subjects(attempt_id: int, value: Any) -> list[Row]:
             "parent_subject_id": _read(_big_int, item, "parent_subject_id", where),
             "is_leaf": _read(parse_bool, item, "is_leaf", where),
             "total_count": _read(parse_count, item, "total_count", where),
-            "correct_count": _read(parse_count, item, "correct_answers_count", where),
-            "incorrect_count": _read(parse_count, item, "incorrect_answers_count", where),
-            "unanswered_count": _read(parse_count, item, "unanswered_count", where),
-            "partial_correct_count": _read(parse_count, item, "partial_correct_answers_count", where),
+            **_answer_counts(item, where, partial=True),
             "score": _read(parse_decimal, item, "score", where),
         })  # fmt: skip
     return rows
+
+
+def _answer_counts(item: Payload, where: str, *, partial: bool = False) -> Row:
+    """The answer counts a section, a subject or a level carries (`partial`: and the
+    partially correct ones, which sections lack)."""
+    counts = {
+        "correct_count": _read(parse_count, item, "correct_answers_count", where),
+        "incorrect_count": _read(parse_count, item, "incorrect_answers_count", where),
+        "unanswered_count": _read(parse_count, item, "unanswered_count", where),
+    }
+    if partial:
+        counts["partial_correct_count"] = _read(parse_count, item, "partial_correct_answers_count", where)
+    return counts
 
 
 def _levels(attempt_id: int, value: Any) -> list[Row]:
@@ -330,10 +323,7 @@ def _levels(attempt_id: int, value: Any) -> list[Row]:
             "attempt_id": attempt_id,
             "level": level,
             "total_count": _read(parse_count, item, "total_count", where),
-            "correct_count": _read(parse_count, item, "correct_answers_count", where),
-            "incorrect_count": _read(parse_count, item, "incorrect_answers_count", where),
-            "unanswered_count": _read(parse_count, item, "unanswered_count", where),
-            "partial_correct_count": _read(parse_count, item, "partial_correct_answers_count", where),
+            **_answer_counts(item, where, partial=True),
         })  # fmt: skip
     return rows
 

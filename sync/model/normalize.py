@@ -335,21 +335,19 @@ def user_of(value: Any) -> UserRow:
     raise RecordError(f"user: expected a username or a user object, got {value!r}")
 
 
-def attempt_row(payload: Payload, exam_id: int) -> tuple[AttemptRow, UserRow]:
-    """One attempt of an exam to its `attempts` row and the `users` row of its user."""
-    attempt_id = require_id(payload, "attempt")
-    user = user_of(payload.get("user"))
+def attempt_fields(payload: Payload, *, correct: str, incorrect: str) -> dict[str, Any]:
+    """The columns an attempt payload fills alike in either API: all but its id, exam,
+    user, ranks, links, raw and source. `correct` and `incorrect` name the answer counts
+    (v2.1 `correct_count`, the admin rows' `correct_answers_count`). v2.2+ attempts carry
+    speed and accuracy; result and the last answer's time are the admin API's, read from
+    a student payload too should a server send them."""
     get = payload.get
-    row: AttemptRow = {
-        "id": attempt_id,
-        "exam_id": exam_id,
-        "username": user["username"],
-        "user_id": user["user_id"],
+    return {
         "date": parse_timestamp(get("date"), "date"),
         "last_started_time": parse_timestamp(get("last_started_time"), "last_started_time"),
         "total_questions": parse_count(get("total_questions"), "total_questions"),
-        "correct_count": parse_count(get("correct_count"), "correct_count"),
-        "incorrect_count": parse_count(get("incorrect_count"), "incorrect_count"),
+        "correct_count": parse_count(get(correct), correct),
+        "incorrect_count": parse_count(get(incorrect), incorrect),
         "unanswered_count": parse_count(get("unanswered_count"), "unanswered_count"),
         "score": parse_decimal(get("score"), "score"),
         "percentage": parse_decimal(get("percentage"), "percentage"),
@@ -357,18 +355,30 @@ def attempt_row(payload: Payload, exam_id: int) -> tuple[AttemptRow, UserRow]:
         "time_taken_seconds": parse_timedelta_seconds(get("time_taken"), "time_taken"),
         "remaining_time_seconds": parse_timedelta_seconds(get("remaining_time"), "remaining_time"),
         "state": parse_text(get("state"), "state"),
-        "rank": parse_rank(get("rank"), "rank"),
-        "max_rank": parse_rank(get("max_rank"), "max_rank"),
         "url": parse_text(get("url"), "url"),
-        "review_url": parse_text(get("review_url"), "review_url"),
-        "questions_url": parse_text(get("questions_url"), "questions_url"),
-        "raw": payload,
-        # v2.2+ attempts carry speed and accuracy; result and the last answer time are the
-        # admin API's, kept here should a server send them.
         "result": parse_text(get("result"), "result"),
         "speed": parse_int(get("speed"), "speed"),
         "accuracy": parse_int(get("accuracy"), "accuracy"),
         "last_answer_updated_time": parse_timestamp(get("last_answer_updated_time"), "last_answer_updated_time"),
+    }
+
+
+def attempt_row(payload: Payload, exam_id: int) -> tuple[AttemptRow, UserRow]:
+    """One attempt of an exam to its `attempts` row and the `users` row of its user."""
+    attempt_id = require_id(payload, "attempt")
+    user = user_of(payload.get("user"))
+    get = payload.get
+    row = {
+        "id": attempt_id,
+        "exam_id": exam_id,
+        "username": user["username"],
+        "user_id": user["user_id"],
+        **attempt_fields(payload, correct="correct_count", incorrect="incorrect_count"),
+        "rank": parse_rank(get("rank"), "rank"),
+        "max_rank": parse_rank(get("max_rank"), "max_rank"),
+        "review_url": parse_text(get("review_url"), "review_url"),
+        "questions_url": parse_text(get("questions_url"), "questions_url"),
+        "raw": payload,
         "source": "student",
     }
-    return row, user
+    return cast(AttemptRow, row), user

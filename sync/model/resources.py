@@ -80,6 +80,10 @@ class Resource:
     # Listing filters that narrow a walk, by the column each filters on: a complete
     # walk with a filter marks as deleted only rows within it.
     scope_columns: tuple[str, ...] = ()
+    # A completion that a webhook delivery stored is newer than any page of a run still on
+    # its way: a row of this resource never goes back from Completed to an earlier state
+    # by a listing's page (the next run's page shows the completion too).
+    keeps_webhook_completions: bool = False
 
     def key_of(self, payload: Payload, ident: int) -> str:
         key = payload.get(self.key_field) if isinstance(payload, dict) else None
@@ -126,6 +130,7 @@ ATTEMPTS = Resource(
     parent_column="exam_id",
     parent_table="exams",
     parent_status_column="attempts_status",
+    keeps_webhook_completions=True,
 )
 
 # The attempt details' resource, and the name the run's counts give its rows.
@@ -167,7 +172,7 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
                  key_field="username"),
         Resource("batches", "batch", "v2.5", "admin/batches/", "batches", BATCH_CONTENT_COLUMNS, batch),
         Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
-                 fingerprint=policy.fingerprint),
+                 fingerprint=policy.fingerprint, keeps_webhook_completions=True),
         Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",
                  parent="users", parent_column="user_id"),

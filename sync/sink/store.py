@@ -87,9 +87,7 @@ def _payload_upsert(resource: Resource, dialect: Dialect) -> _Upsert:
     names = [*ordered, "raw", "content_hash", "first_seen_at", "last_seen_at"]
     refreshed = [name for name in names if name not in (key, "first_seen_at")]
     also = ", deleted_at = NULL"
-    if {"state", "source"} <= set(names):
-        # A completion that a webhook delivery stored while this run's page was on its way
-        # is newer than the page: never taken back (the next run's page shows it too).
+    if resource.keeps_webhook_completions:  # the spec says why
         also += (
             f" WHERE NOT (COALESCE({table.name}.source, '') = '{WEBHOOK_SOURCE}' AND {table.name}.state = 'Completed'"
             " AND COALESCE(excluded.state, '') <> 'Completed')"

@@ -252,11 +252,13 @@ class TestpressClient:
         except SkippableError as refused:
             # A token question first: when the token's own expiry has passed, or on a route
             # that answered in this run, unless the token is known to be good.
-            token_question = self.auth.has_expired(token) or (route in self._answered and self.auth.may_have_expired(token))
-            if not (refused.status == 403 and token_question):
+            if refused.status != 403:
+                raise
+            expired = self.auth.has_expired(token)
+            if not (expired or (route in self._answered and self.auth.may_have_expired(token))):
                 raise
             log.info("forbidden_logging_in_again", url=url, route=route,
-                     reason="the token has expired" if self.auth.has_expired(token) else "this route answered before")
+                     reason="the token has expired" if expired else "this route answered before")
             token = await self.auth.refresh(token)
             try:
                 document = await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
