@@ -216,6 +216,13 @@ def _make_legacy(connection: Connection, revision: str, others: list[str]) -> No
         connection.execute(legacy.insert().values(version_num=version))
 
 
+async def _keep_the_record_as_before(engine: AsyncEngine, revision: str, others: list[str] | None = None) -> None:
+    """The database's version record moved back to alembic_version (_make_legacy)."""
+    async with engine.connect() as connection:
+        await connection.run_sync(_make_legacy, revision, others or [])
+        await connection.commit()
+
+
 def _upgrade_to(revision: str) -> Any:
     def run(connection: Connection) -> None:
         config = Config()
@@ -237,8 +244,8 @@ async def test_our_revision_in_alembic_version_moves_to_our_version_table(
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_upgrade_to("0001"))
-            await connection.run_sync(_make_legacy, "0001", others)
             await connection.commit()
+        await _keep_the_record_as_before(engine, "0001", others)
         before = await schema_state(engine)
         assert (before.current, before.legacy, before.known, before.clash) == ("0001", True, True, False)
         assert await migrate(engine) == ("0001", SCHEMA_HEAD)
@@ -257,9 +264,7 @@ async def test_a_run_moves_the_record_of_a_current_database(database_url: str) -
     engine = engine_for(database_url)
     try:
         await migrate(engine)
-        async with engine.connect() as connection:
-            await connection.run_sync(_make_legacy, SCHEMA_HEAD, [])
-            await connection.commit()
+        await _keep_the_record_as_before(engine, SCHEMA_HEAD)
         dry = await ensure_schema(engine, auto_migrate=False)  # a dry run writes nothing
         assert dry.legacy and LEGACY_VERSION_TABLE in await _table_names(engine)
         state = await ensure_schema(engine)
@@ -323,9 +328,7 @@ async def test_the_doctor_tells_of_a_record_to_move(database_url: str) -> None:
     engine = engine_for(database_url)
     try:
         await migrate(engine)
-        async with engine.connect() as connection:
-            await connection.run_sync(_make_legacy, SCHEMA_HEAD, [])
-            await connection.commit()
+        await _keep_the_record_as_before(engine, SCHEMA_HEAD)
     finally:
         await engine.dispose()
     check = await _check_database(Settings(database_url=database_url))
