@@ -529,28 +529,26 @@ async def finish_run(
     )
 
 
-async def record_error(
-    connection: AsyncConnection,
-    run_id: int,
-    *,
-    entity: str,
-    key: str | None,
-    message: str,
-    now: datetime,
-    http_status: int | None = None,
-    payload: Any = None,
-) -> None:
-    await connection.execute(
-        sync_errors.insert().values(
-            run_id=run_id,
-            entity=entity,
-            key=key,
-            http_status=http_status,
-            message=message,
-            payload=payload,
-            created_at=now,
-        )
-    )
+@dataclass(frozen=True)
+class ErrorRow:
+    """What could not be stored, as sync_errors keeps it (already redacted)."""
+
+    entity: str
+    key: str | None
+    message: str
+    http_status: int | None = None
+    payload: Any = None
+
+
+async def record_errors(connection: AsyncConnection, run_id: int, errors: Iterable[ErrorRow], now: datetime) -> None:
+    """A batch's errors, in one statement (a page of malformed items is hundreds)."""
+    rows = [
+        {"run_id": run_id, "entity": error.entity, "key": error.key, "http_status": error.http_status,
+         "message": error.message, "payload": error.payload, "created_at": now}
+        for error in errors
+    ]  # fmt: skip
+    if rows:
+        await connection.execute(sync_errors.insert(), rows)
 
 
 async def record_progress(

@@ -280,8 +280,7 @@ class Writer:
                 else:
                     await self._write_items(connection, resource, items, tally, now)
             if self._write:
-                for failure in [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused, *tally.problems]:
-                    await self._record_failure(connection, failure, now)
+                await store.record_errors(connection, self._summary.run_id, map(self._error_row, _failures(pending, tally)), now)
             await self._finish_child_listings(connection, pending.done, tally, now)
 
         try:
@@ -297,7 +296,7 @@ class Writer:
         self._summary.exams_done += len(pending.done)
         for resource, _ in tally.malformed:
             self._summary.count_seen(resource, -1)  # seen, but not as an item
-        for failure in [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused, *tally.problems]:
+        for failure in _failures(pending, tally):
             self._summary.errors += 1
             log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
         for done in pending.done:
@@ -433,16 +432,13 @@ class Writer:
 
             self._add(await self._in_transaction(mark))
 
-    async def _record_failure(self, connection: AsyncConnection, failure: Failure, now: datetime) -> None:
-        await store.record_error(
-            connection,
-            self._summary.run_id,
+    def _error_row(self, failure: Failure) -> store.ErrorRow:
+        return store.ErrorRow(
             entity=failure.entity,
             key=failure.key,
             message=self._redactor.redact(failure.message),
             http_status=failure.http_status,
             payload=self._redactor.redact_value(failure.payload),
-            now=now,
         )
 
     def _add(self, tally: _Tally) -> None:
@@ -452,6 +448,12 @@ class Writer:
             if table not in ("users", ATTEMPT_DETAILS):  # details: counted by attempt, in by_table only
                 self._summary.rows.add(counts)
             self._summary.by_table.setdefault(table, RowCounts()).add(counts)
+
+
+def _failures(pending: _Pending, tally: _Tally) -> list[Failure]:
+    """Everything a batch could not store: what the producer reported, the items that
+    would not normalize, the rows the database refused, the fields stored null."""
+    return [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused, *tally.problems]
 
 
 def _log_database_retry(state: RetryCallState) -> None:
