@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schema import attempts, exams, sync_errors
@@ -137,3 +137,20 @@ async def upsert_attempts(connection: AsyncConnection, rows: Iterable[Mapping[st
     """Attempts (normalized rows, by their payloads) through the writer's one write path."""
     items = {row["id"]: (row["exam_id"], row["raw"]) for row in rows}
     return (await write_payloads(connection, ATTEMPTS, items, now)).counts
+
+
+def upgrade_to(revision: str) -> Callable[[Connection], None]:
+    """For `connection.run_sync`: Alembic's upgrade of that connection's database to
+    `revision` (an older schema, for the tests of what a migration does to it)."""
+    from alembic.config import Config
+
+    from alembic import command
+    from sync.sink.database import migrations_dir
+
+    def run(connection: Connection) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    return run

@@ -25,6 +25,7 @@ from sync.sink.database import (
     schema_state,
 )
 from tests.conftest import fresh_postgres_database
+from tests.helpers import upgrade_to
 
 
 def test_schema_head_constant_is_alembics_head() -> None:
@@ -164,21 +165,10 @@ async def test_foreign_tables_are_refused(database_url: str) -> None:
 
 async def test_a_0001_database_with_data_is_upgraded_keeping_every_row(database_url: str) -> None:
     """Upgrading rebuilds tables on SQLite: rows, keys and foreign keys survive it."""
-    from alembic import command
-
-    def to(revision: str) -> Any:
-        def run(connection: Connection) -> None:
-            config = Config()
-            config.set_main_option("script_location", str(migrations_dir()))
-            config.attributes["connection"] = connection
-            command.upgrade(config, revision)
-
-        return run
-
     engine = create_engine(database_url_from(database_url))
     try:
         async with engine.connect() as connection:
-            await connection.run_sync(to("0001"))
+            await connection.run_sync(upgrade_to("0001"))
             await connection.commit()
         async with engine.begin() as connection:
             await connection.execute(text(

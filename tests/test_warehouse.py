@@ -61,7 +61,7 @@ from tests.conftest import (
     run_in_own_loop,
     small_dataset,
 )
-from tests.helpers import assert_matches_server
+from tests.helpers import assert_matches_server, upgrade_to
 from tests.test_migrations import _schema_fingerprint
 
 TOOL_RELATIONS = set(metadata.tables) | set(VIEW_NAMES) | {VERSION_TABLE}
@@ -223,16 +223,6 @@ async def _keep_the_record_as_before(engine: AsyncEngine, revision: str, others:
         await connection.commit()
 
 
-def _upgrade_to(revision: str) -> Any:
-    def run(connection: Connection) -> None:
-        config = Config()
-        config.set_main_option("script_location", str(migrations_dir()))
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-
-    return run
-
-
 @pytest.mark.parametrize("others", [[], ["abc123"]], ids=["alone", "beside-another-app"])
 async def test_our_revision_in_alembic_version_moves_to_our_version_table(
     database_url: str, others: list[str]
@@ -243,7 +233,7 @@ async def test_our_revision_in_alembic_version_moves_to_our_version_table(
     engine = engine_for(database_url)
     try:
         async with engine.connect() as connection:
-            await connection.run_sync(_upgrade_to("0001"))
+            await connection.run_sync(upgrade_to("0001"))
             await connection.commit()
         await _keep_the_record_as_before(engine, "0001", others)
         before = await schema_state(engine)
