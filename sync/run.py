@@ -38,7 +38,7 @@ from sync.sink import store
 from sync.sink.writer import Writer
 from sync.source.access import choose_source
 from sync.source.client import TestpressClient
-from sync.source.crawler import Crawler
+from sync.source.crawler import Crawler, ReferencedItems
 
 __all__ = ["Progress", "RunOptions", "RunSummary", "run_sync", "utc_now"]
 
@@ -167,10 +167,16 @@ class _Walks:
             for crawler in (users, batches):
                 group.create_task(crawler.crawl())
             await exams.crawl()
-            attempts = self.crawler(resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams))
+            # An exam the listing did not show (created since, or shown without an id) is
+            # read by the id an attempt names it by.
+            named = ReferencedItems(self.client, self.queue, resources["exams"], exams.present)  # type: ignore[arg-type]
+            attempts = self.crawler(resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams),
+                                    references=named)  # fmt: skip
             group.create_task(attempts.crawl())
         if not plan.full and limit is None:
-            await self._open_attempts_again(resources["attempts"], known, attempts.present)
+            await self._open_attempts_again(resources["attempts"], known, attempts.present, named)
+        if named.read:
+            log.info("exams_read_by_id", exams=named.read, hint="attempts named exams that the exam listing did not show")
 
     async def details(self, details: Resource, attempt_ids: Sequence[int], out: asyncio.Queue[Message | None]) -> None:
         """The detail of each of these attempts into `out`, one request each, as many at
@@ -187,13 +193,14 @@ class _Walks:
             return ({},)
         return (plan.attempt_window(), *plan.open_before_window())
 
-    async def _open_attempts_again(self, attempts: Resource, known: _Known, seen: Set[int]) -> None:
+    async def _open_attempts_again(self, attempts: Resource, known: _Known, seen: Set[int], named: ReferencedItems) -> None:
         """Attempts stored as Running or Not Started before the window, that the `state`
         listings no longer show: they finished (or vanished); read their exams again."""
         exam_ids = sorted({exam_id for ident, exam_id in known.open_attempts.items() if ident not in seen})
         if exam_ids:
             log.info("reading_exams_of_finished_attempts", exams=len(exam_ids))
-            await self.crawler(attempts, partial=True, variants=tuple({"exams": str(e)} for e in exam_ids)).crawl()
+            variants = tuple({"exams": str(e)} for e in exam_ids)
+            await self.crawler(attempts, partial=True, variants=variants, references=named).crawl()
 
 
 STUDENT_EXAM_STATES = ("available", "upcoming", "history")

@@ -23,6 +23,7 @@ from sync.config import Settings, SyncSettings
 from sync.errors import ApiError
 from sync.run import RunOptions
 from sync.simulator import Dataset, SimulatorServer
+from sync.simulator.admin import DETAIL_FAULTS_KEY
 from tests.conftest import PASSWORD, USERNAME, fast_settings
 from tests.helpers import sync_with
 
@@ -146,6 +147,60 @@ async def test_the_nightly_run_reads_only_what_can_have_changed_and_ends_exact(
     assert (kept[user_ids[0]]["first_name"], kept[user_ids[0]]["city"]) == ("Renamed", "Madurai")
     again = await sync_with(settings)
     assert (again.rows.inserted, again.rows.updated, again.rows.deleted) == (0, 0, 0)
+
+
+async def test_exam_rows_without_ids_as_documented_are_read_by_the_id_attempts_name(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """The documented admin exam row has no id; attempts name exams by exam_id. Every exam
+    is read from its detail route by that id, every attempt is stored, nothing goes to
+    sync_errors, and no exam is marked deleted from a listing whose ids are unknown."""
+    institute.state.admin_exam_ids = False
+    settings = admin_settings(institute, database_url)
+    with structlog.testing.capture_logs() as logs:
+        summary = await sync_with(settings)
+    assert (summary.status, summary.errors) == ("succeeded", 0)
+    routes = institute.state.by_route
+    assert routes[f"{ADMIN}/exams/{{exam_id}}/"] == len(institute.dataset.exams)  # each once
+    await assert_attempts_match(engine, institute)
+    kept = await stored(engine, exams)
+    assert set(kept) == {exam.id for exam in institute.dataset.exams}
+    for exam in institute.dataset.exams:
+        assert kept[exam.id]["title"] == exam.title and "id" not in kept[exam.id]["raw"], exam.id
+    warned = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [entry["event"] for entry in warned] == ["exams_listing_without_ids"]
+    again = await sync_with(settings, RunOptions(full=True))
+    assert (again.status, again.rows.deleted, again.rows.inserted, again.rows.updated) == ("succeeded", 0, 0, 0)
+    assert set(await stored(engine, exams)) == set(kept)
+
+
+async def test_an_exam_the_listing_did_not_show_is_read_before_its_attempts(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """An exam created after the exam listing was read (here: left out of it) is read by
+    id, so its attempts are stored; one whose detail keeps failing costs its attempts
+    only: each goes to sync_errors with its payload, the rest is stored."""
+    data = institute.dataset
+    late, broken = data.exams[1].id, data.exams[4].id
+    institute.state.unlisted_exams = {late, broken}
+    institute.app[DETAIL_FAULTS_KEY].failing_exams = {broken}
+    settings = admin_settings(institute, database_url)
+    summary = await sync_with(replace(settings, http=replace(settings.http, max_attempts=1)))
+    assert summary.status == "partial"
+    kept_attempts = await stored(engine, attempts)
+    assert {a.id for a in data.exams[1].attempts} <= set(kept_attempts)
+    assert late in await stored(engine, exams) and broken not in await stored(engine, exams)
+    assert not {a.id for a in data.exams[4].attempts} & set(kept_attempts)
+    async with engine.connect() as connection:
+        errors = (await connection.execute(select(sync_errors.c.entity, sync_errors.c.key, sync_errors.c.message,
+                                                  sync_errors.c.payload))).all()  # fmt: skip
+    failed = {row.key for row in errors if row.entity == "attempt"}
+    assert failed == {str(a.id) for a in data.exams[4].attempts}
+    assert all(f"its exam {broken} could not be read" in row.message and row.payload for row in errors if row.entity == "attempt")
+    assert [row.key for row in errors if row.entity == "exam"] == [str(broken)]
+    assert len(errors) == len(failed) + 1
+    # The exam read by id counts as shown: the full walk marks no exam deleted.
+    assert summary.rows.deleted == 0
 
 
 async def test_only_a_full_walk_marks_rows_deleted(institute: SimulatorServer, engine: AsyncEngine, database_url: str) -> None:

@@ -483,6 +483,24 @@ async def test_admin_exams_carry_ids_but_no_slug_in_the_documented_formats(
     assert status == 200 and exam["id"] == attempts["results"][0]["exam_id"]
 
 
+async def test_documented_exam_rows_carry_no_id_and_unlisted_exams_still_answer(
+    http: aiohttp.ClientSession, sim: SimulatorServer, admin: str
+) -> None:
+    """admin_exam_ids=False: the rows of the docs, with no id, in the listing and the
+    detail; unlisted_exams: left out of the listing, their detail and attempts answer."""
+    with_ids = await walk(http, f"{sim.base_url}{ADMIN}/exams/", admin)
+    sim.state.admin_exam_ids = False
+    hidden = sim.dataset.exams[3].id
+    sim.state.unlisted_exams = {hidden}
+    rows = await walk(http, f"{sim.base_url}{ADMIN}/exams/", admin)
+    assert len(rows) == len(with_ids) - 1 and all("id" not in row and "url" not in row for row in rows)
+    assert rows == [{k: v for k, v in row.items() if k != "id"} for row in with_ids if row["id"] != hidden]
+    status, detail = await get(http, f"{sim.base_url}{ADMIN}/exams/{hidden}/", admin)
+    assert status == 200 and "id" not in detail and detail["title"] == sim.dataset.exams[3].title
+    _, attempts = await get(http, f"{sim.base_url}{ADMIN}/attempts/", admin, {"exams": str(hidden)})
+    assert attempts["count"] == len(sim.dataset.exams[3].attempts)
+
+
 async def test_admin_exams_filter_by_dates_and_status_and_order_by_start(
     http: aiohttp.ClientSession, sim: SimulatorServer, admin: str
 ) -> None:

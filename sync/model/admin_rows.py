@@ -94,10 +94,18 @@ def id_from_row_or_url(payload: Any, what: str) -> int:
 # --- rows ----------------------------------------------------------------------------------
 
 
+def shown_id(payload: Payload, what: str) -> int | None:
+    """The id a payload shows, its own or its url's; None when it shows neither (an exam
+    read from its detail route, as documented: the writer keys it by the id it was read by)."""
+    if payload.get("id") is None and not isinstance(payload.get("url"), str):
+        return None
+    return id_from_row_or_url(payload, what)
+
+
 def admin_exam_row(payload: Payload) -> Row:
     """An exam of /api/v2.5/admin/exams/ to its `exams` row (no slug, no attempts URL)."""
     return {
-        "id": id_from_row_or_url(payload, "exam"),
+        "id": shown_id(payload, "exam"),
         "slug": parse_text(payload.get("slug"), "slug") or None,
         **exam_fields(payload),
         "source": "admin",

@@ -84,6 +84,15 @@ class Resource:
     # its way: a row of this resource never goes back from Completed to an earlier state
     # by a listing's page (the next run's page shows the completion too).
     keeps_webhook_completions: bool = False
+    # Items of another resource that this one's items name by id: (the payload's field,
+    # that resource). Admin attempts name their exam by `exam_id`; an exam its listing did
+    # not show is read from its detail route before the attempts that name it are handed
+    # over (sync.source.crawler.ReferencedItems), so no row names an exam that is not stored.
+    references: tuple[str, str] | None = None
+    # Items this listing shows without an id are not failures: they are read by id from
+    # `detail_path` when another resource's item names them. The documented admin exam
+    # row shows no id (testpress-api.md); attempts name exams by `exam_id` all the same.
+    read_when_referenced: bool = False
 
     def key_of(self, payload: Payload, ident: int) -> str:
         key = payload.get(self.key_field) if isinstance(payload, dict) else None
@@ -166,13 +175,13 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
 
     specs = (
         Resource("exams", "exam", "v2.5", "admin/exams/", "exams", EXAM_CONTENT_COLUMNS, exam,
-                 identify=id_from_row_or_url),
+                 identify=id_from_row_or_url, detail_path="admin/exams/{key}/", read_when_referenced=True),
         Resource("users", "user", "v2.5", "admin/users/", "users", USER_CONTENT_COLUMNS, user,
                  key_column="user_id", movable_unique_columns=("username",), fingerprint=policy.fingerprint,
                  key_field="username"),
         Resource("batches", "batch", "v2.5", "admin/batches/", "batches", BATCH_CONTENT_COLUMNS, batch),
         Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
-                 fingerprint=policy.fingerprint, keeps_webhook_completions=True),
+                 fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams")),
         Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",
                  parent="users", parent_column="user_id"),

@@ -43,6 +43,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
 
+import orjson
 from aiohttp import web
 
 from sync.simulator.app import (
@@ -428,8 +429,19 @@ def _page(request: web.Request, items: Sequence[T], kind: str, rows: RowCache[T]
     """One page of `items`, each row from `rows` (kept JSON, rendered when missing or stale)."""
     per_page = request.app[STATE_KEY].admin_per_page[kind]
     base = base_url(request)
-    body = paginate_serialized(request, items, per_page, lambda page: rows.bodies(page, base), page_last=True)
+
+    def bodies(page: Sequence[T]) -> list[bytes]:
+        return _exam_bodies(request, rows.bodies(page, base)) if kind == "exams" else rows.bodies(page, base)
+
+    body = paginate_serialized(request, items, per_page, bodies, page_last=True)
     return json_body_response(body) if body is not None else json_response(INVALID_PAGE, 404)
+
+
+def _exam_bodies(request: web.Request, bodies: list[bytes]) -> list[bytes]:
+    """Exam rows as served: without their id when the state says so (as documented)."""
+    if request.app[STATE_KEY].admin_exam_ids:
+        return bodies
+    return [orjson.dumps({k: v for k, v in orjson.loads(body).items() if k != "id"}) for body in bodies]
 
 
 def _path_id(request: web.Request, name: str) -> int | None:
@@ -448,6 +460,8 @@ async def exam_list(request: web.Request) -> web.Response:
         exams = _listed_exams(request, dataset)
     except BadFilter as bad:
         return json_response(bad.body, 400)
+    if unlisted := request.app[STATE_KEY].unlisted_exams:
+        exams = [exam for exam in exams if exam.id not in unlisted]
     return _page(request, exams, "exams", _cache(request).exams)
 
 
@@ -498,7 +512,9 @@ async def exam_detail(request: web.Request) -> web.Response:
         exam = dataset.exam(exam_id if exam_id is not None else -1)
     except KeyError:
         return json_response(NOT_FOUND, 404)
-    return json_body_response(_cache(request).exams.body(exam, base_url(request)))
+    if exam.id in request.app[DETAIL_FAULTS_KEY].failing_exams:
+        return json_response({"detail": "A server error occurred."}, 500)
+    return json_body_response(_exam_bodies(request, [_cache(request).exams.body(exam, base_url(request))])[0])
 
 
 # --- attempts ---------------------------------------------------------------------------------
@@ -577,11 +593,13 @@ def attempt_counts(dataset: Dataset, attempt: SimAttempt) -> dict[str, int]:
 
 @dataclass
 class DetailFaults:
-    """Attempts whose detail goes wrong every time it is asked for, for tests to set:
-    `failing` answer 500; `malformed` carry a subject without a name."""
+    """Details that go wrong every time they are asked for, for tests to set: attempts
+    `failing` answer 500; `malformed` carry a subject without a name; exams
+    `failing_exams` answer 500."""
 
     failing: set[int] = field(default_factory=set)
     malformed: set[int] = field(default_factory=set)
+    failing_exams: set[int] = field(default_factory=set)
 
 
 DETAIL_FAULTS_KEY = web.AppKey("detail_faults", DetailFaults)

@@ -63,6 +63,12 @@ class SimulatorState:
     )
     envelope_counts: bool = True  # False: pages without `count` and `per_page`
     relative_attempts_urls: bool = False  # True: exams name their attempts by path only
+    # False: admin exam rows as documented, with no `id` (nor slug, nor url), in the
+    # listing and the detail alike; attempts still name their exam by exam_id and exam_url.
+    admin_exam_ids: bool = True
+    # Exams the admin exam listing leaves out, as one created after the listing was read:
+    # their detail and their attempts still answer.
+    unlisted_exams: set[int] = field(default_factory=set)
     secret: bytes = b"simulator-signing-key"
     rng: random.Random = field(default_factory=lambda: random.Random(11))
     requests: int = 0

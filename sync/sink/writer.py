@@ -78,7 +78,7 @@ async def write_payloads(
     if resource.write == "details":
         return await _write_details(connection, resource, items, now, write=write)
     stored = await store.stored_digests(connection, resource, list(items))
-    counts, normalize, rules = outcome.counts, resource.normalize, resource.fingerprint
+    counts, normalize, rules, key = outcome.counts, resource.normalize, resource.fingerprint, resource.key_column
     rows = store.RowBatch(connection, resource, now)
     for number, (ident, (parent_id, payload)) in enumerate(items.items(), 1):
         if number % _YIELD_EVERY == 0:
@@ -94,6 +94,8 @@ async def write_payloads(
         except RecordError as error:
             outcome.malformed.append(Failure(resource.entity, str(ident), str(error), payload=payload))
             continue
+        if row[key] is None:  # shown without an id (an admin exam's detail): the id it was read by
+            row = {**row, key: ident}
         if before is None:
             counts.inserted += 1
         else:
@@ -415,7 +417,7 @@ class Writer:
             self._summary.listing_complete = listing.complete
             if listing.sliced:
                 log.info("deletions_not_checked", resource=listing.resource,
-                         reason="this run read slices of the listing (incremental, --exam or --limit)")
+                         reason="this run did not read the whole listing by id (incremental, --exam, --limit, or a listing without ids)")
                 continue
             if not listing.complete:
                 log.warning("listing_incomplete", resource=listing.resource, hint="nothing is marked deleted from it this run")

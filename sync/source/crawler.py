@@ -59,12 +59,14 @@ class _Walk:
     failed: bool = False
     past_end: bool = False
     uncounted: bool = False  # the server gave no `count`: completeness cannot be checked
+    unkeyed: int = 0  # items shown without an id (read_when_referenced): ids cannot be counted
 
     @property
     def consistent(self) -> bool:
         return (
             not self.failed
             and not self.past_end
+            and not self.unkeyed
             and len(self.counts) == 1
             and len(self.ids) == next(iter(self.counts))
         )
@@ -100,6 +102,7 @@ class Crawler:
         variants: Sequence[Mapping[str, str]] = ({},),
         partial: bool = False,
         child_filter: ChildFilter | None = None,
+        references: ReferencedItems | None = None,
     ) -> None:
         self._client = client
         self._out = out
@@ -114,6 +117,8 @@ class Crawler:
         self._variants = variants
         self._partial = partial
         self._child_filter = child_filter
+        self._references = references
+        self._shown_unkeyed = False  # the listing showed items without an id (read_when_referenced)
         self._listings: asyncio.Queue[ChildListing | None] = asyncio.Queue(maxsize=workers * 4)
         self.skipped = 0  # root items whose children were not walked (backfill --resume)
         self.present = IdSet()  # every root id the listings showed
@@ -150,7 +155,8 @@ class Crawler:
         whole = complete and not failed and not self._partial
         # `present` itself, not a copy: nothing adds to it any more, and at 150,000
         # attempts each copy of the set costs ~8 MB.
-        sliced = self._partial or self._limit is not None
+        # Never complete, and nothing is wrong with that (said once, when the first item without an id came).
+        sliced = self._partial or self._limit is not None or self._shown_unkeyed
         await self._out.put(ResourceDone(self._root.name, status, whole, self.present, scope=self._filters, sliced=sliced))
 
     async def _walk_variant(self, variant: Mapping[str, str]) -> tuple[bool, bool]:
@@ -161,7 +167,7 @@ class Crawler:
             # (the page handler adds every item it hands over to `present`).
             ids = present if not present else IdSet()
             walk = await self._walk(self.listing_url(variant), self._root_page_handler(), self._limit, self._root.name, ids=ids)
-            if walk.failed or walk.uncounted or self._limit is not None:
+            if walk.failed or walk.uncounted or walk.unkeyed or self._limit is not None:
                 # A limited walk is a sample: never complete, never a reason to delete.
                 return False, walk.failed
             if walk.consistent:
@@ -249,10 +255,15 @@ class Crawler:
             if self._limit is not None:
                 items = items[: max(0, self._limit - len(present))]
             identified, failures = identify_items(items, self._root)
+            if self._root.read_when_referenced and failures:
+                failures = self._unkeyed_items(failures, walk)
             fresh = [(ident, payload) for ident, payload in identified if ident not in present]
             present.update(ident for ident, _ in fresh)
             if walk.ids is not present:
                 walk.ids.update(ident for ident, _ in identified)
+            if self._references is not None and fresh:
+                fresh, unreferenced = await self._references.resolve(fresh, self._root)
+                failures += unreferenced
             await self._hand_over(Batch(self._root.name, fresh) if fresh else None, failures)
             for ident, payload in fresh:
                 if ident in self._skip:
@@ -263,6 +274,20 @@ class Crawler:
                         await self._queue_child_listing(child, ident, payload)
 
         return handle
+
+    def _unkeyed_items(self, failures: list[Failure], walk: _Walk) -> list[Failure]:
+        """Of the items that could not be identified, those shown with no id at all are
+        counted, not recorded: they are read by id when an item of another resource names
+        them. The rest (an id that is not a number) are failures still."""
+        unkeyed = [f for f in failures if isinstance(f.payload, dict) and f.payload.get(self._root.id_field) is None]
+        if unkeyed:
+            walk.unkeyed += len(unkeyed)
+            if not self._shown_unkeyed:
+                self._shown_unkeyed = True
+                log.warning(f"{self._root.name}_listing_without_ids", entity=self._root.entity,
+                            hint=f"each {self._root.entity} is read by id when another item names it; "
+                                 f"none is marked deleted")  # fmt: skip
+        return [f for f in failures if f not in unkeyed]
 
     async def _queue_child_listing(self, child: Resource, parent_id: int, parent: Payload) -> None:
         url = parent.get(child.listing_url_field) if child.listing_url_field else None
@@ -388,6 +413,80 @@ class Crawler:
     async def _page_failed(self, error: ApiError) -> None:
         log.warning("page_failed", url=error.url, status=error.status, error=str(error))
         await self._out.put(Failure("page", error.url, str(error), http_status=error.status))
+
+
+class ReferencedItems:
+    """The items of `resource` that other items name by id (admin attempts name their exam
+    by `exam_id`), made sure of before those are handed over: an id that `known` (the ids
+    its listing showed) lacks is read from `resource`'s detail route, once, and handed over
+    ahead of the items that name it (the writer keeps the queue's order), so no row names
+    a parent that is not stored. That covers an exam created after its listing was walked,
+    and a listing that shows no ids at all (the documented admin exam row).
+
+    An item that cannot be read costs the items that name it: each becomes a Failure with
+    its payload, instead of a row the database would refuse."""
+
+    def __init__(self, client: TestpressClient, out: asyncio.Queue[Message], resource: Resource, known: IdSet) -> None:
+        assert resource.detail_path is not None, f"{resource.name} cannot be read one by one"
+        self._client = client
+        self._out = out
+        self._resource = resource
+        self._known = known  # the listing's `present`: an item read here joins it (not deleted)
+        self._reading: dict[int, asyncio.Task[str | None]] = {}  # id → why it could not be read
+        self.read = 0  # items read one by one
+
+    async def resolve(self, items: list[tuple[int, Payload]], naming: Resource) -> tuple[list[tuple[int, Payload]], list[Failure]]:
+        """`items` (of `naming`) whose referenced item is stored or on its way, and a Failure
+        for each of the others."""
+        field = naming.references[0] if naming.references else ""
+        wanted = {ref for _, payload in items if type(ref := payload.get(field)) is int and ref not in self._known}
+        if not wanted:
+            return items, []
+        for ref in wanted - self._reading.keys():
+            self._reading[ref] = asyncio.ensure_future(self._read(ref))
+        problems = dict(zip(wanted, await asyncio.gather(*(self._reading[ref] for ref in wanted)), strict=True))
+        kept, failures = [], []
+        for ident, payload in items:
+            ref = payload.get(field)
+            problem = problems.get(ref) if type(ref) is int else None
+            if problem is None:
+                kept.append((ident, payload))
+            else:
+                message = f"not stored: its {self._resource.entity} {ref} could not be read ({problem})"
+                failures.append(Failure(naming.entity, naming.key_of(payload, ident), message, payload=payload))
+        return kept, failures
+
+    async def _read(self, ident: int) -> str | None:
+        resource = self._resource
+        assert resource.detail_path is not None
+        url = self._client.url(f"/api/{resource.api_version}/{resource.detail_path.format(key=ident)}")
+        try:
+            detail = await self._client.get_json(url, resource.name)
+        except ApiError as exc:  # after the client's retries: this item, and those naming it
+            message = f"cannot read {resource.entity} {ident}: {exc}"
+            await self._out.put(Failure(resource.entity, str(ident), message, exc.status))
+            return str(exc)
+        if not isinstance(detail, dict):
+            message = f"{resource.entity} {ident}: expected an object, got {type(detail).__name__}"
+            await self._out.put(Failure(resource.entity, str(ident), message, payload=detail))
+            return message
+        shown = _shown_id(detail, resource)
+        if shown is not None and shown != ident:
+            message = f"asked for {resource.entity} {ident}, the server answered with {shown}"
+            await self._out.put(Failure(resource.entity, str(ident), message, payload=detail))
+            return message
+        self._known.add(ident)
+        self.read += 1
+        await self._out.put(Batch(resource.name, [(ident, detail)]))
+        return None
+
+
+def _shown_id(payload: Payload, resource: Resource) -> int | None:
+    """The id an item shows, or None when it shows none."""
+    try:
+        return resource.identify(payload, resource.entity)
+    except RecordError:
+        return None
 
 
 def identify_items(items: list[Any], resource: Resource) -> tuple[list[tuple[int, Any]], list[Failure]]:
