@@ -439,7 +439,8 @@ class ReferencedItems:
         """`items` (of `naming`) whose referenced item is stored or on its way, and a Failure
         for each of the others."""
         field = naming.references[0] if naming.references else ""
-        wanted = {ref for _, payload in items if type(ref := payload.get(field)) is int and ref not in self._known}
+        named = {payload.get(field) for _, payload in items}  # a page names a few exams: look each up once
+        wanted = {ref for ref in named if type(ref) is int and ref not in self._known}
         if not wanted:
             return items, []
         for ref in wanted - self._reading.keys():
