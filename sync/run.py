@@ -317,10 +317,14 @@ async def _crawl_and_write(
     try:
         await _produce_and_write(walk, queue, writer, stop)
         summary.exams_skipped = walks.main.skipped if walks.main else 0
-        if plan is not None and not stop.is_set() and not summary.errors and not options.dry_run:
+        lost = summary.errors - summary.field_problems  # items not stored (a null field costs no row)
+        if plan is not None and not stop.is_set() and not lost and not options.dry_run and options.limit is None:
             # Only a run that completed moves the watermark: one that stopped early, or left
-            # items in sync_errors, leaves it where the next run must start from. Attempt
-            # details do not hold it back: which ones are read never depends on it.
+            # items unstored, leaves it where the next run must start from. A `--limit` run
+            # is a sample, neither a full walk nor a window read whole. Fields stored null
+            # (a birth date of 31/02) do not hold it back: with one such user in the
+            # institute, no run would ever count as its full walk. Attempt details do not
+            # either: which ones are read never depends on it.
             last_full = run_started if plan.full else state.last_full_at
             async with engine.begin() as connection:
                 await store.save_sync_state(connection, "attempts", SyncState(run_started, last_full), clock())

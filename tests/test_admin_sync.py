@@ -220,7 +220,7 @@ async def test_only_a_full_walk_marks_rows_deleted(institute: SimulatorServer, e
     assert full.rows.deleted == 1 and gone not in await stored(engine, attempts)
 
 
-async def test_a_run_that_ends_with_errors_does_not_move_the_watermark(
+async def test_a_run_that_fails_or_samples_does_not_move_the_watermark(
     institute: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:
     settings = admin_settings(institute, database_url)
@@ -231,11 +231,21 @@ async def test_a_run_that_ends_with_errors_does_not_move_the_watermark(
     with pytest.raises(ApiError):
         await sync_with(replace(settings, http=replace(settings.http, max_attempts=1)))
     institute.state.faults.server_error_rate = 0.0
-    institute.dataset.profile(institute.dataset.users[0]).birth_date = NoSuchDay(2001, 2, 1)
-    partial = await sync_with(settings)  # a field went to sync_errors: the run ends partial
-    assert partial.status == "partial"
     async with engine.connect() as connection:
         assert (await connection.execute(select(sync_state.c.watermark))).scalar_one() == first
+    # A --limit run is a sample: it records neither a full walk nor a watermark.
+    sampled = await sync_with(settings, RunOptions(full=True, limit=2))
+    assert sampled.status == "succeeded"
+    async with engine.connect() as connection:
+        assert tuple((await connection.execute(select(sync_state.c.watermark, sync_state.c.last_full_at))).one()) == (first, first)
+    # A field stored null costs no row: the run ends partial, and its watermark moves all
+    # the same (else, with one such user, no run would ever count as the full walk).
+    institute.dataset.profile(institute.dataset.users[0]).birth_date = NoSuchDay(2001, 2, 1)
+    partial = await sync_with(settings, RunOptions(full=True))
+    assert (partial.status, partial.errors, partial.field_problems) == ("partial", 1, 1)
+    async with engine.connect() as connection:
+        watermark, last_full = (await connection.execute(select(sync_state.c.watermark, sync_state.c.last_full_at))).one()
+    assert watermark > first and last_full == watermark
 
 
 @pytest.mark.parametrize("policy", ["hash", "drop"])
@@ -257,6 +267,8 @@ async def test_personal_data_follows_the_policy_in_columns_and_raw(
     kept_attempts = await stored(engine, attempts)
     emailed = [ident for ident, row in served_attempts.items() if row["email"]]
     assert emailed and all(kept_attempts[i]["raw"]["email"] == expected(served_attempts[i]["email"]) for i in emailed)
+    # An attempt's `state` is its own (Running, Completed), no address: kept as served.
+    assert all(kept_attempts[i]["raw"]["state"] == row["state"] for i, row in served_attempts.items())
     async with engine.connect() as connection:
         everything = str((await connection.execute(text("SELECT * FROM users"))).all())
         everything += str((await connection.execute(text("SELECT raw FROM attempts"))).all())

@@ -38,11 +38,14 @@ from sync.model.normalize import (
 
 Row = dict[str, Any]
 
-# Keys of personal data, in the admin payloads (users; attempts carry email and phone).
+# Keys of personal data in an admin user's payload.
 PERSONAL_KEYS = frozenset({
     "email", "phone", "birth_date", "city", "state", "state_code", "address1", "address2", "zip",
     "custom_fields",
 })  # fmt: skip
+# ... and in an admin attempt's, whose `state` is the attempt's (Running, Completed), not
+# where its student lives.
+ATTEMPT_PERSONAL_KEYS = frozenset({"email", "phone"})
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,11 @@ class PiiPolicy:
         text = value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
         return hashlib.sha256(f"{self.salt}:{text}".encode()).hexdigest()
 
-    def payload(self, payload: Payload) -> Payload:
-        """`payload` with its personal keys treated; the same object when nothing changes."""
-        if self.mode == "keep" or not PERSONAL_KEYS.intersection(payload):
+    def payload(self, payload: Payload, keys: frozenset[str] = PERSONAL_KEYS) -> Payload:
+        """`payload` with its personal `keys` treated; the same object when nothing changes."""
+        if self.mode == "keep" or not keys.intersection(payload):
             return payload
-        return {key: self.value(item) if key in PERSONAL_KEYS else item for key, item in payload.items()}
+        return {key: self.value(item) if key in keys else item for key, item in payload.items()}
 
 
 # --- ids -----------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def admin_attempt_row(payload: Payload, policy: PiiPolicy) -> Row:
         "max_rank": None,
         "review_url": None,
         "questions_url": None,
-        "raw": policy.payload(payload),
+        "raw": policy.payload(payload, ATTEMPT_PERSONAL_KEYS),
         "source": "admin",
     }
 

@@ -56,6 +56,9 @@ class RunSummary:
     exams_done: int = 0  # exams whose attempt fetch has ended, one way or another
     exams_skipped: int = 0
     errors: int = 0
+    # Of the errors, fields stored null (their rows were stored): they lose no row, so they
+    # do not hold back an admin run's watermark.
+    field_problems: int = 0
     rows: RowCounts = field(default_factory=RowCounts)
     by_table: dict[str, RowCounts] = field(default_factory=dict)
     listing_complete: bool = False

@@ -298,6 +298,7 @@ class Writer:
         self._summary.exams_done += len(pending.done)
         for resource, _ in tally.malformed:
             self._summary.count_seen(resource, -1)  # seen, but not as an item
+        self._summary.field_problems += len(tally.problems)
         for failure in _failures(pending, tally):
             self._summary.errors += 1
             log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
