@@ -375,7 +375,7 @@ def _run_until_signal(
         log.error("configuration_error", error=str(exc))
         return exit_code(ConfigError)
     except AuthError as exc:
-        log.error("login_refused", error=str(exc), hint="check TESTPRESS_USERNAME and the password")
+        log.error("login_refused", error=str(exc), hint=exc.hint)
         return exit_code(AuthError)
     except LockHeldError as exc:
         log.error("another_run_is_going", error=str(exc), hint="wait for it; `testpress-sync status` shows it")

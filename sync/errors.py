@@ -27,8 +27,17 @@ class ConfigError(SyncError):
     """A setting is missing or invalid. The message names it."""
 
 
+CREDENTIALS_HINT = "check TESTPRESS_USERNAME and the password (TESTPRESS_PASSWORD or TESTPRESS_PASSWORD_FILE)"
+
+
 class AuthError(SyncError):
-    """The server refused the username and password."""
+    """The server refused the login, or what the login may read does not suffice.
+    `hint` says what to do: the credentials, unless the message says otherwise (a
+    refusal on purpose, a student login where an admin one is needed)."""
+
+    def __init__(self, message: str, *, hint: str = CREDENTIALS_HINT) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 class DatabaseError(SyncError):

@@ -105,9 +105,33 @@ async def test_a_403_to_a_token_past_its_expiry_is_a_token_question_on_a_route_n
     page = await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{exam.slug}/attempts/", route="attempts")
     assert page["results"] and simulator.state.logins == 2
     forbidden = next(exam for exam in simulator.dataset.exams if exam.forbidden)
-    with pytest.raises(SkippableError):  # a fresh token's 403 stays a forbidden exam
+    with pytest.raises(SkippableError):  # a 403 that survives one more login is a forbidden exam
         await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{forbidden.slug}/attempts/", route="attempts")
-    assert simulator.state.logins == 2
+    assert simulator.state.logins == 3
+
+
+async def test_a_403_on_a_route_that_answered_is_a_token_question_whatever_the_tokens_exp(
+    client: TestpressClient, simulator: SimulatorServer
+) -> None:
+    """The server ended the session while the token's `exp` is an hour away (a login
+    elsewhere, a server clock ahead of ours): a 403 on a route that answered before costs
+    one login, not an exam. A 403 that survives a new login is a forbidden exam, and the
+    next forbidden exam asks for no further login."""
+    simulator.state.faults.expired_token_status = 403
+
+    def attempts_url(exam: Any) -> str:
+        return f"{simulator.base_url}/api/v2.1/exams/{exam.slug}/attempts/"
+
+    allowed = [exam for exam in simulator.dataset.exams if not exam.forbidden]
+    forbidden = [exam for exam in simulator.dataset.exams if exam.forbidden]
+    await client.get_json(attempts_url(allowed[0]), route="attempts")
+    simulator.state.sessions_valid_from = simulator.state.logins + 1  # every session so far ends
+    page = await client.get_json(attempts_url(allowed[1]), route="attempts")
+    assert page["results"] and simulator.state.logins == 2
+    for exam in forbidden[:2]:
+        with pytest.raises(SkippableError):
+            await client.get_json(attempts_url(exam), route="attempts")
+    assert simulator.state.logins == 3  # one renewal for the first; its new token is vouched for
 
 
 async def test_throttling_waits_what_retry_after_says(

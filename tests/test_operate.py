@@ -105,6 +105,21 @@ def test_doctor_names_a_wrong_password_with_its_remedy(
     assert "FAIL  login" in out and "check TESTPRESS_USERNAME" in out and "not-the-password" not in out
 
 
+def test_a_login_refused_on_purpose_is_not_blamed_on_the_password(
+    cli_environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """max_login_exceeded: the password is right, and neither doctor nor run says to check it."""
+    cli_environment.state.faults.login_refusal = "max_login_exceeded"
+    assert main(["doctor"]) == 3
+    out = capsys.readouterr().out
+    assert "FAIL  login" in out and "cool-off" in out and "check TESTPRESS_USERNAME" not in out
+    monkeypatch.setenv("TESTPRESS_LOG_FORMAT", "json")
+    assert main(["run"]) == 3
+    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    refused = next(entry for entry in logged if entry["event"] == "login_refused")
+    assert "max_login_exceeded" in refused["error"] and "password" not in refused["hint"]
+
+
 def test_doctor_names_an_unreachable_server(
     cli_environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schema import attempts, sync_runs
+from schema import attempts, sync_errors, sync_runs
 from sync.errors import DatabaseError
 from sync.simulator import SimulatorServer
 from tests.helpers import assert_matches_server, error_rows, stored_rows, sync_once
@@ -112,6 +112,24 @@ async def test_an_expired_token_answered_with_403_never_marks_an_exam_forbidden(
     summary = await sync_once(simulator, database_url)
     assert summary.status == "succeeded" and simulator.state.logins >= 2
     await assert_matches_server(engine, simulator)  # attempts_status included: forbidden only where served so
+
+
+async def test_a_listing_that_refuses_its_first_page_costs_that_listing_only(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """One `state` of the exam listing answers 403, a new login notwithstanding: recorded
+    in sync_errors with its URL, the other listings and their attempts are stored, the run
+    ends partial, and nothing is marked deleted from the incomplete walk."""
+    await sync_once(simulator, database_url)
+    simulator.state.forbidden_exam_states = {"upcoming"}
+    summary = await sync_once(simulator, database_url)
+    assert (summary.status, summary.errors, summary.rows.deleted) == ("partial", 1, 0)
+    async with engine.connect() as connection:
+        errors = (await connection.execute(select(sync_errors.c.entity, sync_errors.c.key, sync_errors.c.http_status)
+                                           .where(sync_errors.c.run_id == summary.run_id))).all()  # fmt: skip
+    assert [(entity, status) for entity, _, status in errors] == [("page", 403)] and "state=upcoming" in errors[0][1]
+    simulator.state.forbidden_exam_states = set()
+    await assert_matches_server(engine, simulator)  # the first run's rows, none marked deleted
 
 
 async def test_a_login_refused_on_purpose_stops_the_run_with_the_reason_and_no_retry(

@@ -111,15 +111,13 @@ async def _check_login(client: TestpressClient) -> Check:
         await client.login()
         listing = await client.get_json(client.url(EXAMS.listing_path()))
     except AuthError as exc:
-        return Check(
-            "login", False, str(exc),
-            "check TESTPRESS_USERNAME and the password (TESTPRESS_PASSWORD or TESTPRESS_PASSWORD_FILE)",
-            failure=AuthError,
-        )  # fmt: skip
+        return Check("login", False, str(exc), exc.hint, failure=AuthError)
     except ApiError as exc:
         return Check("login", False, str(exc), "try again later; if it persists, ask Testpress", failure=ApiError)
-    count = listing.get("count") if isinstance(listing, dict) else None
-    return Check("login", True, f"logged in; the exam listing shows {count} exams")
+    # No count of exams here: the v2.1 listing without a `state` shows an undocumented
+    # subset, and an admin login reads the institute's exams elsewhere (the source check).
+    shape = "a page of exams" if isinstance(listing, dict) and "results" in listing else "an answer"
+    return Check("login", True, f"logged in; the token reads the exam listing ({shape})")
 
 
 async def _check_source(client: TestpressClient, wanted: str) -> Check:

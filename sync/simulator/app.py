@@ -78,6 +78,12 @@ class SimulatorState:
     max_in_flight: int = 0
     faults_served: int = 0
     issued_tokens: list[str] = field(default_factory=list)
+    # Tokens of logins before this one (their `jti`) are refused as expired, whatever
+    # their `exp` says: the server ended those sessions (a login elsewhere, a server
+    # clock ahead of ours). Tests set it to `logins + 1` to end every session so far.
+    sessions_valid_from: int = 0
+    # `state` values of the v2.1 exam listing that answer 403 (after a valid login).
+    forbidden_exam_states: set[str] = field(default_factory=set)
     by_path: dict[str, int] = field(default_factory=dict)  # by last path segment: "exams", "attempts"
     # By route pattern ("/api/v2.5/admin/attempts/{attempt_id}/"): by_path cannot tell
     # v2.1's exams from the admin exams, nor a listing from a detail.
@@ -144,7 +150,8 @@ def token_problem(state: SimulatorState, authorization: str | None) -> str | Non
     expected = hmac.new(state.secret, f"{header}.{body}".encode(), hashlib.sha256).digest()
     if not hmac.compare_digest(_b64(expected), signature):
         return "Error decoding signature."
-    if orjson.loads(_unb64(body))["exp"] < time.time():
+    claims = orjson.loads(_unb64(body))
+    if claims["exp"] < time.time() or claims["jti"] < state.sessions_valid_from:
         return EXPIRED
     return None
 
@@ -473,6 +480,8 @@ def _drift(dataset: Dataset, plan: Faults) -> None:
 async def exam_list(request: web.Request) -> web.Response:
     state: SimulatorState = request.app[STATE_KEY]
     dataset = request.app[DATASET_KEY]
+    if request.query.get("state") in state.forbidden_exam_states:
+        return json_response({"detail": "You do not have permission to perform this action."}, 403)
     if request.query.get("page", "1") != "1":
         _drift(dataset, state.faults)
     base = base_url(request)

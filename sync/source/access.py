@@ -20,7 +20,8 @@ async def choose_source(client: TestpressClient, wanted: str) -> tuple[str, str]
         if wanted == "admin":
             raise AuthError(
                 f"[testpress] source is admin, but this login may not read the admin API "
-                f"(HTTP {exc.status} from {ADMIN_PROBE}): use an institute staff login, or source = auto"
+                f"(HTTP {exc.status} from {ADMIN_PROBE}): use an institute staff login, or source = auto",
+                hint="the login worked: give an institute staff account, or set [testpress] source = auto",
             ) from None
         return "student", f"the login may not read the admin API (HTTP {exc.status} from {ADMIN_PROBE})"
     if wanted == "admin":

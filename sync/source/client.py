@@ -72,17 +72,16 @@ LOGIN_REFUSALS = {
     "wait before the next run, and do not run it in a loop",
 }
 
-# A token this close to its expiry is treated as expired: clocks differ, requests take time.
-EXPIRY_MARGIN = 5.0
-
 
 class TokenAuth:
     """The JWT and the lock around logging in: concurrent 401s cause one login.
 
     Testpress may answer an expired token with 403 rather than 401, so a 403 on a route
-    that answered before is a token question first (`may_have_expired`): when the token
-    carries an expiry, its clock decides; when not, each token is renewed for a 403 once,
-    and a 403 that survives the renewal vouches for the token (the 403s are real)."""
+    that answered before is a token question first (`may_have_expired`): each token is
+    renewed for such a 403 once, and a 403 that survives the renewal vouches for the new
+    token (those 403s are real: a forbidden exam). Its own `exp` cannot clear a token:
+    the server may have ended the session, or run a clock ahead of ours. A token whose
+    `exp` has passed is renewed for a 403 on any route (`has_expired`)."""
 
     def __init__(self, login: Callable[[], Awaitable[str]], redactor: Redactor) -> None:
         self._login = login
@@ -92,9 +91,6 @@ class TokenAuth:
         self._vouched: str | None = None  # a token renewed for a 403 that the server still refused
 
     def may_have_expired(self, token: str) -> bool:
-        expiry = token_expiry(token)
-        if expiry is not None:
-            return time.time() >= expiry - EXPIRY_MARGIN
         return token != self._vouched
 
     def has_expired(self, token: str) -> bool:
@@ -384,7 +380,8 @@ class TestpressClient:
             if exc.code in LOGIN_REFUSALS:  # never retried: another login would make it worse
                 raise AuthError(
                     f"Testpress at {self._api.base_url} refused the login of {self._api.username!r} "
-                    f"({exc.code}): {LOGIN_REFUSALS[exc.code]}"
+                    f"({exc.code}): {LOGIN_REFUSALS[exc.code]}",
+                    hint="the credentials are right: the account is refused for the reason given",
                 ) from None
             if exc.status in (400, 401, 403):
                 raise AuthError(
@@ -394,7 +391,8 @@ class TestpressClient:
             raise
         token = document.get("token") if isinstance(document, dict) else None
         if not isinstance(token, str) or not token:
-            raise AuthError(f"the login answer of {url} holds no token: {error_message(document, b'')}")
+            raise AuthError(f"the login answer of {url} holds no token: {error_message(document, b'')}",
+                            hint="check TESTPRESS_BASE_URL: it should be the institute's Testpress address")
         self.stats.logins += 1
         log.info("logged_in", username=self._api.username)
         return token

@@ -166,7 +166,11 @@ class Crawler:
             # The usual walk, one pass of one listing, counts its ids in `present` itself
             # (the page handler adds every item it hands over to `present`).
             ids = present if not present else IdSet()
-            walk = await self._walk(self.listing_url(variant), self._root_page_handler(), self._limit, self._root.name, ids=ids)
+            try:
+                walk = await self._walk(self.listing_url(variant), self._root_page_handler(), self._limit, self._root.name, ids=ids)
+            except SkippableError as exc:  # the listing itself refused (after a new login): the other listings go on
+                await self._page_failed(exc)
+                return False, True
             if walk.failed or walk.uncounted or walk.unkeyed or self._limit is not None:
                 # A limited walk is a sample: never complete, never a reason to delete.
                 return False, walk.failed
