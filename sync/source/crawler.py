@@ -447,17 +447,17 @@ class ReferencedItems:
         wanted = {ref for ref in named if type(ref) is int and ref not in self._known}
         if not wanted:
             return items, []
-        for ref in wanted - self._reading.keys():
-            self._reading[ref] = asyncio.ensure_future(self._read(ref))
-        problems = dict(zip(wanted, await asyncio.gather(*(self._reading[ref] for ref in wanted)), strict=True))
+        for missing in wanted - self._reading.keys():
+            self._reading[missing] = asyncio.ensure_future(self._read(missing))
+        problems = dict(zip(wanted, await asyncio.gather(*(self._reading[each] for each in wanted)), strict=True))
         kept, failures = [], []
         for ident, payload in items:
-            ref = payload.get(field)
-            problem = problems.get(ref) if type(ref) is int else None
+            named_id = payload.get(field)
+            problem = problems.get(named_id) if type(named_id) is int else None
             if problem is None:
                 kept.append((ident, payload))
             else:
-                message = f"not stored: its {self._resource.entity} {ref} could not be read ({problem})"
+                message = f"not stored: its {self._resource.entity} {named_id} could not be read ({problem})"
                 failures.append(Failure(naming.entity, naming.key_of(payload, ident), message, payload=payload))
         return kept, failures
 
