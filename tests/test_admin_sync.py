@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import attempts, batches, exams, sync_errors, sync_runs, sync_state, user_batches, users
 from sync.config import Settings, SyncSettings
-from sync.errors import ApiError
+from sync.errors import ApiError, ConfigError
 from sync.run import RunOptions
 from sync.simulator import Dataset, SimulatorServer
 from sync.simulator.admin import DETAIL_FAULTS_KEY
@@ -174,6 +174,16 @@ async def test_an_attempt_written_before_its_user_gets_the_username_when_the_run
     assert filled["rows"] == sum(1 for ident in kept if ident % 3 == 0)
     usernames = {user.id: user.username for user in institute.dataset.users}
     assert all(row["username"] == usernames[row["user_id"]] for row in kept.values())
+
+
+async def test_a_course_filter_with_an_admin_login_stops_the_run_instead_of_syncing_everything(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """The admin API has no course filter: ignoring the setting would store (and mark
+    deleted) beyond the course the user asked for."""
+    with pytest.raises(ConfigError, match="no course filter"):
+        await sync_with(admin_settings(institute, database_url, course="IBPS"))
+    assert await stored(engine, attempts) == {}
 
 
 async def test_exam_rows_without_ids_as_documented_are_read_by_the_id_attempts_name(

@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+import structlog.testing
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -166,9 +167,16 @@ async def test_forbidden_and_vanished_exams_do_not_fail_the_run(
     simulator: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:
     simulator.dataset.exams[3].vanished = True
-    summary = await sync_once(simulator, database_url)
+    with structlog.testing.capture_logs() as logs:
+        summary = await sync_once(simulator, database_url)
     assert summary.status == "succeeded" and summary.errors == 0
     await assert_matches_server(engine, simulator)
+    # Not failures, but said once, with the exams they concern.
+    said = {entry["status"]: entry["parents"] for entry in logs if entry["event"] == "listings_not_readable"}
+    assert said == {
+        "forbidden": sorted(exam.id for exam in simulator.dataset.exams if exam.forbidden),
+        "not_found": [simulator.dataset.exams[3].id],
+    }
 
 
 async def test_malformed_items_go_to_sync_errors_and_the_rest_is_stored(

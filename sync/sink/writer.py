@@ -213,6 +213,9 @@ class Writer:
         self._pending = _Pending()
         self._listings: list[ResourceDone] = []  # top-level listings: marked at the end
         self._unstorable: set[tuple[str, int]] = set()  # parents that would not normalize
+        # Child listings that answered 403 or 404 (a forbidden exam, a vanished one): normal,
+        # not failures, but said once at the end, by resource and status, with their parents.
+        self._unreadable: dict[tuple[str, str], list[int]] = {}
         # When the walk began (the crawl starts after its writer exists): rows a webhook
         # wrote since then are newer than any listing of this run, and never marked deleted.
         self._walk_started = clock()
@@ -247,6 +250,11 @@ class Writer:
         await self._commit()
         await self._fill_what_was_missing()
         await self._finish_listings()
+        for (resource, status), parents in self._unreadable.items():
+            parent = self._resources[resource].parent
+            log.info("listings_not_readable", resource=resource, status=status, count=len(parents),
+                     parents=sorted(parents)[:20], hint=f"the {parent} listing showed them, but this login may not read their {resource}"
+                     if status == "forbidden" else f"the {parent} vanished while the run read it")  # fmt: skip
 
     def _take(self, item: Message) -> None:
         pending = self._pending
@@ -304,6 +312,8 @@ class Writer:
             self._summary.errors += 1
             log.warning("record_failed", entity=failure.entity, key=failure.key, error=failure.message)
         for done in pending.done:
+            if done.status in ("forbidden", "not_found") and done.parent_id is not None:
+                self._unreadable.setdefault((done.resource, done.status), []).append(done.parent_id)
             if done.status == "ok" and not done.complete:
                 log.warning("listing_incomplete", resource=done.resource, parent_id=done.parent_id,
                             hint="the listing kept shifting; deletions not checked this run")
