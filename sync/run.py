@@ -133,6 +133,7 @@ class _Walks:
         self.settings = settings
         self.options = options
         self.main: Crawler | None = None  # the one the progress line follows
+        self.attempts: Crawler | None = None  # an admin run's attempt listing
 
     def crawler(self, root: Resource, **options: Any) -> Crawler:
         # The crawler never puts the queue's closing None.
@@ -177,8 +178,9 @@ class _Walks:
             # An exam the listing did not show (created since, or shown without an id) is
             # read by the id an attempt names it by.
             named = ReferencedItems(self.client, self.queue, resources["exams"], exams.present)  # type: ignore[arg-type]
-            attempts = self.crawler(resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams),
-                                    references=named)  # fmt: skip
+            self.attempts = attempts = self.crawler(
+                resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams), references=named
+            )
             group.create_task(attempts.crawl())
         if not plan.full and limit is None:
             await self._open_attempts_again(resources["attempts"], known, attempts.present, named)
@@ -313,6 +315,8 @@ async def _crawl_and_write(
             requests=client.stats.requests,
             retries=client.stats.retries,
             done=done,
+            by_attempts=source == "admin",
+            attempts_total=walks.attempts.total if walks.attempts else None,
         )
 
     async def report_progress(callback: Callable[[Progress], None]) -> None:

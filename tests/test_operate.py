@@ -255,6 +255,10 @@ def test_progress_text_counts_and_estimates() -> None:
     text = progress_text(Progress(elapsed=10.0, exams_total=100, exams_done=25, attempts_seen=1234, requests=200, retries=3))
     assert text == "exams 25/100 · 1,234 attempts · 20 req/s · 3 retries · ~30s left"
     assert progress_text(Progress(0.0, None, 0, 0, 0, 0)).startswith("exams …")
+    # An admin run reads its attempts from one listing: counted against that listing.
+    admin = Progress(elapsed=10.0, exams_total=2000, exams_done=0, attempts_seen=50_000, requests=400, retries=0,
+                     by_attempts=True, attempts_total=150_000)  # fmt: skip
+    assert progress_text(admin) == "attempts 50,000/150,000 · 40 req/s · 0 retries · ~20s left"
 
 
 def test_log_lines_print_above_the_progress_line() -> None:
@@ -306,9 +310,9 @@ def test_progress_line_on_a_terminal_only(tmp_path: Path) -> None:
         simulator.state.faults.latency = 0.03  # long enough for a few progress ticks
         on_terminal = run_cli_on(True, simulator, f"sqlite:///{tmp_path / 'tty.db'}")
         on_pipe = run_cli_on(False, simulator, f"sqlite:///{tmp_path / 'pipe.db'}")
-    assert "\r\x1b[Kexams " in on_terminal and "attempts ·" in on_terminal
+    assert "\r\x1b[Kattempts " in on_terminal and " req/s · " in on_terminal  # an admin login: by attempts
     assert "run_finished" in on_terminal
-    assert "\x1b[K" not in on_pipe and "attempts ·" not in on_pipe
+    assert "\x1b[K" not in on_pipe and " req/s · " not in on_pipe
     assert '"event": "run_finished"' in on_pipe  # not a terminal: JSON lines
 
 

@@ -151,3 +151,8 @@ class Progress:
     requests: int
     retries: int
     done: bool = False  # the last snapshot: the crawl and the writes have ended
+    # An admin run reads attempts from one listing, not per exam: it counts attempts
+    # against how many that listing shows (its first slice's count on a nightly run),
+    # known once its first page has answered.
+    by_attempts: bool = False
+    attempts_total: int | None = None

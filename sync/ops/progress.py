@@ -14,12 +14,16 @@ from sync.model.run import Progress
 def progress_text(progress: Progress) -> str:
     """"exams 120/1,000 · 3,450 attempts · 41 req/s · 2 retries · ~1m20s left"."""
     rate = progress.requests / progress.elapsed if progress.elapsed > 0 else 0.0
-    total = progress.exams_total
-    parts = [f"exams {progress.exams_done:,}/{total:,}" if total is not None else "exams …"]
-    parts += [f"{progress.attempts_seen:,} attempts", f"{rate:,.0f} req/s", f"{progress.retries:,} retries"]
-    if total and 0 < progress.exams_done < total:
-        left = progress.elapsed / progress.exams_done * (total - progress.exams_done)
-        parts.append(f"~{_clock(left)} left")
+    total: int | None
+    if progress.by_attempts:  # an admin run: attempts come from one listing
+        done, total = progress.attempts_seen, progress.attempts_total
+        parts = [f"attempts {done:,}/{total:,}" if total is not None else f"attempts {done:,}/…"]
+    else:
+        done, total = progress.exams_done, progress.exams_total
+        parts = [f"exams {done:,}/{total:,}" if total is not None else "exams …", f"{progress.attempts_seen:,} attempts"]
+    parts += [f"{rate:,.0f} req/s", f"{progress.retries:,} retries"]
+    if total and 0 < done < total:
+        parts.append(f"~{_clock(progress.elapsed / done * (total - done))} left")
     return " · ".join(parts)
 
 

@@ -304,7 +304,8 @@ class Writer:
         self._add(tally)
         self._unstorable |= tally.unstorable
         self._summary.batches += 1
-        self._summary.exams_done += len(pending.done)
+        resources = self._resources  # an exam is done when its attempts are (not a user's batches)
+        self._summary.exams_done += sum(1 for done in pending.done if resources[done.resource].parent == "exams")
         for resource, _ in tally.malformed:
             self._summary.count_seen(resource, -1)  # seen, but not as an item
         self._summary.field_problems += len(tally.problems)
