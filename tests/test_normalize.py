@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from sync.errors import RecordError
+from sync.model.admin_rows import PiiPolicy, admin_user_row
 from sync.model.normalize import (
     attempt_row,
     exam_row,
@@ -275,3 +276,25 @@ def test_malformed_attempt_names_the_problem(changes: dict[str, Any], field: str
 def test_malformed_exam_names_the_problem(payload: Any, message: str) -> None:
     with pytest.raises(RecordError, match=message):
         exam_row(payload)
+
+
+# --- admin users and the personal-data policy (pure) -------------------------------------------
+
+ADMIN_USER = {
+    "id": 1007, "username": "student7", "first_name": "Asha", "last_name": "K", "display_name": "Asha K",
+    "email": "asha@example.com", "phone": "+919800000007", "birth_date": "31/02/2001", "city": ["not", "text"],
+    "state": "IN-TN", "custom_fields": "not-an-object", "created": None, "modified": None,
+}  # fmt: skip
+
+
+def test_a_bad_personal_field_costs_the_field_and_shows_its_value_only_when_kept() -> None:
+    row, problems = admin_user_row(ADMIN_USER, PiiPolicy("keep"))
+    assert (row["birth_date"], row["city"], row["custom_fields"], row["email"]) == (None, None, None, "asha@example.com")
+    assert len(problems) == 3 and any("31/02/2001" in problem for problem in problems)
+    for mode in ("hash", "drop"):
+        row, problems = admin_user_row(ADMIN_USER, PiiPolicy(mode, "salt"))
+        # The birth date is not parsed at all (its column is null under both), and what is
+        # said of the others names no value: it goes to the log and to sync_errors.
+        assert sorted(problem.split(":")[0] for problem in problems) == ["city", "custom_fields"], mode
+        assert not any("not-an-object" in p or "'text'" in p or "31/02" in p for p in problems), problems
+        assert row["birth_date"] is None and (row["email"] is None) == (mode == "drop")

@@ -162,6 +162,16 @@ def _lenient(problems: list[str], parse: Callable[[Any, str], Any], value: Any, 
         return None
 
 
+def _personal(problems: list[str], policy: PiiPolicy, parse: Callable[[Any, str], Any], value: Any, field: str) -> Any:
+    """A personal field, parsed, then as `policy` says. A problem names the value only
+    when the policy keeps such values: its message goes to the log and sync_errors."""
+    try:
+        return policy.value(parse(value, field))
+    except RecordError as problem:
+        problems.append(str(problem) if policy.mode == "keep" else f"{field}: would not parse (value withheld: pii = {policy.mode})")
+        return None
+
+
 def admin_user_row(payload: Payload, policy: PiiPolicy) -> tuple[Row, list[str]]:
     """A user of /api/v2.5/admin/users/ to its `users` row, and the fields that would not
     parse (stored null). Personal fields follow `policy`, in the columns and in `raw`."""
@@ -173,29 +183,34 @@ def admin_user_row(payload: Payload, policy: PiiPolicy) -> tuple[Row, list[str]]
     username = parse_text(username, "username")
     if not username:
         raise RecordError("user: missing username")
-    birth_date = _lenient(problems, parse_birth_date, get("birth_date"), "birth_date")
-    custom_fields = get("custom_fields")
-    if custom_fields is not None and not isinstance(custom_fields, (dict, list)):
-        problems.append(f"custom_fields: expected an object, got {custom_fields!r}")
-        custom_fields = None
+    # A date column cannot hold a hash: under "hash" (and "drop") the column is null, and
+    # the date is not even parsed (raw has the hash).
+    birth_date = _personal(problems, policy, parse_birth_date, get("birth_date"), "birth_date") if policy.mode == "keep" else None
+    custom_fields = _personal(problems, policy, _json_object, get("custom_fields"), "custom_fields")
     row: Row = {
         "username": username,
         "user_id": require_id(payload, "user"),
         "display_name": _lenient(problems, parse_text, get("display_name"), "display_name"),
         "first_name": _lenient(problems, parse_text, get("first_name"), "first_name"),
         "last_name": _lenient(problems, parse_text, get("last_name"), "last_name"),
-        "email": policy.value(_lenient(problems, parse_text, get("email"), "email")),
-        "phone": policy.value(_lenient(problems, parse_text, get("phone"), "phone")),
-        "city": policy.value(_lenient(problems, parse_text, get("city"), "city")),
-        "state": policy.value(_lenient(problems, parse_text, get("state"), "state")),
-        # A date column cannot hold a hash: under "hash" the column is null, raw has the hash.
-        "birth_date": birth_date if policy.mode == "keep" else None,
-        "custom_fields": policy.value(custom_fields),
+        "email": _personal(problems, policy, parse_text, get("email"), "email"),
+        "phone": _personal(problems, policy, parse_text, get("phone"), "phone"),
+        "city": _personal(problems, policy, parse_text, get("city"), "city"),
+        "state": _personal(problems, policy, parse_text, get("state"), "state"),
+        "birth_date": birth_date,
+        "custom_fields": custom_fields,
         "created": _lenient(problems, parse_timestamp, get("created"), "created"),
         "modified": _lenient(problems, parse_timestamp, get("modified"), "modified"),
         "raw": policy.payload(payload),
     }
     return row, problems
+
+
+def _json_object(value: Any, field: str) -> Any:
+    """custom_fields: an object (or a list), kept as JSON."""
+    if value is not None and not isinstance(value, (dict, list)):
+        raise RecordError(f"{field}: expected an object, got {value!r}")
+    return value
 
 
 def batch_row(payload: Payload) -> Row:
