@@ -228,6 +228,12 @@ def sync_run(base: str, database_url: str, kind: str) -> Measurement:
     )
 
 
+def _absolute(path: str) -> str:
+    """The path from here: the children run in a folder of their own. Not resolved: a
+    venv's python is a symlink, and only the link's path makes it the venv's."""
+    return str(Path(path).absolute())
+
+
 def dlt_run(dlt_python: str, base: str, database_url: str, *job: str) -> tuple[ChildUsage, int, int]:
     """dlt's rest_api source doing the same job (bench/dlt_job.py; `job` "admin" for its
     admin configuration), measured alike: (usage, attempts loaded, requests)."""
@@ -403,7 +409,7 @@ def main() -> None:
              "and the range (default 3, 1 with --quick)",
     )  # fmt: skip
     parser.add_argument(
-        "--dlt-python", metavar="PATH",
+        "--dlt-python", metavar="PATH", type=_absolute,
         help="a Python with dlt[sqlalchemy,postgres] installed: runs dlt's rest_api source beside us",
     )  # fmt: skip
     args = parser.parse_args()

@@ -73,3 +73,15 @@ GROUP BY {day}, a.exam_id
 def views_0001(dialect: str) -> list[str]:
     """The CREATE VIEW statements of revision 0001."""
     return [EXAM_SUMMARY, USER_RESULTS, _ATTEMPTS_PER_DAY.format(day=_DAY[dialect])]
+
+
+def views_0002(dialect: str) -> list[str]:
+    """The CREATE VIEW statements of revision 0002: exam_summary and attempts_per_day as
+    0001 made them, and the four 0002 made as schema/views.py still has them (before one
+    of those changes there, its 0002 text must be frozen here)."""
+    from schema import views
+
+    return [
+        EXAM_SUMMARY, views.USER_RESULTS, _ATTEMPTS_PER_DAY.format(day=_DAY[dialect]), views.BATCH_RESULTS,
+        views.SUBJECT_PERFORMANCE, views.STUDENT_SUBJECTS,
+    ]  # fmt: skip

@@ -12,6 +12,10 @@ _DAY = {
     "postgresql": "CAST(a.date AT TIME ZONE 'UTC' AS DATE)",
 }
 
+# One student, as the views count them: by Testpress user id where the row has one (an
+# admin row names its student by user_id only), else by username (revision 0003).
+_STUDENT = "COALESCE(CAST(a.user_id AS TEXT), a.username)"
+
 EXAM_SUMMARY = """
 CREATE VIEW exam_summary AS
 SELECT
@@ -20,7 +24,7 @@ SELECT
     e.title,
     e.course,
     COUNT(a.id) AS attempt_count,
-    COUNT(DISTINCT a.username) AS distinct_users,
+    COUNT(DISTINCT {student}) AS distinct_users,
     SUM(CASE WHEN a.state = 'Completed' THEN 1 ELSE 0 END) AS completed_count,
     ROUND(AVG(CASE WHEN a.state = 'Completed' THEN a.score END), 4) AS average_score,
     MAX(CASE WHEN a.state = 'Completed' THEN a.score END) AS best_score,
@@ -129,7 +133,7 @@ SELECT
     {day} AS day,
     a.exam_id,
     COUNT(a.id) AS attempt_count,
-    COUNT(DISTINCT a.username) AS distinct_users,
+    COUNT(DISTINCT {student}) AS distinct_users,
     SUM(CASE WHEN a.state = 'Completed' THEN 1 ELSE 0 END) AS completed_count
 FROM attempts a
 JOIN exams e ON e.id = a.exam_id AND e.deleted_at IS NULL
@@ -146,6 +150,7 @@ VIEW_NAMES = (
 def create_view_statements(dialect: str) -> list[str]:
     """The CREATE VIEW statements of the current schema for one dialect."""
     return [
-        EXAM_SUMMARY, USER_RESULTS, _ATTEMPTS_PER_DAY.format(day=_DAY[dialect]), BATCH_RESULTS,
-        SUBJECT_PERFORMANCE, STUDENT_SUBJECTS,
+        EXAM_SUMMARY.format(student=_STUDENT), USER_RESULTS,
+        _ATTEMPTS_PER_DAY.format(day=_DAY[dialect], student=_STUDENT), BATCH_RESULTS, SUBJECT_PERFORMANCE,
+        STUDENT_SUBJECTS,
     ]  # fmt: skip

@@ -152,10 +152,9 @@ class _Walks:
 
     async def admin(self, resources: Mapping[str, Resource], plan: AdminPlan, known: _Known) -> None:
         """Users with their batches, the batches and the exams at once; the attempts once
-        every exam and every user is handed over (they reference exams, their usernames
-        are the users', and the writer keeps the queue's order: an attempt written before
-        its user would be written twice). The users' batches, a request per user, are the
-        longest walk: they start first, and the users' listing does not wait for them."""
+        every exam is handed over (they reference exams, and the writer keeps the queue's
+        order). The users' batches, a request per user, are the longest walk: they start
+        first."""
         if self.options.exam_slugs:
             raise ConfigError("--exam names exams by slug, which the admin API does not serve: use --limit, or --source student")
         if self.settings.sync.course:
@@ -167,7 +166,7 @@ class _Walks:
         partial, limit = not plan.full, self.options.limit
         users = self.crawler(
             resources["users"], children=(resources["memberships"],), partial=partial, limit=limit,
-            child_filter=None if plan.full else known.changed_user(resources["users"]), children_wait=False,
+            child_filter=None if plan.full else known.changed_user(resources["users"]),
         )  # fmt: skip
         batches = self.crawler(resources["batches"], partial=partial, limit=limit)
         self.main = exams = self.crawler(resources["exams"], partial=partial, limit=limit)

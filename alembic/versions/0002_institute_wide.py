@@ -18,8 +18,7 @@ import sqlalchemy as sa
 
 from alembic import op
 from schema.types import ExactDecimal, RawJSON, UTCDateTime
-from schema.view_history import views_0001
-from schema.views import create_view_statements
+from schema.view_history import views_0001, views_0002
 
 revision = "0002"
 down_revision = "0001"
@@ -192,7 +191,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_webhook_events"),
     )
     op.create_index("ix_webhook_events_attempt_id", "webhook_events", ["attempt_id"])
-    for statement in create_view_statements(bind.dialect.name):
+    for statement in views_0002(bind.dialect.name):
         op.execute(statement)
 
 

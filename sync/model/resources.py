@@ -42,18 +42,6 @@ NO_PROBLEMS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class Fill:
-    """A column the payload does not carry, filled by the database from another table's
-    row: `column` := `table`.`source` where `table`.`by` = the row's `by` (admin attempts
-    name their student by user_id only; their username is the stored user's)."""
-
-    column: str
-    table: str
-    source: str
-    by: str
-
-
-@dataclass(frozen=True)
 class Resource:
     name: str  # the resource, as batches and markers name it
     entity: str  # one item, as sync_errors and logs name it
@@ -105,9 +93,6 @@ class Resource:
     # `detail_path` when another resource's item names them. The documented admin exam
     # row shows no id (testpress-api.md); attempts name exams by `exam_id` all the same.
     read_when_referenced: bool = False
-    # Columns the database fills as the row is written (and, once the run is over, for
-    # the rows written before what they are filled from).
-    fills: tuple[Fill, ...] = ()
 
     def key_of(self, payload: Payload, ident: int) -> str:
         key = payload.get(self.key_field) if isinstance(payload, dict) else None
@@ -196,8 +181,7 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
                  key_field="username"),
         Resource("batches", "batch", "v2.5", "admin/batches/", "batches", BATCH_CONTENT_COLUMNS, batch),
         Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
-                 fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams"),
-                 fills=(Fill("username", "users", "username", "user_id"),)),
+                 fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams")),
         Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",
                  parent="users", parent_column="user_id"),

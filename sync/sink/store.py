@@ -79,20 +79,12 @@ def _picker(names: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
 def _payload_upsert(resource: Resource, dialect: Dialect) -> _Upsert:
     """Content columns (raw last), content_hash, first/last seen."""
     table, key = table_of(resource), resource.key_column
-    fills = {fill.column: fill for fill in resource.fills}
-    # A filled column's placeholder takes the value it is looked up by (its `by` column's,
-    # converted as that column is), inside the lookup's SQL.
-    picked = {name: fills[name].by if name in fills else name for name in resource.content_columns}
     by_converter: dict[Converter | None, list[str]] = {}
     for name in resource.content_columns:
         if name != "raw":
-            by_converter.setdefault(dialect.converter(table.c[picked[name]].type), []).append(name)
+            by_converter.setdefault(dialect.converter(table.c[name].type), []).append(name)
     ordered = [name for names in by_converter.values() for name in names]
     names = [*ordered, "raw", "content_hash", "first_seen_at", "last_seen_at"]
-    expressions = {
-        fill.column: f"(SELECT {fill.source} FROM {fill.table} WHERE {fill.table}.{fill.by} = {{}})"
-        for fill in resource.fills
-    }
     refreshed = [name for name in names if name not in (key, "first_seen_at")]
     also = ", deleted_at = NULL"
     if resource.keeps_webhook_completions:  # the spec says why
@@ -100,8 +92,8 @@ def _payload_upsert(resource: Resource, dialect: Dialect) -> _Upsert:
             f" WHERE NOT (COALESCE({table.name}.source, '') = '{WEBHOOK_SOURCE}' AND {table.name}.state = 'Completed'"
             " AND COALESCE(excluded.state, '') <> 'Completed')"
         )
-    sql = dialect.upsert_sql(table.name, names, key, refreshed, also=also, expressions=expressions)
-    groups = tuple((_picker([picked[name] for name in names]), convert) for convert, names in by_converter.items())
+    sql = dialect.upsert_sql(table.name, names, key, refreshed, also=also)
+    groups = tuple((_picker(names), convert) for convert, names in by_converter.items())
     return _Upsert(sql, groups)
 
 
@@ -252,22 +244,6 @@ async def upsert_users(
 
 
 # --- deletion marks and fetch outcomes ----------------------------------------------------
-
-
-async def fill_what_was_missing(connection: AsyncConnection, resource: Resource) -> int:
-    """The `fills` of rows written before what they look up was stored (an attempt whose
-    user came later in the run), now: one UPDATE per fill, over the rows it left null."""
-    table, filled = table_of(resource), 0
-    for fill in resource.fills:
-        source = metadata.tables[fill.table]
-        value = select(source.c[fill.source]).where(source.c[fill.by] == table.c[fill.by]).scalar_subquery()
-        done = await connection.execute(
-            update(table)
-            .where(table.c[fill.column].is_(None), table.c[fill.by].is_not(None), value.is_not(None))
-            .values({fill.column: value})
-        )
-        filled += done.rowcount
-    return filled
 
 
 async def mark_missing_deleted(

@@ -248,7 +248,6 @@ class Writer:
                 await self._commit()
                 deadline = None
         await self._commit()
-        await self._fill_what_was_missing()
         await self._finish_listings()
         for (resource, status), parents in self._unreadable.items():
             parent = self._resources[resource].parent
@@ -422,19 +421,6 @@ class Writer:
             tally.count(resource.table, RowCounts(deleted=deleted))
             if self._record_progress and self._write:
                 await store.record_progress(connection, self._summary.run_id, list(complete), now)
-
-    async def _fill_what_was_missing(self) -> None:
-        """Columns the database fills as rows are written (an admin attempt's username, from
-        `users`), for the rows written before what they are filled from."""
-        for resource in self._resources.values():
-            if resource.fills and self._write:
-
-                async def fill(connection: AsyncConnection, _tally: _Tally, resource: Resource = resource) -> None:
-                    filled = await store.fill_what_was_missing(connection, resource)
-                    if filled:
-                        log.info("filled_after_the_fact", table=resource.table, rows=filled)
-
-                await self._in_transaction(fill)
 
     async def _finish_listings(self) -> None:
         """Top-level listings, once everything else is stored: mark what a complete one

@@ -103,7 +103,6 @@ class Crawler:
         partial: bool = False,
         child_filter: ChildFilter | None = None,
         references: ReferencedItems | None = None,
-        children_wait: bool = True,
     ) -> None:
         self._client = client
         self._out = out
@@ -120,11 +119,7 @@ class Crawler:
         self._child_filter = child_filter
         self._references = references
         self._shown_unkeyed = False  # the listing showed items without an id (read_when_referenced)
-        # Child listings waiting for a worker. Bounded, so that the root listing is read
-        # at the pace its children are; with children_wait=False not, so that the root
-        # listing is handed over as fast as it is read (admin users: a few bytes each).
-        self._listings: asyncio.Queue[ChildListing | None] = asyncio.Queue(maxsize=workers * 4 if children_wait else 0)
-        self.listed = asyncio.Event()  # the root listing (not its children) is handed over
+        self._listings: asyncio.Queue[ChildListing | None] = asyncio.Queue(maxsize=workers * 4)
         self.skipped = 0  # root items whose children were not walked (backfill --resume)
         self.present = IdSet()  # every root id the listings showed
         self.total: int | None = None  # root items, known once the listing's first page arrived
@@ -155,7 +150,6 @@ class Crawler:
         for variant in self._variants:
             walked, walk_failed = await self._walk_variant(variant)
             complete, failed = complete and walked, failed or walk_failed
-        self.listed.set()
         await self._close_child_queue()
         status = "error" if failed else "ok"
         whole = complete and not failed and not self._partial
@@ -205,7 +199,6 @@ class Crawler:
                 for child in self._children:  # an embedded child list (exam detail: usernames only)
                     detail.pop(child.name, None)
             await handle([detail], _Walk())
-        self.listed.set()
         await self._close_child_queue()
         await self._out.put(ResourceDone(self._root.name, "ok", False, self.present, scope=self._filters, sliced=True))
 

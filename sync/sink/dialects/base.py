@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
@@ -90,18 +90,11 @@ class Dialect(ABC):
         """A timestamp as the driver takes it."""
         return moment
 
-    def upsert_sql(
-        self, table: str, names: Sequence[str], key: str, refreshed: Sequence[str], also: str = "",
-        expressions: Mapping[str, str] | None = None,
-    ) -> str:
-        """INSERT of `names`, updating `refreshed` from the new row when `key` exists. A
-        name in `expressions` takes that SQL, with `{}` standing for its placeholder."""
+    def upsert_sql(self, table: str, names: Sequence[str], key: str, refreshed: Sequence[str], also: str = "") -> str:
+        """INSERT of `names`, updating `refreshed` from the new row when `key` exists."""
         sets = ", ".join(f"{name} = excluded.{name}" for name in refreshed)
-        marks = self.placeholders(len(names))
-        if expressions:
-            marks = [expressions[name].format(mark) if name in expressions else mark for name, mark in zip(names, marks, strict=True)]
         return (
-            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(marks)}) "
+            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(self.placeholders(len(names)))}) "
             f"ON CONFLICT ({key}) DO UPDATE SET {sets}{also}"
         )
 
