@@ -266,6 +266,30 @@ async def test_a_run_that_fails_or_samples_does_not_move_the_watermark(
 
 
 @pytest.mark.parametrize("policy", ["hash", "drop"])
+async def test_what_goes_to_sync_errors_follows_the_policy_too(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str, policy: str
+) -> None:
+    """Attempts that cannot be stored (their exam cannot be read) keep their payload in
+    sync_errors: with the e-mail and phone as the policy stores them, never in clear."""
+    broken = institute.dataset.exams[2]
+    institute.state.unlisted_exams = {broken.id}
+    institute.app[DETAIL_FAULTS_KEY].failing_exams = {broken.id}
+    settings = admin_settings(institute, database_url, pii=policy, pii_salt="pepper")
+    assert (await sync_with(replace(settings, http=replace(settings.http, max_attempts=1)))).status == "partial"
+    served = {ident: row for ident, row in (await server_rows(institute, "attempts/")).items()
+              if row["exam_id"] == broken.id}  # fmt: skip
+    async with engine.connect() as connection:
+        kept = {int(key): payload for key, payload in (await connection.execute(
+            select(sync_errors.c.key, sync_errors.c.payload).where(sync_errors.c.entity == "attempt"))).all()}  # fmt: skip
+    assert set(kept) == set(served)
+    emailed = [ident for ident, row in served.items() if row["email"]]
+    assert emailed
+    for ident in emailed:
+        expected = None if policy == "drop" else hashlib.sha256(f"pepper:{served[ident]['email']}".encode()).hexdigest()
+        assert kept[ident]["email"] == expected and kept[ident]["state"] == served[ident]["state"], ident
+
+
+@pytest.mark.parametrize("policy", ["hash", "drop"])
 async def test_personal_data_follows_the_policy_in_columns_and_raw(
     institute: SimulatorServer, engine: AsyncEngine, database_url: str, policy: str
 ) -> None:

@@ -20,7 +20,7 @@ from aiohttp import web
 from sync.errors import ApiError, AuthError, RetriableError, SkippableError
 from sync.ops.logs import Redactor
 from sync.simulator import SimulatorServer
-from sync.source.client import TestpressClient, open_session
+from sync.source.client import TestpressClient, TokenAuth, open_session
 from sync.source.responses import redirect_target
 from tests.conftest import fast_settings
 
@@ -105,18 +105,18 @@ async def test_a_403_to_a_token_past_its_expiry_is_a_token_question_on_a_route_n
     page = await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{exam.slug}/attempts/", route="attempts")
     assert page["results"] and simulator.state.logins == 2
     forbidden = next(exam for exam in simulator.dataset.exams if exam.forbidden)
-    with pytest.raises(SkippableError):  # a 403 that survives one more login is a forbidden exam
+    with pytest.raises(SkippableError):  # the token still reads the listing: a forbidden exam
         await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{forbidden.slug}/attempts/", route="attempts")
-    assert simulator.state.logins == 3
+    assert simulator.state.logins == 2
 
 
-async def test_a_403_on_a_route_that_answered_is_a_token_question_whatever_the_tokens_exp(
+async def test_a_403_is_a_token_question_whatever_the_tokens_exp(
     client: TestpressClient, simulator: SimulatorServer
 ) -> None:
     """The server ended the session while the token's `exp` is an hour away (a login
-    elsewhere, a server clock ahead of ours): a 403 on a route that answered before costs
-    one login, not an exam. A 403 that survives a new login is a forbidden exam, and the
-    next forbidden exam asks for no further login."""
+    elsewhere, a server clock ahead of ours), before any attempt listing answered: the
+    403 costs one login, not an exam. A forbidden exam, to a token that still reads the
+    listing, costs no login at all."""
     simulator.state.faults.expired_token_status = 403
 
     def attempts_url(exam: Any) -> str:
@@ -124,14 +124,46 @@ async def test_a_403_on_a_route_that_answered_is_a_token_question_whatever_the_t
 
     allowed = [exam for exam in simulator.dataset.exams if not exam.forbidden]
     forbidden = [exam for exam in simulator.dataset.exams if exam.forbidden]
-    await client.get_json(attempts_url(allowed[0]), route="attempts")
+    await client.get_json(exams_url(simulator), route="exams")
     simulator.state.sessions_valid_from = simulator.state.logins + 1  # every session so far ends
-    page = await client.get_json(attempts_url(allowed[1]), route="attempts")
-    assert page["results"] and simulator.state.logins == 2
+    pages = await asyncio.gather(*(client.get_json(attempts_url(exam), route="attempts") for exam in allowed[:4]))
+    assert all(page["results"] for page in pages) and simulator.state.logins == 2
     for exam in forbidden[:2]:
         with pytest.raises(SkippableError):
             await client.get_json(attempts_url(exam), route="attempts")
-    assert simulator.state.logins == 3  # one renewal for the first; its new token is vouched for
+    assert simulator.state.logins == 2
+
+
+async def test_a_server_that_refuses_every_new_token_stops_the_run_after_one_login(
+    client: TestpressClient, simulator: SimulatorServer
+) -> None:
+    """Not a login loop, and not every exam marked forbidden: once a new token is refused
+    where the run's first answer came from, the account has lost its access."""
+    simulator.state.faults.expired_token_status = 403
+    await client.get_json(exams_url(simulator), route="exams")
+    simulator.state.sessions_valid_from = 10**9  # every session, now and to come
+    exam = next(exam for exam in simulator.dataset.exams if not exam.forbidden)
+    with pytest.raises(AuthError, match="refuses a new token"):
+        await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{exam.slug}/attempts/", route="attempts")
+    assert simulator.state.logins == 2
+
+
+async def test_one_login_per_token_generation_even_when_the_server_repeats_the_token() -> None:
+    """A server without a `jti` may hand out the same string for two logins: the
+    generation, not the string, tells a request whether its token was replaced."""
+    logins: list[int] = []
+
+    async def login() -> str:
+        logins.append(1)
+        await asyncio.sleep(0.01)
+        return "same.token.string"
+
+    auth = TokenAuth(login, Redactor())
+    _, first = await auth.token()
+    results = await asyncio.gather(*(auth.refresh(first) for _ in range(8)))
+    assert len(logins) == 2 and {generation for _, generation in results} == {first + 1}
+    await auth.refresh(first)  # a request still holding the old generation: no login
+    assert len(logins) == 2
 
 
 async def test_throttling_waits_what_retry_after_says(

@@ -18,6 +18,7 @@ from typing import Any
 
 from schema import ATTEMPT_CONTENT_COLUMNS, BATCH_CONTENT_COLUMNS, EXAM_CONTENT_COLUMNS, USER_CONTENT_COLUMNS
 from sync.model.admin_rows import (
+    ATTEMPT_PERSONAL_KEYS,
     PiiPolicy,
     admin_attempt_row,
     admin_exam_row,
@@ -93,6 +94,9 @@ class Resource:
     # `detail_path` when another resource's item names them. The documented admin exam
     # row shows no id (testpress-api.md); attempts name exams by `exam_id` all the same.
     read_when_referenced: bool = False
+    # What the personal-data policy leaves of a payload: applied to the payload a failure
+    # keeps in sync_errors too (a malformed user keeps no e-mail in clear under `hash`).
+    personal: Callable[[Payload], Payload] | None = None
 
     def key_of(self, payload: Payload, ident: int) -> str:
         key = payload.get(self.key_field) if isinstance(payload, dict) else None
@@ -178,10 +182,11 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
                  identify=id_from_row_or_url, detail_path="admin/exams/{key}/", read_when_referenced=True),
         Resource("users", "user", "v2.5", "admin/users/", "users", USER_CONTENT_COLUMNS, user,
                  key_column="user_id", movable_unique_columns=("username",), fingerprint=policy.fingerprint,
-                 key_field="username"),
+                 key_field="username", personal=policy.payload),
         Resource("batches", "batch", "v2.5", "admin/batches/", "batches", BATCH_CONTENT_COLUMNS, batch),
         Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
-                 fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams")),
+                 fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams"),
+                 personal=lambda payload: policy.payload(payload, ATTEMPT_PERSONAL_KEYS)),
         Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",
                  parent="users", parent_column="user_id"),

@@ -103,7 +103,7 @@ async def write_payloads(
         if users:
             outcome.users.extend(users)
         if problems:
-            outcome.problems += [Failure(resource.entity, str(ident), problem, payload=row["raw"]) for problem in problems]
+            outcome.problems += [Failure(resource.entity, str(ident), problem, payload=payload) for problem in problems]
         # The row's raw is the payload, unless the personal-data policy replaced some of it.
         rows.add(row, raw_json if row["raw"] is payload else orjson.dumps(row["raw"]), digest)
     if write:
@@ -210,6 +210,7 @@ class Writer:
         self._database_retry_seconds = database_retry_seconds
         self._clock = clock
         self._resources = resources  # in the order they are written: parents first
+        self._by_entity = {resource.entity: resource for resource in resources.values()}
         self._pending = _Pending()
         self._listings: list[ResourceDone] = []  # top-level listings: marked at the end
         self._unstorable: set[tuple[str, int]] = set()  # parents that would not normalize
@@ -447,12 +448,16 @@ class Writer:
             self._add(await self._in_transaction(mark))
 
     def _error_row(self, failure: Failure) -> store.ErrorRow:
+        payload = failure.payload
+        resource = self._by_entity.get(failure.entity)
+        if resource is not None and resource.personal is not None and isinstance(payload, dict):
+            payload = resource.personal(payload)  # as the policy would have stored it
         return store.ErrorRow(
             entity=failure.entity,
             key=failure.key,
             message=self._redactor.redact(failure.message),
             http_status=failure.http_status,
-            payload=self._redactor.redact_value(failure.payload),
+            payload=self._redactor.redact_value(payload),
         )
 
     def _add(self, tally: _Tally) -> None:

@@ -76,50 +76,45 @@ LOGIN_REFUSALS = {
 class TokenAuth:
     """The JWT and the lock around logging in: concurrent 401s cause one login.
 
-    Testpress may answer an expired token with 403 rather than 401, so a 403 on a route
-    that answered before is a token question first (`may_have_expired`): each token is
-    renewed for such a 403 once, and a 403 that survives the renewal vouches for the new
-    token (those 403s are real: a forbidden exam). Its own `exp` cannot clear a token:
-    the server may have ended the session, or run a clock ahead of ours. A token whose
-    `exp` has passed is renewed for a 403 on any route (`has_expired`)."""
+    Each token has a generation: a request says which one it was sent with, and only a
+    failure of the current one leads to a login (a server may hand out the same string
+    twice, so the string cannot say it)."""
 
     def __init__(self, login: Callable[[], Awaitable[str]], redactor: Redactor) -> None:
         self._login = login
         self._redactor = redactor
         self._token: str | None = None
+        self.generation = 0  # of the current token; 0: none yet
         self._lock = asyncio.Lock()
-        self._vouched: str | None = None  # a token renewed for a 403 that the server still refused
 
-    def may_have_expired(self, token: str) -> bool:
-        return token != self._vouched
-
-    def has_expired(self, token: str) -> bool:
-        """The token says so itself (its `exp` has passed): a 403 to it is a token question
-        on any route, even one that has not answered yet in this run."""
+    @staticmethod
+    def has_expired(token: str) -> bool:
+        """The token says so itself: its `exp` has passed."""
         expiry = token_expiry(token)
         return expiry is not None and time.time() >= expiry
 
-    def vouch(self, token: str) -> None:
-        self._vouched = token
-
-    async def token(self) -> str:
+    async def token(self) -> tuple[str, int]:
+        """The current token and its generation, logging in first if there is none."""
         if self._token is None:
             async with self._lock:
                 if self._token is None:
-                    self._token = await self._new_token()
-        return self._token
+                    await self._replace()
+        assert self._token is not None
+        return self._token, self.generation
 
-    async def refresh(self, stale: str) -> str:
-        """A new token, unless another request already replaced `stale`."""
+    async def refresh(self, stale: int) -> tuple[str, int]:
+        """A new token, unless another request already replaced generation `stale`."""
         async with self._lock:
-            if self._token == stale or self._token is None:
-                self._token = await self._new_token()
-            return self._token
+            if self.generation == stale or self._token is None:
+                await self._replace()
+            assert self._token is not None
+            return self._token, self.generation
 
-    async def _new_token(self) -> str:
+    async def _replace(self) -> None:
         token = await self._login()
         self._redactor.add(token)
-        return token
+        self._token = token
+        self.generation += 1
 
 
 def ssl_context(settings: ApiSettings) -> ssl.SSLContext | bool:
@@ -182,7 +177,11 @@ class TestpressClient:
         # "Full jitter" exponential backoff: many clients retrying at once spread out.
         self._backoff = wait_random_exponential(multiplier=http.backoff_initial, max=http.backoff_max)
         self.stats = RequestStats()
-        self._answered: set[str] = set()  # routes that answered in this run
+        # The first URL that answered in this run (a probe or a listing's first page: a
+        # small document), and the generations of the tokens that have answered: what a
+        # 403 is checked against (_token_refused).
+        self._known_good: str | None = None
+        self._working: set[int] = set()
         redactor.add(api.password)
         self.proxies = Proxies(http.proxy)
         redactor.add_url_password(http.proxy)  # as written, too: it may be encoded otherwise
@@ -206,9 +205,9 @@ class TestpressClient:
     async def get_json(self, url: str, route: str | None = None) -> Any:
         """The JSON document at `url`. Raises SkippableError (403/404) or ApiError.
 
-        `route` names the kind of request (a resource): a 403 on a route that answered
-        before in this run may be an expired token, and is asked again with a new one
-        before it counts as forbidden."""
+        A 403 is a token question first (_token_refused): it counts as forbidden only once
+        the token has shown it still works, or a new token was refused too. `route` names
+        the kind of request, for the logs."""
         return await self._retrying(lambda: self._authorized(url, route))
 
     # --- layers ----------------------------------------------------------------------
@@ -237,34 +236,66 @@ class TestpressClient:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _authorized(self, url: str, route: str | None = None) -> Any:
-        token = await self.auth.token()
+        token, generation = await self.auth.token()
         try:
-            document = await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
+            document = await self._get(url, token)
         except TokenExpiredError:
             # Log in again (once for every request that saw this token fail), then retry
             # at once; a second 401 goes to the retry layer like any other failure.
-            token = await self.auth.refresh(token)
-            document = await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
+            token, generation = await self.auth.refresh(generation)
+            document = await self._get(url, token)
         except SkippableError as refused:
-            # A token question first: when the token's own expiry has passed, or on a route
-            # that answered in this run, unless the token is known to be good.
-            if refused.status != 403:
-                raise
-            expired = self.auth.has_expired(token)
-            if not (expired or (route in self._answered and self.auth.may_have_expired(token))):
-                raise
-            log.info("forbidden_logging_in_again", url=url, route=route,
-                     reason="the token has expired" if expired else "this route answered before")
-            token = await self.auth.refresh(token)
+            if refused.status != 403 or not await self._token_refused(token, generation, url):
+                raise  # a 404, or an exam this login may not read: the token still works
+            log.info("forbidden_logging_in_again", url=url, route=route)
+            token, generation = await self.auth.refresh(generation)
             try:
-                document = await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
+                document = await self._get(url, token)
             except SkippableError as again:
-                if again.status == 403:
-                    self.auth.vouch(token)  # a new token was refused too: this 403 is real
+                if again.status == 403 and await self._token_refused(token, generation, url):  # raises if it never worked
+                    # The new token went the way of the old one (it expired, or was replaced
+                    # meanwhile): to the retry layer, like a second 401, never a forbidden exam.
+                    raise TokenExpiredError(f"HTTP 403 to a token just renewed: {again}", url=url, status=403) from None
                 raise
-        if route is not None:
-            self._answered.add(route)
+        self._working.add(generation)
+        if self._known_good is None:
+            self._known_good = url
         return document
+
+    async def _get(self, url: str, token: str) -> Any:
+        return await self._send("GET", url, headers={"Authorization": f"JWT {token}"})
+
+    async def _token_refused(self, token: str, generation: int, url: str) -> bool:
+        """Whether a 403 is the token's rather than the item's (an exam this login may not
+        read). Testpress may answer an expired token, or a session it ended, with 403
+        rather than 401 (the API notes), and the token's own `exp` cannot clear it (the
+        server's clock may run ahead). So a 403 is the token's when the token has been
+        replaced since it was sent, when its `exp` has passed, or when it no longer reads
+        the first URL that answered in this run: one small GET, no login, decides.
+
+        A token that has never answered anything and is refused there too is no question
+        a new login answers: the run stops (AuthError) rather than log in again and again,
+        or mark every exam forbidden."""
+        if generation != self.auth.generation or self.auth.has_expired(token):
+            return True
+        known = self._known_good
+        if known is None:  # nothing answered yet: nothing to tell a token's 403 by
+            return False
+        if known != url:
+            try:
+                await self._get(known, token)
+            except (TokenExpiredError, SkippableError) as check:
+                if isinstance(check, SkippableError) and check.status != 403:
+                    return False  # the known page is gone: no verdict on the token
+            else:
+                return False  # the token still reads it: the 403 is the item's
+        if generation not in self._working:
+            raise AuthError(
+                f"Testpress refuses a new token of {self._api.username!r} on {known}, which answered earlier "
+                "in this run: the account may have lost its access, or another session keeps replacing this one",
+                hint="check that the account may still read the institute; give testpress-sync an account of its own",
+            )
+        return True
 
     async def _send(
         self, method: str, url: str, *, headers: dict[str, str] | None = None, json: Any = None
