@@ -13,8 +13,12 @@ _DAY = {
 }
 
 # One student, as the views count them: by Testpress user id where the row has one (an
-# admin row names its student by user_id only), else by username (revision 0003).
-_STUDENT = "COALESCE(CAST(a.user_id AS TEXT), a.username)"
+# admin row names its student by user_id only), else by username (revision 0003). Tagged,
+# so that a username "42" is not user 42.
+_STUDENT = "CASE WHEN a.user_id IS NOT NULL THEN 'id:' || CAST(a.user_id AS TEXT) ELSE 'name:' || a.username END"
+
+# The views revision 0003 recreated.
+COUNTING_STUDENTS = ("exam_summary", "attempts_per_day")
 
 EXAM_SUMMARY = """
 CREATE VIEW exam_summary AS
@@ -145,6 +149,11 @@ VIEW_NAMES = (
     "exam_summary", "user_results", "attempts_per_day", "batch_results", "subject_performance",
     "student_subjects",
 )  # fmt: skip
+
+
+def view_name(statement: str) -> str:
+    """The view a CREATE VIEW statement creates."""
+    return statement.split("CREATE VIEW ", 1)[1].split()[0]
 
 
 def create_view_statements(dialect: str) -> list[str]:

@@ -170,17 +170,22 @@ class _Walks:
         )  # fmt: skip
         batches = self.crawler(resources["batches"], partial=partial, limit=limit)
         self.main = exams = self.crawler(resources["exams"], partial=partial, limit=limit)
-        async with asyncio.TaskGroup() as group:
-            for crawler in (users, batches):
-                group.create_task(crawler.crawl())
-            await exams.crawl()
-            # An exam the listing did not show (created since, or shown without an id) is
-            # read by the id an attempt names it by.
-            named = ReferencedItems(self.client, self.queue, resources["exams"], exams.present)  # type: ignore[arg-type]
-            self.attempts = attempts = self.crawler(
-                resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams), references=named
-            )
-            group.create_task(attempts.crawl())
+        # An exam the listing did not show (created since, or shown without an id) is read
+        # by the id an attempt names it by.
+        field, target = resources["attempts"].references or ("exam_id", "exams")
+        named = ReferencedItems(self.client, self.queue, resources[target], field, exams.present,  # type: ignore[arg-type]
+                                stored=known.exam_ids)  # fmt: skip
+        try:
+            async with asyncio.TaskGroup() as group:
+                for crawler in (users, batches):
+                    group.create_task(crawler.crawl())
+                await exams.crawl()
+                self.attempts = attempts = self.crawler(
+                    resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams), references=named
+                )
+                group.create_task(attempts.crawl())
+        except BaseExceptionGroup as failure:
+            raise failure.exceptions[0] from None  # a fatal error (a refused login, a setting) says it once
         if not plan.full and limit is None:
             await self._open_attempts_again(resources["attempts"], known, attempts.present, named)
         if named.read:
@@ -196,6 +201,9 @@ class _Walks:
 
     def _attempt_slices(self, plan: AdminPlan, exams: Crawler) -> tuple[dict[str, str], ...]:
         if self.options.limit is not None:  # a first try: the attempts of the exams stored
+            if exams.shown_unkeyed:
+                raise ConfigError("--limit samples exams by id, and this server's exam listing shows none: "
+                                  "run without --limit (exams are then read by the ids their attempts name)")  # fmt: skip
             return tuple({"exams": str(exam_id)} for exam_id in sorted(exams.present))
         if plan.full:
             return ({},)
@@ -222,6 +230,7 @@ class _Known:
 
     user_digests: Mapping[int, str | None]
     open_attempts: Mapping[int, int]  # attempt id → exam id, Running or Not Started before the window
+    exam_ids: Set[int] = frozenset()  # exams stored: an attempt naming one it cannot read is stored still
 
     def changed_user(self, users: Resource) -> Callable[[Resource, int, Payload], bool]:
         def changed(_child: Resource, user_id: int, payload: Payload) -> bool:
@@ -241,12 +250,14 @@ async def _admin_plan(engine: AsyncEngine, settings: Settings, options: RunOptio
             mode=options.mode, force_full=options.full, state=state, now=now,
             full_every=parse_duration(settings.sync.full_every), lookback=lookback_for(setting, longest),
         )  # fmt: skip
+        resources = admin_resources(_policy(settings))
+        exam_ids = frozenset(await store.stored_keys_and_digests(connection, resources["exams"]))
         if plan.full:
-            return plan, _Known({}, {}), state
-        users = admin_resources(_policy(settings))["users"]
+            return plan, _Known({}, {}, exam_ids), state
         known = _Known(
-            user_digests=await store.stored_keys_and_digests(connection, users),
+            user_digests=await store.stored_keys_and_digests(connection, resources["users"]),
             open_attempts=await store.open_attempts_before(connection, plan.since or now),
+            exam_ids=exam_ids,
         )
     return plan, known, state
 

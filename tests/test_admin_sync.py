@@ -185,10 +185,12 @@ async def test_exam_rows_without_ids_as_documented_are_read_by_the_id_attempts_n
     for exam in institute.dataset.exams:
         assert kept[exam.id]["title"] == exam.title and "id" not in kept[exam.id]["raw"], exam.id
     warned = [entry for entry in logs if entry["log_level"] == "warning"]
-    assert [entry["event"] for entry in warned] == ["exams_listing_without_ids"]
+    assert [(entry["event"], entry["resource"]) for entry in warned] == [("listing_without_ids", "exams")]
     again = await sync_with(settings, RunOptions(full=True))
     assert (again.status, again.rows.deleted, again.rows.inserted, again.rows.updated) == ("succeeded", 0, 0, 0)
     assert set(await stored(engine, exams)) == set(kept)
+    with pytest.raises(ConfigError, match="--limit samples exams by id"):  # not a silent run of nothing
+        await sync_with(settings, RunOptions(limit=3))
 
 
 async def test_an_exam_the_listing_did_not_show_is_read_before_its_attempts(
@@ -263,6 +265,39 @@ async def test_a_run_that_fails_or_samples_does_not_move_the_watermark(
     async with engine.connect() as connection:
         watermark, last_full = (await connection.execute(select(sync_state.c.watermark, sync_state.c.last_full_at))).one()
     assert watermark > first and last_full == watermark
+
+
+async def test_a_row_without_a_usable_id_is_recorded_once_and_the_listing_not_walked_again(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """A user served with an id that is no number: one sync_errors row, the listing read
+    once (walking it again would not give the row an id), nothing marked deleted from it."""
+    settings = admin_settings(institute, database_url)
+    await sync_with(settings)
+    bad = institute.dataset.users[4].id
+    institute.state.unidentifiable = {"users": {bad}}
+    before = dict(institute.state.by_route)
+    summary = await sync_with(settings, RunOptions(full=True))
+    listing_pages = -(-len(institute.dataset.users) // 20)
+    assert institute.state.by_route[f"{ADMIN}/users/"] - before[f"{ADMIN}/users/"] == listing_pages
+    assert (summary.status, summary.errors, summary.rows.deleted) == ("partial", 1, 0)
+    assert bad in await stored(engine, users, "user_id")
+
+
+async def test_attempts_of_a_stored_exam_that_cannot_be_read_again_are_stored_still(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """An exam the database holds, now missing from the listing and failing to answer by
+    id: its attempts' rows can still name it, so they are stored, not sent to sync_errors."""
+    settings = admin_settings(institute, database_url)
+    await sync_with(settings)
+    exam = institute.dataset.exams[3]
+    institute.state.unlisted_exams = {exam.id}
+    institute.app[DETAIL_FAULTS_KEY].failing_exams = {exam.id}
+    new = institute.dataset.start_attempts(exam, institute.dataset.users[:2], state="Running")
+    summary = await sync_with(replace(settings, http=replace(settings.http, max_attempts=1)), RunOptions(full=True))
+    assert (summary.status, summary.errors) == ("partial", 1)  # the exam's read, recorded
+    assert {attempt.id for attempt in new} <= set(await stored(engine, attempts))
 
 
 @pytest.mark.parametrize("policy", ["hash", "drop"])

@@ -132,6 +132,10 @@ async def test_a_403_is_a_token_question_whatever_the_tokens_exp(
         with pytest.raises(SkippableError):
             await client.get_json(attempts_url(exam), route="attempts")
     assert simulator.state.logins == 2
+    # A forbidden exam vouches for nothing: the session ending again costs one more login.
+    simulator.state.sessions_valid_from = simulator.state.logins + 1
+    assert (await client.get_json(attempts_url(allowed[5]), route="attempts"))["results"]
+    assert simulator.state.logins == 3
 
 
 async def test_a_server_that_refuses_every_new_token_stops_the_run_after_one_login(

@@ -105,6 +105,11 @@ class Resource:
     def listing_path(self) -> str:
         return f"/api/{self.api_version}/{self.path}"
 
+    def detail_route(self, key: object) -> str:
+        """Where one item is read by its key, from the server's root."""
+        assert self.detail_path is not None, f"{self.name} cannot be read one by one"
+        return f"/api/{self.api_version}/{self.detail_path.format(key=key)}"
+
 
 def _exam(payload: Payload, _parent: int | None) -> Normalized:
     return exam_row(payload), NO_USERS, NO_PROBLEMS

@@ -431,10 +431,18 @@ def _page(request: web.Request, items: Sequence[T], kind: str, rows: RowCache[T]
     base = base_url(request)
 
     def bodies(page: Sequence[T]) -> list[bytes]:
-        return _exam_bodies(request, rows.bodies(page, base)) if kind == "exams" else rows.bodies(page, base)
+        served = _exam_bodies(request, rows.bodies(page, base)) if kind == "exams" else rows.bodies(page, base)
+        if bad := request.app[STATE_KEY].unidentifiable.get(kind):
+            served = [_unidentifiable(body, bad) for body in served]
+        return served
 
     body = paginate_serialized(request, items, per_page, bodies, page_last=True)
     return json_body_response(body) if body is not None else json_response(INVALID_PAGE, 404)
+
+
+def _unidentifiable(body: bytes, bad: set[int]) -> bytes:
+    row = orjson.loads(body)
+    return orjson.dumps({**row, "id": f"id-{row['id']}"}) if row.get("id") in bad else body
 
 
 def _exam_bodies(request: web.Request, bodies: list[bytes]) -> list[bytes]:

@@ -69,6 +69,8 @@ class SimulatorState:
     # Exams the admin exam listing leaves out, as one created after the listing was read:
     # their detail and their attempts still answer.
     unlisted_exams: set[int] = field(default_factory=set)
+    # Rows of an admin listing ("users", "exams", ...) served with an id that is no number.
+    unidentifiable: dict[str, set[int]] = field(default_factory=dict)
     secret: bytes = b"simulator-signing-key"
     rng: random.Random = field(default_factory=lambda: random.Random(11))
     requests: int = 0

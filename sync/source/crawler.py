@@ -22,7 +22,7 @@ walk may mark rows deleted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urljoin
@@ -32,6 +32,7 @@ import structlog
 from sync.errors import ApiError, RecordError, SkippableError
 from sync.model.batches import Batch, Failure, Message, Payload, ResourceDone
 from sync.model.ids import IdSet
+from sync.model.normalize import INT64, parse_int
 from sync.model.resources import Resource
 from sync.source.client import TestpressClient
 from sync.source.pagination import Page, later_page_urls, page_count, read_page
@@ -59,14 +60,16 @@ class _Walk:
     failed: bool = False
     past_end: bool = False
     uncounted: bool = False  # the server gave no `count`: completeness cannot be checked
-    unkeyed: int = 0  # items shown without an id (read_when_referenced): ids cannot be counted
+    # Items shown without a usable id: the walk cannot be checked against its count, and
+    # walking it again would not change that (nor record them once more).
+    unidentified: int = 0
 
     @property
     def consistent(self) -> bool:
         return (
             not self.failed
             and not self.past_end
-            and not self.unkeyed
+            and not self.unidentified
             and len(self.counts) == 1
             and len(self.ids) == next(iter(self.counts))
         )
@@ -118,7 +121,7 @@ class Crawler:
         self._partial = partial
         self._child_filter = child_filter
         self._references = references
-        self._shown_unkeyed = False  # the listing showed items without an id (read_when_referenced)
+        self.shown_unkeyed = False  # the listing showed items without any id (read_when_referenced)
         self._listings: asyncio.Queue[ChildListing | None] = asyncio.Queue(maxsize=workers * 4)
         self.skipped = 0  # root items whose children were not walked (backfill --resume)
         self.present = IdSet()  # every root id the listings showed
@@ -153,10 +156,12 @@ class Crawler:
         await self._close_child_queue()
         status = "error" if failed else "ok"
         whole = complete and not failed and not self._partial
-        # `present` itself, not a copy: nothing adds to it any more, and at 150,000
-        # attempts each copy of the set costs ~8 MB.
-        # Never complete, and nothing is wrong with that (said once, when the first item without an id came).
-        sliced = self._partial or self._limit is not None or self._shown_unkeyed
+        # `present` itself, not a copy: at 150,000 attempts each copy costs ~8 MB. Only
+        # ReferencedItems adds to it after this (an exam read by id exists: the writer,
+        # which reads it once everything is stored, must not mark it deleted).
+        # A listing that showed items without an id is never complete, and nothing is
+        # wrong with that: said once, when the first such item came.
+        sliced = self._partial or self._limit is not None or self.shown_unkeyed
         await self._out.put(ResourceDone(self._root.name, status, whole, self.present, scope=self._filters, sliced=sliced))
 
     async def _walk_variant(self, variant: Mapping[str, str]) -> tuple[bool, bool]:
@@ -171,7 +176,7 @@ class Crawler:
             except SkippableError as exc:  # the listing itself refused (after a new login): the other listings go on
                 await self._page_failed(exc)
                 return False, True
-            if walk.failed or walk.uncounted or walk.unkeyed or self._limit is not None:
+            if walk.failed or walk.uncounted or walk.unidentified or self._limit is not None:
                 # A limited walk is a sample: never complete, never a reason to delete.
                 return False, walk.failed
             if walk.consistent:
@@ -185,7 +190,7 @@ class Crawler:
         handle = self._root_page_handler()
         assert self._root.detail_path is not None, f"{self._root.name} cannot be read one by one"
         for key in self._keys:
-            url = self._client.url(f"/api/{self._root.api_version}/{self._root.detail_path.format(key=key)}")
+            url = self._client.url(self._root.detail_route(key))
             try:
                 detail = await self._client.get_json(url, self._root.name)
             except SkippableError as exc:
@@ -226,7 +231,7 @@ class Crawler:
     async def _fetch_one(self, key: str) -> None:
         root = self._root
         assert root.detail_path is not None
-        url = self._client.url(f"/api/{root.api_version}/{root.detail_path.format(key=key)}")
+        url = self._client.url(root.detail_route(key))
         try:
             detail = await self._client.get_json(url)
         except ApiError as exc:  # after the client's retries: this item, not the run
@@ -259,8 +264,10 @@ class Crawler:
             if self._limit is not None:
                 items = items[: max(0, self._limit - len(present))]
             identified, failures = identify_items(items, self._root)
-            if self._root.read_when_referenced and failures:
-                failures = self._unkeyed_items(failures, walk)
+            if failures:
+                walk.unidentified += len(failures)
+                if self._root.read_when_referenced:
+                    failures = self._unkeyed_items(failures)
             fresh = [(ident, payload) for ident, payload in identified if ident not in present]
             present.update(ident for ident, _ in fresh)
             if walk.ids is not present:
@@ -279,19 +286,20 @@ class Crawler:
 
         return handle
 
-    def _unkeyed_items(self, failures: list[Failure], walk: _Walk) -> list[Failure]:
+    def _unkeyed_items(self, failures: list[Failure]) -> list[Failure]:
         """Of the items that could not be identified, those shown with no id at all are
-        counted, not recorded: they are read by id when an item of another resource names
-        them. The rest (an id that is not a number) are failures still."""
-        unkeyed = [f for f in failures if isinstance(f.payload, dict) and f.payload.get(self._root.id_field) is None]
-        if unkeyed:
-            walk.unkeyed += len(unkeyed)
-            if not self._shown_unkeyed:
-                self._shown_unkeyed = True
-                log.warning(f"{self._root.name}_listing_without_ids", entity=self._root.entity,
-                            hint=f"each {self._root.entity} is read by id when another item names it; "
-                                 f"none is marked deleted")  # fmt: skip
-        return [f for f in failures if f not in unkeyed]
+        not recorded: they are read by id when an item of another resource names them.
+        The rest (an id that is not a number) are failures still."""
+        kept: list[Failure] = []
+        for failure in failures:
+            shown = failure.payload.get(self._root.id_field) if isinstance(failure.payload, dict) else 0
+            if shown is not None:
+                kept.append(failure)
+        if len(kept) < len(failures) and not self.shown_unkeyed:
+            self.shown_unkeyed = True
+            log.warning("listing_without_ids", resource=self._root.name, entity=self._root.entity,
+                        hint=f"each {self._root.entity} is read by id when another item names it; none is marked deleted")
+        return kept
 
     async def _queue_child_listing(self, child: Resource, parent_id: int, parent: Payload) -> None:
         url = parent.get(child.listing_url_field) if child.listing_url_field else None
@@ -329,7 +337,7 @@ class Crawler:
             if walk.failed:
                 status = "error"
                 break
-            if walk.uncounted:
+            if walk.uncounted or walk.unidentified:
                 break
             if walk.consistent:
                 complete = True
@@ -340,6 +348,7 @@ class Crawler:
     def _child_page_handler(self, resource: Resource, parent_id: int, seen: set[int]) -> PageHandler:
         async def handle(items: list[Any], walk: _Walk) -> None:
             identified, failures = identify_items(items, resource)
+            walk.unidentified += len(failures)
             walk.ids.update(ident for ident, _ in identified)
             fresh = [(ident, payload) for ident, payload in identified if ident not in seen]
             seen.update(ident for ident, _ in fresh)
@@ -420,40 +429,48 @@ class Crawler:
 
 
 class ReferencedItems:
-    """The items of `resource` that other items name by id (admin attempts name their exam
-    by `exam_id`), made sure of before those are handed over: an id that `known` (the ids
-    its listing showed) lacks is read from `resource`'s detail route, once, and handed over
-    ahead of the items that name it (the writer keeps the queue's order), so no row names
-    a parent that is not stored. That covers an exam created after its listing was walked,
-    and a listing that shows no ids at all (the documented admin exam row).
+    """The items of `resource` that other items name by id in their `field` (admin
+    attempts name their exam by `exam_id`), made sure of before those are handed over:
+    an id that `known` (the ids its listing showed) lacks is read from `resource`'s detail
+    route, once, and handed over ahead of the items that name it (the writer keeps the
+    queue's order), so no row names a parent that is not stored. That covers an exam
+    created after its listing was walked, and a listing that shows no ids at all (the
+    documented admin exam row).
 
-    An item that cannot be read costs the items that name it: each becomes a Failure with
-    its payload, instead of a row the database would refuse."""
+    An item that cannot be read costs the items that name it, each a Failure with its
+    payload instead of a row the database would refuse; unless the database holds it
+    already (`stored`): then they are stored as before."""
 
-    def __init__(self, client: TestpressClient, out: asyncio.Queue[Message], resource: Resource, known: IdSet) -> None:
+    def __init__(
+        self, client: TestpressClient, out: asyncio.Queue[Message], resource: Resource, field: str, known: IdSet,
+        stored: Set[int] = frozenset(),
+    ) -> None:  # fmt: skip
         assert resource.detail_path is not None, f"{resource.name} cannot be read one by one"
         self._client = client
         self._out = out
         self._resource = resource
+        self._field = field
         self._known = known  # the listing's `present`: an item read here joins it (not deleted)
-        self._reading: dict[int, asyncio.Task[str | None]] = {}  # id → why it could not be read
+        self._stored = stored
+        self._outcomes: dict[int, str | None] = {}  # id → why it could not be read (None: it was)
         self.read = 0  # items read one by one
 
     async def resolve(self, items: list[tuple[int, Payload]], naming: Resource) -> tuple[list[tuple[int, Payload]], list[Failure]]:
         """`items` (of `naming`) whose referenced item is stored or on its way, and a Failure
         for each of the others."""
-        field = naming.references[0] if naming.references else ""
-        named = {payload.get(field) for _, payload in items}  # a page names a few exams: look each up once
-        wanted = {ref for ref in named if type(ref) is int and ref not in self._known}
-        if not wanted:
-            return items, []
-        for missing in wanted - self._reading.keys():
-            self._reading[missing] = asyncio.ensure_future(self._read(missing))
-        problems = dict(zip(wanted, await asyncio.gather(*(self._reading[each] for each in wanted)), strict=True))
+        named = {_named_id(payload.get(self._field)) for _, payload in items}  # a page names a few exams
+        wanted = {ident for ident in named if ident is not None and ident not in self._known and ident not in self._outcomes}
+        if wanted:
+            try:  # a fatal error (a refused login) stops the other reads before it is raised
+                async with asyncio.TaskGroup() as group:
+                    reads = {ident: group.create_task(self._read(ident)) for ident in wanted}
+            except BaseExceptionGroup as failure:
+                raise failure.exceptions[0] from None
+            self._outcomes.update((ident, read.result()) for ident, read in reads.items())
         kept, failures = [], []
         for ident, payload in items:
-            named_id = payload.get(field)
-            problem = problems.get(named_id) if type(named_id) is int else None
+            named_id = _named_id(payload.get(self._field))
+            problem = None if named_id is None or named_id in self._stored else self._outcomes.get(named_id)
             if problem is None:
                 kept.append((ident, payload))
             else:
@@ -462,36 +479,47 @@ class ReferencedItems:
         return kept, failures
 
     async def _read(self, ident: int) -> str | None:
+        """Read one item by id and hand it over; why it could not be, or None."""
         resource = self._resource
-        assert resource.detail_path is not None
-        url = self._client.url(f"/api/{resource.api_version}/{resource.detail_path.format(key=ident)}")
+        url = self._client.url(resource.detail_route(ident))
         try:
             detail = await self._client.get_json(url, resource.name)
         except ApiError as exc:  # after the client's retries: this item, and those naming it
-            message = f"cannot read {resource.entity} {ident}: {exc}"
-            await self._out.put(Failure(resource.entity, str(ident), message, exc.status))
+            await self._out.put(Failure(resource.entity, str(ident), f"cannot read {resource.entity} {ident}: {exc}", exc.status))
             return str(exc)
-        if not isinstance(detail, dict):
-            message = f"{resource.entity} {ident}: expected an object, got {type(detail).__name__}"
-            await self._out.put(Failure(resource.entity, str(ident), message, payload=detail))
-            return message
-        shown = _shown_id(detail, resource)
-        if shown is not None and shown != ident:
-            message = f"asked for {resource.entity} {ident}, the server answered with {shown}"
-            await self._out.put(Failure(resource.entity, str(ident), message, payload=detail))
-            return message
+        problem: str | None
+        try:
+            shown = _shown_id(detail, resource)
+        except RecordError as exc:
+            problem = str(exc)
+        else:
+            problem = None if shown in (None, ident) else f"asked for {resource.entity} {ident}, the server answered with {shown}"
+        if problem is not None:
+            await self._out.put(Failure(resource.entity, str(ident), problem, payload=detail))
+            return problem
         self._known.add(ident)
         self.read += 1
         await self._out.put(Batch(resource.name, [(ident, detail)]))
         return None
 
 
-def _shown_id(payload: Payload, resource: Resource) -> int | None:
-    """The id an item shows, or None when it shows none."""
+def _named_id(value: Any) -> int | None:
+    """An id as another item names it (5, "5"), or None when it names none usable (that
+    item's own normalizer says what is wrong with it)."""
     try:
-        return resource.identify(payload, resource.entity)
+        return parse_int(value, "id", limit=INT64)
     except RecordError:
         return None
+
+
+def _shown_id(payload: Any, resource: Resource) -> int | None:
+    """The id an item read by id shows of itself: None when it shows none (the documented
+    admin exam row); RecordError when it is no object, or shows one that is no id."""
+    if not isinstance(payload, dict):
+        raise RecordError(f"{resource.entity}: expected an object, got {type(payload).__name__}")
+    if payload.get(resource.id_field) is None and not isinstance(payload.get("url"), str):
+        return None
+    return resource.identify(payload, resource.entity)
 
 
 def identify_items(items: list[Any], resource: Resource) -> tuple[list[tuple[int, Any]], list[Failure]]:
