@@ -339,7 +339,9 @@ async def _crawl_and_write(
         await _produce_and_write(walk, queue, writer, stop)
         summary.exams_skipped = walks.main.skipped if walks.main else 0
         lost = summary.errors - summary.field_problems  # items not stored (a null field costs no row)
-        if plan is not None and not stop.is_set() and not lost and not options.dry_run and options.limit is None:
+        # A listing that kept shifting (or showed one id twice) may have hidden an attempt.
+        missed = not summary.listing_complete
+        if plan is not None and not stop.is_set() and not lost and not missed and not options.dry_run and options.limit is None:
             # Only a run that completed moves the watermark: one that stopped early, or left
             # items unstored, leaves it where the next run must start from. A `--limit` run
             # is a sample, neither a full walk nor a window read whole. Fields stored null

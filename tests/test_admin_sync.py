@@ -284,6 +284,23 @@ async def test_a_row_without_a_usable_id_is_recorded_once_and_the_listing_not_wa
     assert bad in await stored(engine, users, "user_id")
 
 
+async def test_a_full_walk_whose_listing_repeats_an_item_records_no_full_walk(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """A listing that kept showing an item twice (or shifting) may have hidden another: the
+    walk marks nothing deleted from it, and neither the watermark nor the full walk's time
+    moves, so the next run walks everything again."""
+    settings = admin_settings(institute, database_url)
+    await sync_with(settings)
+    async with engine.connect() as connection:
+        first = tuple((await connection.execute(select(sync_state.c.watermark, sync_state.c.last_full_at))).one())
+    institute.state.repeated_users = {institute.dataset.users[0].id}
+    summary = await sync_with(settings, RunOptions(full=True))
+    assert (summary.status, summary.listing_complete, summary.rows.deleted) == ("succeeded", False, 0)
+    async with engine.connect() as connection:
+        assert tuple((await connection.execute(select(sync_state.c.watermark, sync_state.c.last_full_at))).one()) == first
+
+
 async def test_attempts_of_a_stored_exam_that_cannot_be_read_again_are_stored_still(
     institute: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:

@@ -61,7 +61,7 @@ class RunSummary:
     field_problems: int = 0
     rows: RowCounts = field(default_factory=RowCounts)
     by_table: dict[str, RowCounts] = field(default_factory=dict)
-    listing_complete: bool = False
+    listing_complete: bool = False  # every top-level listing read whole was read consistently
     error: str | None = None
     source: str | None = None  # student or admin: the API this run read
     full_walk: bool = True  # an admin nightly run that read only what can have changed: False

@@ -13,7 +13,7 @@ from sync.model.run import Progress
 
 def progress_text(progress: Progress) -> str:
     """"exams 120/1,000 · 3,450 attempts · 41 req/s · 2 retries · ~1m20s left"."""
-    rate = progress.requests / progress.elapsed if progress.elapsed > 0 else 0.0
+    rate = progress.requests / progress.elapsed if progress.elapsed >= 1 else 0.0  # the first tick: too few to tell
     total: int | None
     if progress.by_attempts:  # an admin run: attempts come from one listing
         done, total = progress.attempts_seen, progress.attempts_total

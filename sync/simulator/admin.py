@@ -639,6 +639,8 @@ async def user_list(request: web.Request) -> web.Response:
     cache.users.prune(len(token), lambda: {user.id for user in token})
     key = ("users", _listing_query(request))
     users = cache.listings.get(key, token, lambda: _filtered_users(request, dataset))
+    if repeated := request.app[STATE_KEY].repeated_users:
+        users = [*users, *(user for user in users if user.id in repeated)]
     return _page(request, users, "users", cache.users)
 
 

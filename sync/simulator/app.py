@@ -71,6 +71,9 @@ class SimulatorState:
     unlisted_exams: set[int] = field(default_factory=set)
     # Rows of an admin listing ("users", "exams", ...) served with an id that is no number.
     unidentifiable: dict[str, set[int]] = field(default_factory=dict)
+    # Users the admin user listing shows twice (its count includes both): a listing that
+    # repeats an item, as one that shifts between pages does.
+    repeated_users: set[int] = field(default_factory=set)
     secret: bytes = b"simulator-signing-key"
     rng: random.Random = field(default_factory=lambda: random.Random(11))
     requests: int = 0

@@ -426,8 +426,10 @@ class Writer:
     async def _finish_listings(self) -> None:
         """Top-level listings, once everything else is stored: mark what a complete one
         no longer shows as deleted."""
+        # Whether every listing read whole was read consistently: a full walk that was not
+        # may have missed an item, so it moves no watermark (sync.run).
+        self._summary.listing_complete = all(listing.complete for listing in self._listings if not listing.sliced)
         for listing in self._listings:
-            self._summary.listing_complete = listing.complete
             if listing.sliced:
                 log.info("deletions_not_checked", resource=listing.resource,
                          reason="this run did not read the whole listing by id (incremental, --exam, --limit, or a listing without ids)")
