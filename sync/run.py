@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sync.config import Settings, parse_duration
 from sync.errors import ConfigError, error_text
@@ -35,6 +35,7 @@ from sync.model.resources import ATTEMPT_DETAILS, ATTEMPTS, EXAMS, RESOURCES, Re
 from sync.model.run import Clock, Progress, RunOptions, RunSummary, utc_now
 from sync.ops.logs import Redactor
 from sync.sink import store
+from sync.sink.faults import in_own_transaction
 from sync.sink.writer import Writer
 from sync.source.access import choose_source
 from sync.source.client import TestpressClient
@@ -73,18 +74,19 @@ async def run_sync(
     if options.dry_run:
         run_id = 0
     else:
-        async with engine.begin() as connection:
-            # We hold the run lock, so a run still marked running was killed mid-way.
-            abandoned = await store.close_abandoned_runs(connection, clock())
+        # Each in a transaction tried again while the database is away, as the batches are.
+        retry_seconds = settings.sync.database_retry_seconds
+        # We hold the run lock, so a run still marked running was killed mid-way.
+        abandoned = await in_own_transaction(engine, retry_seconds, lambda c: store.close_abandoned_runs(c, clock()))
         if abandoned:
             log.warning("abandoned_runs_closed", runs=abandoned, status="interrupted")
         if options.resume:
-            async with engine.connect() as connection:
-                resumed_from, skip = await store.resume_point(connection)
+            resumed_from, skip = await in_own_transaction(engine, retry_seconds, store.resume_point)
             if resumed_from is None:
                 log.info("nothing_to_resume", hint="the last backfill finished; walking everything")
-        async with engine.begin() as connection:
-            run_id = await store.start_run(connection, options.mode, clock(), resumed_from=resumed_from)
+        run_id = await in_own_transaction(
+            engine, retry_seconds, lambda c: store.start_run(c, options.mode, clock(), resumed_from=resumed_from)
+        )
     summary = RunSummary(run_id=run_id, mode=options.mode, dry_run=options.dry_run)
     structlog.contextvars.bind_contextvars(run_id=run_id)
     log.info("run_started", mode=options.mode, dry_run=options.dry_run, resumed_from=resumed_from, exams_to_skip=len(skip))
@@ -241,24 +243,32 @@ class _Known:
 
 
 async def _admin_plan(engine: AsyncEngine, settings: Settings, options: RunOptions, now: datetime) -> tuple[AdminPlan, _Known, SyncState]:
-    """The admin run's plan, from what the last completed runs left in sync_state."""
-    async with engine.connect() as connection:
-        state = await store.read_sync_state(connection, "attempts")
-        longest = await store.longest_exam_duration(connection)
-        setting = None if settings.sync.lookback == "auto" else parse_duration(settings.sync.lookback)
-        plan = plan_admin_run(
-            mode=options.mode, force_full=options.full, state=state, now=now,
-            full_every=parse_duration(settings.sync.full_every), lookback=lookback_for(setting, longest),
-        )  # fmt: skip
-        resources = admin_resources(_policy(settings))
-        exam_ids = frozenset(await store.stored_keys_and_digests(connection, resources["exams"]))
-        if plan.full:
-            return plan, _Known({}, {}, exam_ids), state
-        known = _Known(
-            user_digests=await store.stored_keys_and_digests(connection, resources["users"]),
-            open_attempts=await store.open_attempts_before(connection, plan.since or now),
-            exam_ids=exam_ids,
-        )
+    """The admin run's plan, from what the last completed runs left in sync_state (read
+    in one transaction, tried again while the database is away)."""
+    return await in_own_transaction(
+        engine, settings.sync.database_retry_seconds, lambda connection: _read_admin_plan(connection, settings, options, now)
+    )
+
+
+async def _read_admin_plan(
+    connection: AsyncConnection, settings: Settings, options: RunOptions, now: datetime
+) -> tuple[AdminPlan, _Known, SyncState]:
+    state = await store.read_sync_state(connection, "attempts")
+    longest = await store.longest_exam_duration(connection)
+    setting = None if settings.sync.lookback == "auto" else parse_duration(settings.sync.lookback)
+    plan = plan_admin_run(
+        mode=options.mode, force_full=options.full, state=state, now=now,
+        full_every=parse_duration(settings.sync.full_every), lookback=lookback_for(setting, longest),
+    )  # fmt: skip
+    resources = admin_resources(_policy(settings))
+    exam_ids = frozenset(await store.stored_keys_and_digests(connection, resources["exams"]))
+    if plan.full:
+        return plan, _Known({}, {}, exam_ids), state
+    known = _Known(
+        user_digests=await store.stored_keys_and_digests(connection, resources["users"]),
+        open_attempts=await store.open_attempts_before(connection, plan.since or now),
+        exam_ids=exam_ids,
+    )
     return plan, known, state
 
 

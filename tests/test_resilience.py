@@ -26,8 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import attempts, sync_progress, sync_runs
 from sync.errors import DatabaseError
+from sync.ops.logs import Redactor
+from sync.run import run_sync
 from sync.simulator import SimulatorServer
 from sync.sink.database import migrate
+from sync.source.client import TestpressClient, open_session
 from tests.conftest import PASSWORD, USERNAME, SimulatorThread, _asyncpg_dsn, fast_settings, small_dataset
 from tests.helpers import assert_matches_server, on_engine, select_rows, select_value, stored_rows, sync_with
 
@@ -211,6 +214,33 @@ async def test_dropped_database_connections_are_retried(
     summary = await task
     assert cut > 0 and summary.status == "succeeded"
     await engine.dispose()  # its pooled connections were cut too
+    await assert_matches_server(engine, simulator)
+
+
+async def test_a_database_away_as_a_run_starts_is_waited_for_as_a_batch_would_be(
+    simulator: SimulatorServer, postgres_engine: AsyncEngine, postgres_url: str
+) -> None:
+    """The run's own bookkeeping (closing abandoned runs, recording itself, reading the
+    plan) rides out a database that is briefly away, like its batches do."""
+    engine, database_url = postgres_engine, postgres_url
+    await migrate(engine)
+    await engine.dispose()
+    settings = fast_settings(simulator.base_url, database_url)
+    await terminate_connections(database_url, block=True)
+
+    async def come_back() -> None:
+        await asyncio.sleep(0.6)
+        await terminate_connections(database_url, block=False)
+
+    back = asyncio.create_task(come_back())
+    try:
+        async with open_session(settings.api, settings.http) as session:
+            client = TestpressClient(session, settings.api, settings.http, Redactor())
+            summary = await run_sync(engine, client, settings, Redactor())
+    finally:
+        await back
+    assert summary.status == "succeeded"
+    await engine.dispose()
     await assert_matches_server(engine, simulator)
 
 

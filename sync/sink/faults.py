@@ -16,11 +16,23 @@ here, alike for every dialect.
 
 from __future__ import annotations
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import structlog
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
+
+from sync.errors import error_text
 from sync.sink.dialects import DIALECTS, DatabaseFault
 
-__all__ = ["DatabaseFault", "classify", "connection_lost", "database_unusable"]
+__all__ = [
+    "DatabaseFault", "classify", "connection_lost", "database_retrying", "database_unusable", "in_own_transaction",
+]  # fmt: skip
+
+log = structlog.get_logger("testpress_sync.database")
+T = TypeVar("T")
 
 
 def classify(error: BaseException) -> DatabaseFault | None:
@@ -48,3 +60,31 @@ def connection_lost(error: BaseException) -> bool:
 def database_unusable(error: BaseException) -> bool:
     """The database cannot run the sync's statements: no row would be stored."""
     return classify(error) is DatabaseFault.UNUSABLE
+
+
+def database_retrying(seconds: float) -> AsyncRetrying:
+    """Tries of a transaction while the database is away (OUTAGE), for `seconds` at most,
+    each on a fresh connection, logged; any other error ends them at once."""
+    return AsyncRetrying(
+        retry=retry_if_exception(connection_lost),
+        stop=stop_after_delay(seconds),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        before_sleep=_log_database_retry,
+        reraise=True,
+    )
+
+
+async def in_own_transaction(engine: AsyncEngine, seconds: float, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """`work` in a transaction of its own, tried again while the database is away: the
+    bookkeeping around a run rides out what its batches ride out."""
+    async for attempt in database_retrying(seconds):
+        with attempt:
+            async with engine.begin() as connection:
+                return await work(connection)
+    raise AssertionError("unreachable: tenacity reraises the last error")
+
+
+def _log_database_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("database_unreachable_retrying", error=error_text(error) if error else None,
+                attempt=state.attempt_number, wait=round(state.upcoming_sleep, 2))  # fmt: skip

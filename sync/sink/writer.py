@@ -24,13 +24,6 @@ import orjson
 import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_delay,
-    wait_exponential,
-)
 
 from sync.errors import DatabaseError, RecordError, error_text
 from sync.model.batches import Batch, Failure, Message, Payload, ResourceDone
@@ -40,7 +33,7 @@ from sync.model.run import Clock, RowCounts, RunSummary, utc_now
 from sync.ops.logs import Redactor
 from sync.sink import store
 from sync.sink.dialects.base import WRITES_OPTION
-from sync.sink.faults import DatabaseFault, classify, connection_lost, database_unusable
+from sync.sink.faults import DatabaseFault, classify, connection_lost, database_retrying, database_unusable
 
 log = structlog.get_logger("testpress_sync.writer")
 
@@ -369,15 +362,8 @@ class Writer:
                 tally.add(step)
 
     async def _in_transaction(self, work: Callable[[AsyncConnection, _Tally], Awaitable[None]]) -> _Tally:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(connection_lost),
-            stop=stop_after_delay(self._database_retry_seconds),
-            wait=wait_exponential(multiplier=0.2, max=5),
-            before_sleep=_log_database_retry,
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
+            async for attempt in database_retrying(self._database_retry_seconds):
                 with attempt:
                     tally = _Tally()
                     async with self._engine.begin() as connection:
@@ -475,9 +461,3 @@ def _failures(pending: _Pending, tally: _Tally) -> list[Failure]:
     """Everything a batch could not store: what the producer reported, the items that
     would not normalize, the rows the database refused, the fields stored null."""
     return [*pending.failures, *(failure for _, failure in tally.malformed), *tally.refused, *tally.problems]
-
-
-def _log_database_retry(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    log.warning("database_unreachable_retrying", error=error_text(error) if error else None,
-                attempt=state.attempt_number, wait=round(state.upcoming_sleep, 2))
