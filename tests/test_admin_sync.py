@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import structlog
 import structlog.testing
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import attempts, batches, exams, sync_errors, sync_runs, sync_state, user_batches, users
@@ -237,6 +237,23 @@ async def test_only_a_full_walk_marks_rows_deleted(institute: SimulatorServer, e
     }  # fmt: skip
     full = await sync_with(settings, RunOptions(full=True))
     assert full.rows.deleted == 1 and gone not in await stored(engine, attempts)
+
+
+async def test_a_user_gone_from_the_listing_takes_their_memberships_along(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    settings = admin_settings(institute, database_url)
+    await sync_with(settings)
+    async with engine.connect() as connection:
+        member = (await connection.execute(select(user_batches.c.user_id).limit(1))).scalar_one()
+    gone = institute.dataset.user(member)
+    institute.dataset.users.remove(gone)
+    summary = await sync_with(settings, RunOptions(full=True))
+    assert gone.id not in await stored(engine, users, "user_id")
+    async with engine.connect() as connection:
+        live = (await connection.execute(select(func.count()).select_from(user_batches).where(
+            user_batches.c.user_id == gone.id, user_batches.c.deleted_at.is_(None)))).scalar_one()  # fmt: skip
+    assert live == 0 and summary.by_table["user_batches"].deleted > 0
 
 
 async def test_a_run_that_fails_or_samples_does_not_move_the_watermark(

@@ -306,6 +306,21 @@ def _not_written_by_webhook_since(table: Table, moment: datetime | None) -> Colu
     return or_(table.c.source.is_distinct_from(WEBHOOK_SOURCE), table.c.last_seen_at < moment)
 
 
+async def mark_children_of_deleted_deleted(
+    connection: AsyncConnection, child: Resource, parent: Resource, now: datetime, *, write: bool = True
+) -> int:
+    """Rows of `child` (memberships) whose parent row (the user) is marked deleted: a
+    deleted user is in no batch. Returns how many (counted, not written, with write=False)."""
+    assert child.parent_column is not None, f"{child.name} has no parent"
+    table, parents = table_of(child), table_of(parent)
+    gone = select(parents.c[parent.key_column]).where(parents.c.deleted_at.is_not(None)).scalar_subquery()
+    live = (table.c.deleted_at.is_(None), table.c[child.parent_column].in_(gone))
+    if not write:
+        return int((await connection.execute(select(func.count()).select_from(table).where(*live))).scalar_one())
+    done = await connection.execute(update(table).where(*live).values(deleted_at=now))
+    return int(done.rowcount)
+
+
 async def mark_missing_children_deleted(
     connection: AsyncConnection,
     resource: Resource,

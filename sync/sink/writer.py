@@ -432,6 +432,10 @@ class Writer:
                     written_before=self._walk_started,
                 )
                 tally.count(resource.table, RowCounts(deleted=deleted))
+                for child in self._resources.values():
+                    if child.parent == resource.name and child.write == "link":  # a deleted user's memberships
+                        gone = await store.mark_children_of_deleted_deleted(connection, child, resource, self._clock(), write=self._write)
+                        tally.count(child.table, RowCounts(deleted=gone))
 
             self._add(await self._in_transaction(mark))
 
