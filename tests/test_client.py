@@ -20,7 +20,7 @@ from aiohttp import web
 from sync.errors import ApiError, AuthError, RetriableError, SkippableError
 from sync.ops.logs import Redactor
 from sync.simulator import SimulatorServer
-from sync.source.client import TestpressClient, TokenAuth, open_session
+from sync.source.client import TestpressClient, TokenAuth, judge_403, open_session
 from sync.source.responses import redirect_target
 from tests.conftest import fast_settings
 
@@ -136,6 +136,23 @@ async def test_a_403_is_a_token_question_whatever_the_tokens_exp(
     simulator.state.sessions_valid_from = simulator.state.logins + 1
     assert (await client.get_json(attempts_url(allowed[5]), route="attempts"))["results"]
     assert simulator.state.logins == 3
+
+
+@pytest.mark.parametrize(
+    ("replaced", "expired", "reads", "worked", "verdict"),
+    [
+        (True, False, True, True, "token"),  # replaced since it was sent: ask again with the new one
+        (False, True, True, True, "token"),  # its own exp has passed
+        (False, False, True, True, "item"),  # still reads what it read: a forbidden exam, no login
+        (False, False, True, False, "item"),
+        (False, False, False, True, "token"),  # refused there too: log in once
+        (False, False, False, False, "stop"),  # a new token refused there: the account lost its access
+        (False, False, None, True, "token"),  # those pages are gone or failing: one login decides
+        (False, False, None, False, "item"),  # nothing to tell by, and a new token: the 403 stands
+    ],
+)
+def test_how_a_403_is_judged(replaced: bool, expired: bool, reads: bool | None, worked: bool, verdict: str) -> None:
+    assert judge_403(replaced=replaced, expired=expired, reads=reads, worked=worked) == verdict
 
 
 async def test_a_server_that_refuses_every_new_token_stops_the_run_after_one_login(

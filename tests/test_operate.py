@@ -215,10 +215,11 @@ def test_limit_takes_the_first_exams_and_marks_nothing_deleted(
     assert select_value(database_url, select(func.count()).where(exams.c.deleted_at.is_not(None))) == 0
     # The listing under each of the three states: one page of each for each limited run
     # (all its exams are `available`; the other two states answer an empty page), and for
-    # the full run; and for each forbidden exam's 403, page 1 again, to tell a forbidden
-    # exam from a token the server no longer takes.
+    # the full run; and for some forbidden exams' 403s, a page that answered before read
+    # again (the latest one: a listing page or an attempts page), to tell a forbidden exam
+    # from a token the server no longer takes.
     forbidden = [exam.forbidden for exam in cli_environment.dataset.exams]
-    assert cli_environment.state.by_path["exams"] == 3 * 3 + 2 * sum(forbidden[:3]) + sum(forbidden)
+    assert 3 * 3 <= cli_environment.state.by_path["exams"] <= 3 * 3 + 2 * sum(forbidden[:3]) + sum(forbidden)
 
 
 # --- summary and metrics files -------------------------------------------------------------

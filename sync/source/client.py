@@ -117,6 +117,21 @@ class TokenAuth:
         self.generation += 1
 
 
+def judge_403(*, replaced: bool, expired: bool, reads: bool | None, worked: bool) -> str:
+    """Whose a 403 is: "token" (log in again, ask again), "item" (a forbidden exam: the
+    403 stands) or "stop" (a new token is refused too: the run cannot go on).
+    `replaced`: the token was replaced since the request was sent; `expired`: its own
+    `exp` has passed; `reads`: whether it still reads a page that answered in this run
+    (None: no verdict, that page is gone or failing); `worked`: it has answered before."""
+    if replaced or expired:
+        return "token"
+    if reads:
+        return "item"
+    if worked:
+        return "token"  # refused there too, or nothing to tell by: one login decides
+    return "stop" if reads is False else "item"
+
+
 def ssl_context(settings: ApiSettings) -> ssl.SSLContext | bool:
     """Certificate checks always on. Without a custom CA bundle: True, aiohttp's default
     verified context (the system's trust). With one: the system's trust plus the bundle."""
@@ -177,10 +192,10 @@ class TestpressClient:
         # "Full jitter" exponential backoff: many clients retrying at once spread out.
         self._backoff = wait_random_exponential(multiplier=http.backoff_initial, max=http.backoff_max)
         self.stats = RequestStats()
-        # The first URL that answered in this run (a probe or a listing's first page: a
-        # small document), and the generations of the tokens that have answered: what a
-        # 403 is checked against (_token_refused).
-        self._known_good: str | None = None
+        # The first and the latest URL that answered in this run, and the generations of
+        # the tokens that have answered: what a 403 is checked against (_token_refused).
+        self._first_good: str | None = None
+        self._last_good: str | None = None
         self._working: set[int] = set()
         redactor.add(api.password)
         self.proxies = Proxies(http.proxy)
@@ -258,8 +273,9 @@ class TestpressClient:
                     raise TokenExpiredError(f"HTTP 403 to a token just renewed: {again}", url=url, status=403) from None
                 raise
         self._working.add(generation)
-        if self._known_good is None:
-            self._known_good = url
+        self._last_good = url
+        if self._first_good is None:
+            self._first_good = url
         return document
 
     async def _get(self, url: str, token: str) -> Any:
@@ -271,30 +287,41 @@ class TestpressClient:
         rather than 401 (the API notes), and the token's own `exp` cannot clear it (the
         server's clock may run ahead). So a 403 is the token's when the token has been
         replaced since it was sent, when its `exp` has passed, or when it no longer reads
-        the first URL that answered in this run: one small GET, no login, decides.
+        a URL that answered in this run (the latest, else the first: one GET, no login).
+        When neither gives a verdict (gone, failing), a token that has answered is
+        renewed once: a login costs less than exams wrongly marked forbidden.
 
-        A token that has never answered anything and is refused there too is no question
-        a new login answers: the run stops (AuthError) rather than log in again and again,
-        or mark every exam forbidden."""
-        if generation != self.auth.generation or self.auth.has_expired(token):
-            return True
-        known = self._known_good
-        if known is None:  # nothing answered yet: nothing to tell a token's 403 by
-            return False
-        if known != url:
-            try:
-                await self._get(known, token)
-            except (TokenExpiredError, SkippableError) as check:
-                if isinstance(check, SkippableError) and check.status != 403:
-                    return False  # the known page is gone: no verdict on the token
-            else:
-                return False  # the token still reads it: the 403 is the item's
-        if generation not in self._working:
+        A token that has never answered anything and is refused there is no question a
+        new login answers: the run stops (AuthError) rather than log in again and again,
+        or mark every exam forbidden. Before anything has answered, a 403 stands."""
+        replaced, expired = generation != self.auth.generation, self.auth.has_expired(token)
+        reads: bool | None = None
+        if not (replaced or expired):
+            for known in dict.fromkeys((self._last_good, self._first_good)):
+                if known is not None and known != url:
+                    reads = await self._still_reads(known, token)
+                    if reads is not None:
+                        break
+        verdict = judge_403(replaced=replaced, expired=expired, reads=reads, worked=generation in self._working)
+        if verdict == "stop":
             raise AuthError(
-                f"Testpress refuses a new token of {self._api.username!r} on {known}, which answered earlier "
-                "in this run: the account may have lost its access, or another session keeps replacing this one",
+                f"Testpress refuses a new token of {self._api.username!r} on pages that answered earlier in this "
+                "run: the account may have lost its access, or another session keeps replacing this one",
                 hint="check that the account may still read the institute; give testpress-sync an account of its own",
             )
+        return verdict == "token"
+
+    async def _still_reads(self, url: str, token: str) -> bool | None:
+        """Whether `token` still reads `url`: False when refused (401, 403), None when the
+        answer says nothing of the token (gone, failing)."""
+        try:
+            await self._get(url, token)
+        except TokenExpiredError:
+            return False
+        except SkippableError as answer:
+            return False if answer.status == 403 else None
+        except ApiError:
+            return None
         return True
 
     async def _send(
