@@ -174,7 +174,8 @@ class _Walks:
         self.main = exams = self.crawler(resources["exams"], partial=partial, limit=limit)
         # An exam the listing did not show (created since, or shown without an id) is read
         # by the id an attempt names it by.
-        field, target = resources["attempts"].references or ("exam_id", "exams")
+        assert resources["attempts"].references is not None, "admin attempts name their exam"
+        field, target = resources["attempts"].references
         named = ReferencedItems(self.client, self.queue, resources[target], field, exams.present,  # type: ignore[arg-type]
                                 stored=known.exam_ids)  # fmt: skip
         try:

@@ -100,6 +100,12 @@ async def error_rows(engine: AsyncEngine) -> list[Any]:
         return (await connection.execute(select(sync_errors).order_by(sync_errors.c.id))).all()
 
 
+async def one_value(engine: AsyncEngine, statement: Any) -> Any:
+    """The single value `statement` selects."""
+    async with engine.connect() as connection:
+        return (await connection.execute(statement)).scalar_one()
+
+
 def on_engine(database_url: str, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     """`work(engine)` on a fresh engine and event loop, for tests that are not async
     (those that drive the CLI); the engine is disposed afterwards."""

@@ -25,7 +25,7 @@ from sync.run import RunOptions
 from sync.simulator import Dataset, SimulatorServer
 from sync.simulator.admin import DETAIL_FAULTS_KEY
 from tests.conftest import PASSWORD, USERNAME, fast_settings
-from tests.helpers import sync_with
+from tests.helpers import one_value, sync_with
 
 ADMIN = "/api/v2.5/admin"
 
@@ -244,16 +244,13 @@ async def test_a_user_gone_from_the_listing_takes_their_memberships_along(
 ) -> None:
     settings = admin_settings(institute, database_url)
     await sync_with(settings)
-    async with engine.connect() as connection:
-        member = (await connection.execute(select(user_batches.c.user_id).limit(1))).scalar_one()
-    gone = institute.dataset.user(member)
+    gone = institute.dataset.user(await one_value(engine, select(user_batches.c.user_id).limit(1)))
     institute.dataset.users.remove(gone)
     summary = await sync_with(settings, RunOptions(full=True))
     assert gone.id not in await stored(engine, users, "user_id")
-    async with engine.connect() as connection:
-        live = (await connection.execute(select(func.count()).select_from(user_batches).where(
-            user_batches.c.user_id == gone.id, user_batches.c.deleted_at.is_(None)))).scalar_one()  # fmt: skip
-    assert live == 0 and summary.by_table["user_batches"].deleted > 0
+    live = select(func.count()).select_from(user_batches).where(
+        user_batches.c.user_id == gone.id, user_batches.c.deleted_at.is_(None))  # fmt: skip
+    assert await one_value(engine, live) == 0 and summary.by_table["user_batches"].deleted > 0
 
 
 async def test_a_run_that_fails_or_samples_does_not_move_the_watermark(
@@ -261,14 +258,12 @@ async def test_a_run_that_fails_or_samples_does_not_move_the_watermark(
 ) -> None:
     settings = admin_settings(institute, database_url)
     await sync_with(settings)
-    async with engine.connect() as connection:
-        first = (await connection.execute(select(sync_state.c.watermark))).scalar_one()
+    first = await one_value(engine, select(sync_state.c.watermark))
     institute.state.faults.server_error_rate = 1.0  # every request fails: the run fails
     with pytest.raises(ApiError):
         await sync_with(replace(settings, http=replace(settings.http, max_attempts=1)))
     institute.state.faults.server_error_rate = 0.0
-    async with engine.connect() as connection:
-        assert (await connection.execute(select(sync_state.c.watermark))).scalar_one() == first
+    assert await one_value(engine, select(sync_state.c.watermark)) == first
     # A --limit run is a sample: it records neither a full walk nor a watermark.
     sampled = await sync_with(settings, RunOptions(full=True, limit=2))
     assert sampled.status == "succeeded"

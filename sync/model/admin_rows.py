@@ -97,12 +97,16 @@ def id_from_row_or_url(payload: Any, what: str) -> int:
 # --- rows ----------------------------------------------------------------------------------
 
 
+def shows_no_id(payload: Any) -> bool:
+    """Whether an item shows neither an id nor a url to take one from (the documented
+    admin exam row): not a malformed item, one to read by the id others name it by."""
+    return isinstance(payload, dict) and payload.get("id") is None and not isinstance(payload.get("url"), str)
+
+
 def shown_id(payload: Payload, what: str) -> int | None:
     """The id a payload shows, its own or its url's; None when it shows neither (an exam
     read from its detail route, as documented: the writer keys it by the id it was read by)."""
-    if payload.get("id") is None and not isinstance(payload.get("url"), str):
-        return None
-    return id_from_row_or_url(payload, what)
+    return None if shows_no_id(payload) else id_from_row_or_url(payload, what)
 
 
 def admin_exam_row(payload: Payload) -> Row:

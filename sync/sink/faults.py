@@ -27,9 +27,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from sync.errors import error_text
 from sync.sink.dialects import DIALECTS, DatabaseFault
 
-__all__ = [
-    "DatabaseFault", "classify", "connection_lost", "database_retrying", "database_unusable", "in_own_transaction",
-]  # fmt: skip
+__all__ = ["DatabaseFault", "classify", "connection_lost", "database_unusable", "in_own_transaction"]
 
 log = structlog.get_logger("testpress_sync.database")
 T = TypeVar("T")
@@ -62,7 +60,7 @@ def database_unusable(error: BaseException) -> bool:
     return classify(error) is DatabaseFault.UNUSABLE
 
 
-def database_retrying(seconds: float) -> AsyncRetrying:
+def _database_retrying(seconds: float) -> AsyncRetrying:
     """Tries of a transaction while the database is away (OUTAGE), for `seconds` at most,
     each on a fresh connection, logged; any other error ends them at once."""
     return AsyncRetrying(
@@ -77,7 +75,7 @@ def database_retrying(seconds: float) -> AsyncRetrying:
 async def in_own_transaction(engine: AsyncEngine, seconds: float, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     """`work` in a transaction of its own, tried again while the database is away: the
     bookkeeping around a run rides out what its batches ride out."""
-    async for attempt in database_retrying(seconds):
+    async for attempt in _database_retrying(seconds):
         with attempt:
             async with engine.begin() as connection:
                 return await work(connection)

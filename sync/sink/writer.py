@@ -33,7 +33,7 @@ from sync.model.run import Clock, RowCounts, RunSummary, utc_now
 from sync.ops.logs import Redactor
 from sync.sink import store
 from sync.sink.dialects.base import WRITES_OPTION
-from sync.sink.faults import DatabaseFault, classify, connection_lost, database_retrying, database_unusable
+from sync.sink.faults import DatabaseFault, classify, connection_lost, database_unusable, in_own_transaction
 
 log = structlog.get_logger("testpress_sync.writer")
 
@@ -362,13 +362,13 @@ class Writer:
                 tally.add(step)
 
     async def _in_transaction(self, work: Callable[[AsyncConnection, _Tally], Awaitable[None]]) -> _Tally:
+        async def tallied(connection: AsyncConnection) -> _Tally:
+            tally = _Tally()  # a new one for each try: a failed try counts nothing
+            await work(connection, tally)
+            return tally
+
         try:
-            async for attempt in database_retrying(self._database_retry_seconds):
-                with attempt:
-                    tally = _Tally()
-                    async with self._engine.begin() as connection:
-                        await work(connection, tally)
-                    return tally
+            return await in_own_transaction(self._engine, self._database_retry_seconds, tallied)
         except DBAPIError as exc:
             if database_unusable(exc):
                 raise DatabaseError(

@@ -30,6 +30,7 @@ from urllib.parse import urlencode, urljoin
 import structlog
 
 from sync.errors import ApiError, RecordError, SkippableError
+from sync.model.admin_rows import shown_id, shows_no_id
 from sync.model.batches import Batch, Failure, Message, Payload, ResourceDone
 from sync.model.ids import IdSet
 from sync.model.normalize import INT64, parse_int
@@ -290,11 +291,7 @@ class Crawler:
         """Of the items that could not be identified, those shown with no id at all are
         not recorded: they are read by id when an item of another resource names them.
         The rest (an id that is not a number) are failures still."""
-        kept: list[Failure] = []
-        for failure in failures:
-            shown = failure.payload.get(self._root.id_field) if isinstance(failure.payload, dict) else 0
-            if shown is not None:
-                kept.append(failure)
+        kept = [failure for failure in failures if not shows_no_id(failure.payload)]
         if len(kept) < len(failures) and not self.shown_unkeyed:
             self.shown_unkeyed = True
             log.warning("listing_without_ids", resource=self._root.name, entity=self._root.entity,
@@ -517,9 +514,7 @@ def _shown_id(payload: Any, resource: Resource) -> int | None:
     admin exam row); RecordError when it is no object, or shows one that is no id."""
     if not isinstance(payload, dict):
         raise RecordError(f"{resource.entity}: expected an object, got {type(payload).__name__}")
-    if payload.get(resource.id_field) is None and not isinstance(payload.get("url"), str):
-        return None
-    return resource.identify(payload, resource.entity)
+    return shown_id(payload, resource.entity)
 
 
 def identify_items(items: list[Any], resource: Resource) -> tuple[list[tuple[int, Any]], list[Failure]]:
