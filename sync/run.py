@@ -294,7 +294,8 @@ async def _crawl_and_write(
     source, reason = await choose_source(client, settings.api.source)
     summary.source = source
     log.info("source_chosen", source=source, reason=reason)
-    queue = MessageQueue(settings.sync.queue_pages, settings.sync.queue_items)
+    # Attempt pages yield to every other resource's messages (MessageQueue says why).
+    queue = MessageQueue(settings.sync.queue_pages, settings.sync.queue_items, yielding=frozenset({ATTEMPTS.name}))
     walks = _Walks(client, queue, settings, options)
     if source == "student":
         log.warning("student_login_sees_own_attempts_only",

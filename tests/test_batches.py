@@ -56,3 +56,26 @@ async def test_a_resource_at_its_bound_does_not_hold_back_another() -> None:
     assert not blocked.done() and queue.qsize() == 62
     await queue.get()  # an attempts page taken: the waiting one goes in
     await asyncio.wait_for(blocked, 1)
+
+
+async def test_attempt_pages_yield_to_other_resources_which_keep_their_order() -> None:
+    """The writer takes a user's batches (light, bound by latency) ahead of attempt pages
+    queued before them; each resource keeps its own order, and the closing None is last."""
+    queue = MessageQueue(max_messages=64, max_items=10_000, yielding=frozenset({"attempts"}))
+    first_page, second_page = _batch(200), _batch(200)
+    attempts_done = ResourceDone("attempts", "ok", True, set())
+    users = Batch("users", [(7, {"id": 7})])
+    memberships = Batch("memberships", [(1, {"id": 1})], parent_id=7)
+    memberships_done = ResourceDone("memberships", "ok", True, {1}, parent_id=7)
+    for message in (first_page, users, second_page, memberships, attempts_done, memberships_done, None):
+        await queue.put(message)
+    taken = [await queue.get() for _ in range(7)]
+    assert taken == [users, memberships, memberships_done, first_page, second_page, attempts_done, None]
+
+
+async def test_without_yielding_resources_messages_leave_in_the_order_they_came() -> None:
+    queue = MessageQueue(max_messages=64, max_items=10_000)
+    page, users = _batch(200), Batch("users", [(7, {"id": 7})])
+    for message in (page, users, None):
+        await queue.put(message)
+    assert [await queue.get() for _ in range(3)] == [page, users, None]

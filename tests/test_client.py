@@ -285,6 +285,31 @@ async def test_requests_in_flight_never_exceed_the_limit(client: TestpressClient
     assert simulator.state.max_in_flight == 4  # the limit, reached and never passed
 
 
+async def test_requests_wait_for_a_connection_in_the_order_they_asked() -> None:
+    """A task that asks again as soon as its request ends (a worker walking the users'
+    batches) must not keep the connection from a task that was already waiting: the
+    connector's own limit let it, and attempt pages waited behind a user's batches."""
+
+    async def slow_page(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.02)
+        return web.json_response({"count": 0, "results": []})
+
+    routes = [web.post("/api/v2.1/auth-token/", login_ok), web.get("/{tail:.*}", slow_page)]
+    async with web_server(routes) as (api, seen), client_of(api, concurrency=1) as client:
+        await client.login()
+
+        async def one_after_another() -> None:
+            for number in range(4):
+                await client.get_json(f"{api}/busy/{number}")
+
+        busy = asyncio.create_task(one_after_another())
+        await asyncio.sleep(0.005)  # the first busy request holds the one connection
+        await client.get_json(f"{api}/waiting")
+        await busy
+    paths = [path for _, path, _ in seen.requests[1:]]
+    assert paths.index("/waiting") == 1, paths  # served second, not after the busy task's 4
+
+
 async def test_a_url_that_cannot_be_requested_is_an_api_error_not_a_crash(
     client: TestpressClient, simulator: SimulatorServer
 ) -> None:

@@ -10,7 +10,7 @@ tomorrow) puts on the writer's queue. Plain values; no producer and no database 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,12 +71,26 @@ class MessageQueue(asyncio.Queue["Message | None"]):
     the users' batches (a request per user, two small messages each) could not be handed
     over, and 5,000 such requests were left for after the attempts, one at a time per
     connection. Memory stays bounded: by the listings walked at once, times the bounds.
-    A message larger than a whole bound still goes in when its resource has none queued."""
+    A message larger than a whole bound still goes in when its resource has none queued.
 
-    def __init__(self, max_messages: int, max_items: int) -> None:
+    Messages leave in the order they came, but for the resources named `yielding`: the
+    messages of any other resource are taken ahead of theirs. An admin run's attempt pages
+    are the writer's heavy work (200 rows to normalize and store each), and the users'
+    batches are light and bound by latency (a request per user): in plain order, each of
+    those waited behind the attempt pages queued before it, the walk of the users' batches
+    went at the writer's pace, and a full walk ended with seconds of it alone (W2 at
+    20 ms: the run's wall time 13.3 s before, 10.8 s after, with the fair client). Safe
+    because no message depends on one of a yielding resource (nothing references an
+    attempt), and each resource keeps its own order (an attempts ResourceDone still comes
+    after the attempt pages before it). The closing None leaves last, as it came."""
+
+    _queue: deque[Message | None]  # asyncio.Queue's own store, which typeshed does not declare
+
+    def __init__(self, max_messages: int, max_items: int, yielding: frozenset[str] = frozenset()) -> None:
         super().__init__()  # unbounded as a queue: the bounds are per resource, in put()
         self._max_messages = max_messages
         self._max_items = max_items
+        self._yielding = yielding
         self._messages: Counter[str] = Counter()
         self._items: Counter[str] = Counter()
         self._taken = asyncio.Event()  # set by every get: a waiting put looks again
@@ -98,12 +112,25 @@ class MessageQueue(asyncio.Queue["Message | None"]):
         super()._put(message)
 
     def _get(self) -> Message | None:
+        if self._yielding and _resource_of(self._queue[0]) in self._yielding:
+            self._bring_forward_one_of_another_resource()
         message: Message | None = super()._get()
         resource = _resource_of(message)
         self._messages[resource] -= 1
         self._items[resource] -= _weight(message)
         self._taken.set()
         return message
+
+
+    def _bring_forward_one_of_another_resource(self) -> None:
+        """The oldest message of a resource that does not yield, to the head of the queue.
+        (The closing None stays where it is: it is the last message.)"""
+        queued = self._queue
+        for index, message in enumerate(queued):
+            if message is not None and _resource_of(message) not in self._yielding:
+                del queued[index]
+                queued.appendleft(message)
+                return
 
 
 def _resource_of(message: Message | None) -> str:
