@@ -6,12 +6,13 @@ change them only through a new Alembic migration and a line in CHANGELOG.md.
 
 # The newest Alembic revision. A database at this revision needs no migration; a test keeps
 # this equal to the head of alembic/versions.
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 
 from schema.tables import (  # noqa: E402
     ATTEMPT_CONTENT_COLUMNS,
     BATCH_CONTENT_COLUMNS,
     EXAM_CONTENT_COLUMNS,
+    OPEN_STATES,
     USER_CONTENT_COLUMNS,
     attempt_difficulty,
     attempt_sections,
@@ -34,6 +35,7 @@ __all__ = [
     "ATTEMPT_CONTENT_COLUMNS",
     "BATCH_CONTENT_COLUMNS",
     "EXAM_CONTENT_COLUMNS",
+    "OPEN_STATES",
     "USER_CONTENT_COLUMNS",
     "attempt_difficulty",
     "attempt_sections",

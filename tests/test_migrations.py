@@ -114,7 +114,11 @@ def _schema_fingerprint(connection: Connection) -> dict[str, Any]:
             ],
             "primary key": inspector.get_pk_constraint(table),
             "foreign keys": sorted(map(repr, inspector.get_foreign_keys(table))),
-            "indexes": sorted(map(repr, inspector.get_indexes(table))),
+            # A partial index's predicate is SQL text (a TextClause): compared as text.
+            "indexes": sorted(
+                repr({**index, "dialect_options": {key: str(value) for key, value in index.get("dialect_options", {}).items()}})
+                for index in inspector.get_indexes(table)
+            ),
             "unique": sorted(map(repr, inspector.get_unique_constraints(table))),
         }
     for view in sorted(inspector.get_view_names()):

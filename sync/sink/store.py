@@ -23,10 +23,20 @@ from operator import itemgetter
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Select, Table, Text, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, Table, Text, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from schema import attempts, exams, metadata, sync_errors, sync_progress, sync_runs, sync_state, users
+from schema import (
+    OPEN_STATES,
+    attempts,
+    exams,
+    metadata,
+    sync_errors,
+    sync_progress,
+    sync_runs,
+    sync_state,
+    users,
+)
 from sync.model.admin_rows import DETAIL_TABLES
 from sync.model.normalize import UserRow
 from sync.model.plan import SyncState
@@ -659,15 +669,17 @@ async def longest_exam_duration(connection: AsyncConnection) -> timedelta | None
     return None if seconds is None else timedelta(seconds=int(seconds))
 
 
-async def open_attempts_before(connection: AsyncConnection, moment: datetime) -> dict[int, int]:
-    """Attempt id → exam id of the live attempts stored as Running or Not Started that
-    started before `moment` (or at no known time): a nightly run must read them again."""
+def open_attempts_query(moment: datetime) -> Select[Any]:
+    """The live attempts stored as Running or Not Started that started before `moment` (or
+    at no known time): id, exam id. Read through the partial index ix_attempts_open."""
     started_before = (attempts.c.date < moment) | attempts.c.date.is_(None)
-    result = await connection.execute(
-        select(attempts.c.id, attempts.c.exam_id).where(
-            attempts.c.state.in_(("Running", "Not Started")), attempts.c.deleted_at.is_(None), started_before
-        )
-    )
+    return select(attempts.c.id, attempts.c.exam_id).where(text(OPEN_STATES), attempts.c.deleted_at.is_(None), started_before)
+
+
+async def open_attempts_before(connection: AsyncConnection, moment: datetime) -> dict[int, int]:
+    """Attempt id → exam id of the open attempts before `moment`: a nightly run must read
+    them again."""
+    result = await connection.execute(open_attempts_query(moment))
     return {ident: exam_id for ident, exam_id in result}
 
 
