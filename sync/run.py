@@ -154,8 +154,8 @@ class _Walks:
 
     async def admin(self, resources: Mapping[str, Resource], plan: AdminPlan, known: _Known) -> None:
         """Users with their batches, the batches and the exams at once; the attempts once
-        every exam is handed over (they reference exams, and the writer keeps the queue's
-        order). The users' batches, a request per user, are the longest walk: they start
+        every exam is handed over (they reference exams; the writer keeps each resource's
+        order, and attempt pages only ever let others ahead of them). The users' batches, a request per user, are the longest walk: they start
         first."""
         if self.options.exam_slugs:
             raise ConfigError("--exam names exams by slug, which the admin API does not serve: use --limit, or --source student")

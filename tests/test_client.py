@@ -232,6 +232,27 @@ async def test_a_throttled_request_pauses_the_next_ones_too(
     assert len(sleep.waits) == 1 and 4.9 < sleep.waits[0] <= 5.0
 
 
+async def test_a_request_queued_for_a_connection_when_a_429_arrives_waits_the_pause_out(
+    simulator: SimulatorServer, sleep: RecordedSleep
+) -> None:
+    """The pause is checked once a connection is the request's: a request that was already
+    waiting for one when the 429 came does not go out during the pause."""
+    settings = fast_settings(simulator.base_url, "sqlite://", max_attempts=1, concurrency=1)
+    async with open_session(settings.api, settings.http) as session:
+        client = TestpressClient(session, settings.api, settings.http, Redactor(), sleep=sleep)
+        await client.login()
+        simulator.state.faults.latency = 0.03
+        simulator.state.faults.throttle_rate = 1.0
+        simulator.state.faults.retry_after = 5
+        throttled = asyncio.create_task(client.get_json(exams_url(simulator)))
+        await asyncio.sleep(0.01)  # in flight, holding the one connection
+        queued = asyncio.create_task(client.get_json(f"{exams_url(simulator)}?page=1"))
+        for request in (throttled, queued):
+            with pytest.raises(RetriableError, match="429"):
+                await request
+    assert len(sleep.waits) == 1 and 4.9 < sleep.waits[0] <= 5.0  # the queued one waited
+
+
 @pytest.mark.parametrize("fault", ["server_error_rate", "drop_rate", "truncate_rate"])
 async def test_server_errors_resets_and_truncated_bodies_are_retried(
     client: TestpressClient, simulator: SimulatorServer, fault: str

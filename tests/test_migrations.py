@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schema import SCHEMA_HEAD, metadata
+from schema import OPEN_STATES, SCHEMA_HEAD, metadata
 from schema.view_history import views_0002
 from schema.views import VIEW_NAMES
 from sync.errors import DatabaseError
@@ -49,6 +50,16 @@ def test_the_views_of_revision_0002_stay_as_0002_made_them() -> None:
         assert hashlib.sha256("\n".join(views_0002(dialect)).encode()).hexdigest() == digest, (
             f"views_0002({dialect!r}) changed: freeze the 0002 text of the view you changed in schema/view_history.py"
         )
+
+
+def test_the_open_attempts_query_keeps_the_predicate_of_its_index() -> None:
+    """SQLite uses the partial index ix_attempts_open only for a query whose predicate is
+    the index's own text; databases migrated to 0004 keep 0004's, whatever the code says."""
+    spec = importlib.util.spec_from_file_location("revision_0004", migrations_dir() / "versions" / "0004_open_attempts_index.py")
+    assert spec is not None and spec.loader is not None
+    revision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision)
+    assert OPEN_STATES == revision.OPEN_STATES_0004
 
 
 async def test_migrations_create_every_table_and_view(engine: AsyncEngine) -> None:

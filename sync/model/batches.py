@@ -79,10 +79,12 @@ class MessageQueue(asyncio.Queue["Message | None"]):
     batches are light and bound by latency (a request per user): in plain order, each of
     those waited behind the attempt pages queued before it, the walk of the users' batches
     went at the writer's pace, and a full walk ended with seconds of it alone (W2 at
-    20 ms: the run's wall time 13.3 s before, 10.8 s after, with the fair client). Safe
-    because no message depends on one of a yielding resource (nothing references an
-    attempt), and each resource keeps its own order (an attempts ResourceDone still comes
-    after the attempt pages before it). The closing None leaves last, as it came."""
+    20 ms, with the client's fair bound on requests: 12.84 s before, 10.16 s after on
+    SQLite). Safe because no message on this queue depends on one of a yielding resource
+    (nothing a walk hands over references an attempt; attempt details are written in a
+    round of their own, after the walk), and each resource keeps its own order (an
+    attempts ResourceDone still comes after the attempt pages before it). The closing
+    None leaves last, as it came."""
 
     _queue: deque[Message | None]  # asyncio.Queue's own store, which typeshed does not declare
 

@@ -336,9 +336,6 @@ class TestpressClient:
         self, method: str, url: str, *, headers: dict[str, str] | None = None, json: Any = None
     ) -> Any:
         loop = asyncio.get_running_loop()
-        pause = self._paused_until - loop.time()
-        if pause > 0:
-            await self._sleep(pause)
         try:
             return await self._exchange(method, url, headers=headers, json=json)
         except RetriableError as exc:
@@ -399,12 +396,18 @@ class TestpressClient:
         an ApiError: RetriableError for the network's, not for TLS or an unusable URL."""
         if not url.startswith(("https://", "http://")):  # attempts URLs come from the server's data
             raise ApiError(f"cannot request it: not an http(s) URL: {url!r}", url=url)
-        self.stats.requests += 1
         try:
-            async with self._in_flight, self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False, proxy=self.proxies.for_url(url)
-            ) as response:
-                return response.status, response.headers, await response.read()
+            async with self._in_flight:
+                # After a 429, no request leaves before the pause ends: checked once the
+                # slot is ours, so the requests that were already queued for one wait too.
+                pause = self._paused_until - asyncio.get_running_loop().time()
+                if pause > 0:
+                    await self._sleep(pause)
+                self.stats.requests += 1
+                async with self._session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False, proxy=self.proxies.for_url(url)
+                ) as response:
+                    return response.status, response.headers, await response.read()
         except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
             raise RetriableError(f"timed out after {self._http.timeout:g}s", url=url) from None
         except aiohttp.ClientSSLError as exc:

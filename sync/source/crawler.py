@@ -429,8 +429,8 @@ class ReferencedItems:
     """The items of `resource` that other items name by id in their `field` (admin
     attempts name their exam by `exam_id`), made sure of before those are handed over:
     an id that `known` (the ids its listing showed) lacks is read from `resource`'s detail
-    route, once, and handed over ahead of the items that name it (the writer keeps the
-    queue's order), so no row names a parent that is not stored. That covers an exam
+    route, once, and handed over ahead of the items that name it (the queue lets exams
+    ahead of attempts, never behind), so no row names a parent that is not stored. That covers an exam
     created after its listing was walked, and a listing that shows no ids at all (the
     documented admin exam row).
 
