@@ -18,6 +18,9 @@ Exit codes are mapped from these in sync.cli only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class SyncError(Exception):
     """Root of every error testpress-sync raises on purpose."""
@@ -96,3 +99,14 @@ def error_text(error: BaseException, limit: int = 500) -> str:
     lines = str(original).strip().splitlines()
     text = f"{type(original).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextmanager
+def first_error() -> Iterator[None]:
+    """Around an asyncio.TaskGroup: its failure raised as the first error in it, not as an
+    ExceptionGroup. Several tasks often hit the same fatal error (a refused login, a lost
+    database); the first says it once, and the exit code follows its class (sync.cli)."""
+    try:
+        yield
+    except BaseExceptionGroup as failure:
+        raise failure.exceptions[0] from None

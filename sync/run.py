@@ -26,7 +26,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sync.config import Settings, parse_duration
-from sync.errors import ConfigError, error_text
+from sync.errors import ConfigError, error_text, first_error
 from sync.model.admin_rows import PiiPolicy
 from sync.model.batches import Message, MessageQueue, Payload
 from sync.model.normalize import payload_digest
@@ -155,8 +155,8 @@ class _Walks:
     async def admin(self, resources: Mapping[str, Resource], plan: AdminPlan, known: _Known) -> None:
         """Users with their batches, the batches and the exams at once; the attempts once
         every exam is handed over (they reference exams; the writer keeps each resource's
-        order, and attempt pages only ever let others ahead of them). The users' batches, a request per user, are the longest walk: they start
-        first."""
+        order, and attempt pages only ever let others ahead of them). The users' batches, a
+        request per user, are the longest walk: they start first."""
         if self.options.exam_slugs:
             raise ConfigError("--exam names exams by slug, which the admin API does not serve: use --limit, or --source student")
         if self.settings.sync.course:
@@ -178,7 +178,7 @@ class _Walks:
         field, target = resources["attempts"].references
         named = ReferencedItems(self.client, self.queue, resources[target], field, exams.present,  # type: ignore[arg-type]
                                 stored=known.exam_ids)  # fmt: skip
-        try:
+        with first_error():  # a fatal error (a refused login, a setting) says it once
             async with asyncio.TaskGroup() as group:
                 for crawler in (users, batches):
                     group.create_task(crawler.crawl())
@@ -187,8 +187,6 @@ class _Walks:
                     resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams), references=named
                 )
                 group.create_task(attempts.crawl())
-        except BaseExceptionGroup as failure:
-            raise failure.exceptions[0] from None  # a fatal error (a refused login, a setting) says it once
         if not plan.full and limit is None:
             await self._open_attempts_again(resources["attempts"], known, attempts.present, named)
         if named.read:
@@ -360,9 +358,11 @@ async def _crawl_and_write(
             # (a birth date of 31/02) do not hold it back: with one such user in the
             # institute, no run would ever count as its full walk. Attempt details do not
             # either: which ones are read never depends on it.
-            last_full = run_started if plan.full else state.last_full_at
-            async with engine.begin() as connection:
-                await store.save_sync_state(connection, "attempts", SyncState(run_started, last_full), clock())
+            saved = SyncState(run_started, run_started if plan.full else state.last_full_at)
+            await in_own_transaction(
+                engine, settings.sync.database_retry_seconds,
+                lambda connection: store.save_sync_state(connection, "attempts", saved, clock()),
+            )  # fmt: skip
         if settings.sync.attempt_details and not stop.is_set():
             await _attempt_details(engine, walks, resources, writer_of, stop, options, source)
     finally:
@@ -402,13 +402,10 @@ async def _produce_and_write(
             failure.append(producing.exception())  # type: ignore[arg-type]
         await queue.put(None)
 
-    try:
+    with first_error():  # the writer failed (the database); the producer was cancelled because of it
         async with asyncio.TaskGroup() as group:
             group.create_task(produce_until_stopped())
             group.create_task(writer.consume(queue))
-    except BaseExceptionGroup as group_error:
-        # The writer failed (the database); the producer was cancelled because of it.
-        raise group_error.exceptions[0] from None
     if failure:
         raise failure[0]
 
@@ -436,8 +433,7 @@ async def _attempt_details(
         log.info("attempt_details_skipped", reason="a dry run stores no details, so it reads none")
         return
     details = resources[ATTEMPT_DETAILS]
-    async with engine.connect() as connection:
-        wanted = await store.attempts_needing_details(connection)
+    wanted = await in_own_transaction(engine, walks.settings.sync.database_retry_seconds, store.attempts_needing_details)
     log.info("attempt_details_started", attempts=len(wanted))
     if not wanted:
         return

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import structlog.testing
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schema import attempts, sync_errors, sync_runs
+from schema import attempts, sync_runs
 from sync.errors import DatabaseError
 from sync.simulator import SimulatorServer
+from sync.simulator.data import exam_start
 from tests.helpers import assert_matches_server, error_rows, stored_rows, sync_once
 
 
@@ -127,13 +128,14 @@ async def test_a_listing_that_refuses_its_first_page_costs_that_listing_only(
     in sync_errors with its URL, the other listings and their attempts are stored, the run
     ends partial, and nothing is marked deleted from the incomplete walk."""
     await sync_once(simulator, database_url)
+    # Half the exams not started yet: the refused `upcoming` listing hides stored exams.
+    starts = sorted(exam_start(exam) for exam in simulator.dataset.exams)
+    simulator.dataset.clock = lambda: starts[len(starts) // 2] + timedelta(minutes=1)
     simulator.state.forbidden_exam_states = {"upcoming"}
     summary = await sync_once(simulator, database_url)
     assert (summary.status, summary.errors, summary.rows.deleted) == ("partial", 1, 0)
-    async with engine.connect() as connection:
-        errors = (await connection.execute(select(sync_errors.c.entity, sync_errors.c.key, sync_errors.c.http_status)
-                                           .where(sync_errors.c.run_id == summary.run_id))).all()  # fmt: skip
-    assert [(entity, status) for entity, _, status in errors] == [("page", 403)] and "state=upcoming" in errors[0][1]
+    errors = [row for row in await error_rows(engine) if row.run_id == summary.run_id]
+    assert [(row.entity, row.http_status) for row in errors] == [("page", 403)] and "state=upcoming" in errors[0].key
     simulator.state.forbidden_exam_states = set()
     await assert_matches_server(engine, simulator)  # the first run's rows, none marked deleted
 

@@ -29,7 +29,7 @@ from urllib.parse import urlencode, urljoin
 
 import structlog
 
-from sync.errors import ApiError, RecordError, SkippableError
+from sync.errors import ApiError, RecordError, SkippableError, first_error
 from sync.model.admin_rows import shown_id, shows_no_id
 from sync.model.batches import Batch, Failure, Message, Payload, ResourceDone
 from sync.model.ids import IdSet
@@ -137,15 +137,11 @@ class Crawler:
 
     async def crawl(self) -> None:
         """Walk everything; returns when every batch and marker is in the out queue."""
-        try:
+        with first_error():  # several workers may hit one fatal error (a refused login, a long throttle)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._fetch_named_items() if self._keys else self._walk_root())
                 for _ in range(self._workers):
                     group.create_task(self._child_worker())
-        except BaseExceptionGroup as failure:
-            # Several workers may hit the same fatal error (a refused login, a long
-            # throttle); the first says it.
-            raise failure.exceptions[0] from None
 
     # --- the root listing --------------------------------------------------------------
 
@@ -189,7 +185,6 @@ class Crawler:
         """--exam SLUG: those items from their detail pages, not the listing."""
         self.total = len(self._keys)
         handle = self._root_page_handler()
-        assert self._root.detail_path is not None, f"{self._root.name} cannot be read one by one"
         for key in self._keys:
             url = self._client.url(self._root.detail_route(key))
             try:
@@ -222,16 +217,13 @@ class Crawler:
             for key in keys:
                 await self._fetch_one(key)
 
-        try:
+        with first_error():
             async with asyncio.TaskGroup() as group:
                 for _ in range(min(self._workers, len(self._keys))):
                     group.create_task(worker())
-        except BaseExceptionGroup as failure:
-            raise failure.exceptions[0] from None  # a fatal error (a refused login) says it once
 
     async def _fetch_one(self, key: str) -> None:
         root = self._root
-        assert root.detail_path is not None
         url = self._client.url(root.detail_route(key))
         try:
             detail = await self._client.get_json(url)
@@ -430,13 +422,14 @@ class ReferencedItems:
     attempts name their exam by `exam_id`), made sure of before those are handed over:
     an id that `known` (the ids its listing showed) lacks is read from `resource`'s detail
     route, once, and handed over ahead of the items that name it (the queue lets exams
-    ahead of attempts, never behind), so no row names a parent that is not stored. That covers an exam
-    created after its listing was walked, and a listing that shows no ids at all (the
-    documented admin exam row).
+    ahead of attempts, never behind), so no row names a parent that is not stored. That
+    covers an exam created after its listing was walked, and a listing that shows no ids
+    at all (the documented admin exam row).
 
     An item that cannot be read costs the items that name it, each a Failure with its
     payload instead of a row the database would refuse; unless the database holds it
-    already (`stored`): then they are stored as before."""
+    already (`stored`): then they are stored as before, and it counts as shown (a full
+    walk does not mark deleted what live rows name)."""
 
     def __init__(
         self, client: TestpressClient, out: asyncio.Queue[Message], resource: Resource, field: str, known: IdSet,
@@ -455,19 +448,21 @@ class ReferencedItems:
     async def resolve(self, items: list[tuple[int, Payload]], naming: Resource) -> tuple[list[tuple[int, Payload]], list[Failure]]:
         """`items` (of `naming`) whose referenced item is stored or on its way, and a Failure
         for each of the others."""
-        named = {_named_id(payload.get(self._field)) for _, payload in items}  # a page names a few exams
+        named = [_named_id(payload.get(self._field)) for _, payload in items]
         wanted = {ident for ident in named if ident is not None and ident not in self._known and ident not in self._outcomes}
         if wanted:
-            try:  # a fatal error (a refused login) stops the other reads before it is raised
+            with first_error():  # a fatal error (a refused login) stops the other reads
                 async with asyncio.TaskGroup() as group:
                     reads = {ident: group.create_task(self._read(ident)) for ident in wanted}
-            except BaseExceptionGroup as failure:
-                raise failure.exceptions[0] from None
             self._outcomes.update((ident, read.result()) for ident, read in reads.items())
         kept, failures = [], []
-        for ident, payload in items:
-            named_id = _named_id(payload.get(self._field))
-            problem = None if named_id is None or named_id in self._stored else self._outcomes.get(named_id)
+        for (ident, payload), named_id in zip(items, named, strict=True):
+            problem = None if named_id is None else self._outcomes.get(named_id)
+            if problem is not None and named_id in self._stored:
+                # Stored rows name it and its read failed, which says nothing of it being
+                # gone: the attempts are stored as before, and it is not marked deleted.
+                self._known.add(named_id)
+                problem = None
             if problem is None:
                 kept.append((ident, payload))
             else:
