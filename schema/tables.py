@@ -180,6 +180,9 @@ sync_state = Table(
     Column("watermark", UTCDateTime),  # attempts started before this (less a lookback) are stored
     Column("last_full_at", UTCDateTime),  # the last complete full walk
     Column("updated_at", UTCDateTime, nullable=False),
+    # Added in 0005: a one-way digest of the rules the last full walk wrote rows by (the
+    # normalizer's version, the personal-data policy and salt); null: not recorded yet.
+    Column("rules", Text),
 )
 
 # The admin attempt detail's breakdowns, replaced whole when an attempt's details change.

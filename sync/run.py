@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -258,8 +258,9 @@ async def _read_admin_plan(
     plan = plan_admin_run(
         mode=options.mode, force_full=options.full, state=state, now=now,
         full_every=parse_duration(settings.sync.full_every), lookback=lookback_for(setting, longest),
+        rules=pii_policy(settings).rules,
     )  # fmt: skip
-    resources = admin_resources(_policy(settings))
+    resources = admin_resources(pii_policy(settings))
     exam_ids = frozenset(await store.stored_keys_and_digests(connection, resources["exams"]))
     if plan.full:
         return plan, _Known({}, {}, exam_ids), state
@@ -271,7 +272,7 @@ async def _read_admin_plan(
     return plan, known, state
 
 
-def _policy(settings: Settings) -> PiiPolicy:
+def pii_policy(settings: Settings) -> PiiPolicy:
     return PiiPolicy(settings.sync.pii, settings.sync.pii_salt or "")
 
 
@@ -302,7 +303,7 @@ async def _crawl_and_write(
         walk: Callable[[], Coroutine[Any, Any, None]] = lambda: walks.student(skip)  # noqa: E731
         plan = None
     else:
-        resources = admin_resources(_policy(settings))
+        resources = admin_resources(pii_policy(settings))
         plan, known, state = await _admin_plan(engine, settings, options, run_started)
         summary.full_walk = plan.full
         log.info("admin_plan", full=plan.full, reason=plan.reason, since=plan.since.isoformat() if plan.since else None)
@@ -358,7 +359,9 @@ async def _crawl_and_write(
             # (a birth date of 31/02) do not hold it back: with one such user in the
             # institute, no run would ever count as its full walk. Attempt details do not
             # either: which ones are read never depends on it.
-            saved = SyncState(run_started, run_started if plan.full else state.last_full_at)
+            # A full walk wrote every live row by this run's rules; a nightly run, only some.
+            saved = (SyncState(run_started, run_started, pii_policy(settings).rules) if plan.full
+                     else replace(state, watermark=run_started))  # fmt: skip
             await in_own_transaction(
                 engine, settings.sync.database_retry_seconds,
                 lambda connection: store.save_sync_state(connection, "attempts", saved, clock()),

@@ -381,6 +381,33 @@ async def test_personal_data_follows_the_policy_in_columns_and_raw(
     assert user["email"] not in everything and user["phone"] not in everything
 
 
+async def test_a_new_personal_data_policy_makes_the_next_run_write_every_row_again(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """A nightly run reads a window of attempts. After `pii` changes it walks everything,
+    so no stored attempt keeps an e-mail the new policy would not store; then nights are
+    incremental again."""
+    kept = admin_settings(institute, database_url)
+    assert (await sync_with(kept)).full_walk
+    assert not (await sync_with(kept)).full_walk  # the same rules: a nightly run
+    hashed = admin_settings(institute, database_url, pii="hash", pii_salt="pepper")
+    with structlog.testing.capture_logs() as logs:
+        changed = await sync_with(hashed)
+    assert (changed.status, changed.full_walk) == ("succeeded", True)
+    [plan] = [entry for entry in logs if entry["event"] == "admin_plan"]
+    assert "other rules" in plan["reason"]
+    served = await server_rows(institute, "attempts/")
+    emails = {row["email"] for row in served.values() if row["email"]}
+    assert emails
+    async with engine.connect() as connection:
+        everything = str((await connection.execute(text("SELECT raw FROM attempts"))).all())
+        everything += str((await connection.execute(text("SELECT * FROM users"))).all())
+    assert not [email for email in emails if email in everything]
+    assert not (await sync_with(hashed)).full_walk
+    # A salt is a rule too.
+    assert (await sync_with(replace(hashed, sync=replace(hashed.sync, pii_salt="other")))).full_walk
+
+
 async def test_a_field_that_will_not_parse_costs_the_field_not_the_row(
     institute: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:
@@ -442,3 +469,10 @@ def test_status_shows_the_source_and_the_watermark(
     assert main(["status"]) == 0
     table = capsys.readouterr().out
     assert " admin " in table and "Attempts watermark:" in table and "Last full walk:" in table
+    assert "other rules" not in table and document["sync_state"]["attempts"]["rules_changed"] is False
+    # A new personal-data policy: status says what the next run will do about it.
+    monkeypatch.setenv("TESTPRESS_SYNC_PII", "drop")
+    assert main(["status"]) == 0
+    assert "other rules ([sync] pii or pii_salt has changed since" in capsys.readouterr().out
+    assert main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sync_state"]["attempts"]["rules_changed"] is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from schema import OPEN_STATES, SCHEMA_HEAD, metadata
 from schema.view_history import views_0002
 from schema.views import VIEW_NAMES
 from sync.errors import DatabaseError
+from sync.model.plan import SyncState
 from sync.sink.database import (
     VERSION_TABLE,
     create_engine,
@@ -27,6 +29,7 @@ from sync.sink.database import (
     migrations_dir,
     schema_state,
 )
+from sync.sink.store import read_sync_state
 from tests.conftest import fresh_postgres_database
 from tests.helpers import upgrade_to
 
@@ -111,6 +114,31 @@ async def test_downgraded_database_is_migrated_back_by_a_run(engine: AsyncEngine
         await connection.commit()
     state = await ensure_schema(engine)
     assert state.current is None and (await schema_state(engine)).up_to_date
+
+
+async def test_0005_keeps_the_incremental_state_and_records_no_rules_yet(engine: AsyncEngine) -> None:
+    """A database at 0004 keeps its watermark through 0005; the rules are unknown (null)
+    until the next full walk records them, so no run is made a full walk for the upgrade."""
+    from alembic import command
+
+    def downgrade(connection: Connection) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0004")
+
+    moment = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
+    async with engine.connect() as connection:
+        await connection.run_sync(downgrade)
+        await connection.execute(
+            text("INSERT INTO sync_state (resource, watermark, last_full_at, updated_at) VALUES ('attempts', :at, :at, :at)"),
+            {"at": moment if engine.dialect.name == "postgresql" else "2026-12-01 02:00:00.000000"},
+        )
+        await connection.commit()
+    assert (await migrate(engine))[1] == SCHEMA_HEAD
+    async with engine.connect() as connection:
+        state = await read_sync_state(connection, "attempts")
+    assert state == SyncState(watermark=moment, last_full_at=moment, rules=None)
 
 
 def _schema_fingerprint(connection: Connection) -> dict[str, Any]:

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from sync.model.admin_rows import PiiPolicy
 from sync.model.plan import AdminPlan, SyncState, lookback_for, plan_admin_run
 
 NOW = datetime(2026, 12, 4, 1, 30, tzinfo=UTC)
 WEEK = timedelta(days=7)
 
 
-def plan(state: SyncState, *, mode: str = "run", full: bool = False, lookback: timedelta = timedelta(hours=6)) -> AdminPlan:
-    return plan_admin_run(mode=mode, force_full=full, state=state, now=NOW, full_every=WEEK, lookback=lookback)
+RULES = PiiPolicy().rules  # pii = keep
+
+
+def plan(
+    state: SyncState, *, mode: str = "run", full: bool = False, lookback: timedelta = timedelta(hours=6), rules: str = RULES
+) -> AdminPlan:
+    return plan_admin_run(mode=mode, force_full=full, state=state, now=NOW, full_every=WEEK, lookback=lookback, rules=rules)
 
 
 @pytest.mark.parametrize(
@@ -28,6 +35,27 @@ def plan(state: SyncState, *, mode: str = "run", full: bool = False, lookback: t
 def test_a_full_walk_and_why(state: SyncState, mode: str, full: bool, reason: str) -> None:
     chosen = plan(state, mode=mode, full=full)
     assert (chosen.full, chosen.reason, chosen.since) == (True, reason, None)
+
+
+def test_rows_written_by_another_personal_data_policy_make_the_run_a_full_walk() -> None:
+    """A nightly run rewrites only the rows it reads: after a new policy or salt, older
+    attempts would keep what the old policy let through (their e-mails, in raw)."""
+    recent = SyncState(watermark=NOW - timedelta(days=1), last_full_at=NOW - timedelta(days=3), rules=RULES)
+    assert not plan(recent).full
+    for policy in (PiiPolicy("hash", "pepper"), PiiPolicy("hash", "salt"), PiiPolicy("drop")):
+        chosen = plan(recent, rules=policy.rules)
+        assert chosen.full and "other rules" in chosen.reason and chosen.since is None, policy
+    # A database from before the rules were recorded: the next full walk records them.
+    assert not plan(replace(recent, rules=None), rules=PiiPolicy("drop").rules).full
+
+
+def test_the_recorded_rules_tell_policies_and_salts_apart_and_never_hold_the_salt() -> None:
+    digests = {PiiPolicy().rules, PiiPolicy("hash", "pepper").rules, PiiPolicy("hash", "salt").rules, PiiPolicy("drop").rules}
+    assert len(digests) == 4
+    assert PiiPolicy("hash", "pepper").rules == PiiPolicy("hash", "pepper").rules
+    # One-way: not even the salt's fingerprint (part of every content_hash's input) is kept.
+    salted = PiiPolicy("hash", "pepper")
+    assert salted.fingerprint.split(b":")[1].decode() not in salted.rules
 
 
 def test_a_nightly_run_reads_attempts_since_the_last_run_less_the_lookback() -> None:

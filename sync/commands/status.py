@@ -12,6 +12,7 @@ from sync.commands.sync import open_database
 from sync.config import Settings
 from sync.model.plan import SyncState
 from sync.ops.report import health, status_table, sync_state_lines
+from sync.run import pii_policy
 from sync.sink import store
 from sync.sink.database import database_url_from, describe, migrate, missing_database_file, schema_state
 
@@ -49,12 +50,14 @@ async def show_status(
         await engine.dispose()
     now = datetime.now(UTC)
     verdict = health(runs, now, max_age)
+    rules = pii_policy(settings).rules
     if as_json:
         document = {
             "healthy": verdict.healthy, "reason": verdict.reason, "runs": [run.as_dict() for run in runs],
             "sync_state": {"attempts": {
                 "watermark": sync_state.watermark.isoformat() if sync_state.watermark else None,
                 "last_full_at": sync_state.last_full_at.isoformat() if sync_state.last_full_at else None,
+                "rules_changed": sync_state.rules is not None and sync_state.rules != rules,
             }},
         }  # fmt: skip
         print(json.dumps(document, indent=2))
@@ -64,6 +67,6 @@ async def show_status(
         else:
             print(status_table(runs))
             if runs and any(run.source == "admin" for run in runs):
-                print("\n" + "\n".join(sync_state_lines(sync_state, now)))
+                print("\n" + "\n".join(sync_state_lines(sync_state, now, rules)))
         print(f"\n{'OK' if verdict.healthy else 'UNHEALTHY'}: {verdict.reason}")
     return Outcome.OK if verdict.healthy else Outcome.INCOMPLETE

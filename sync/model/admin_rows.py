@@ -34,6 +34,7 @@ from sync.model.normalize import (
     parse_timedelta_seconds,
     parse_timestamp,
     require_id,
+    rules_digest,
 )
 
 Row = dict[str, Any]
@@ -63,6 +64,11 @@ class PiiPolicy:
             return b""
         salt = hashlib.sha256(self.salt.encode()).hexdigest()[:16] if self.mode == "hash" else ""
         return f"pii={self.mode}:{salt}".encode()
+
+    @property
+    def rules(self) -> str:
+        """What rows are written by under this policy, as sync_state keeps it (one-way)."""
+        return rules_digest(self.fingerprint)
 
     def value(self, value: Any) -> Any:
         if self.mode == "keep" or value is None or value == "":

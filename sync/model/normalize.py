@@ -28,6 +28,14 @@ def payload_digest(raw_json: bytes, rules: bytes = b"") -> str:
     return hashlib.blake2b(NORMALIZER_VERSION + rules + raw_json, digest_size=16).hexdigest()
 
 
+def rules_digest(rules: bytes = b"") -> str:
+    """A one-way digest of what rows are written by: this module's version and a
+    resource's `rules`. Kept in sync_state by a full walk, so a later run can tell that a
+    new personal-data policy or salt (or normalizer) would write stored rows otherwise.
+    One-way, as the salt's fingerprint in `rules` must not reach the database."""
+    return hashlib.blake2b(b"rules:" + NORMALIZER_VERSION + rules, digest_size=16).hexdigest()
+
+
 class ExamRow(TypedDict):
     id: int
     slug: str

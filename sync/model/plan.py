@@ -9,8 +9,9 @@ The admin API has no modified-since filter. A nightly run therefore reads:
     listing's `state` filter, and per exam for those no longer in it;
   - the batches of new and changed users.
 A full walk reads everything and is the only kind that marks rows deleted: on backfill,
-on `run --full`, with no full walk on record, or when the last one is older than
-`full_every`.
+on `run --full`, with no full walk on record, when the last one is older than
+`full_every`, or when it wrote rows by other rules (a new personal-data policy or salt:
+a nightly run would rewrite only the rows it reads, and leave older attempts as they were).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class SyncState:
 
     watermark: datetime | None = None  # the start of the last completed run
     last_full_at: datetime | None = None  # the start of the last completed full walk
+    rules: str | None = None  # what that walk wrote rows by (normalize.rules_digest); None: not recorded
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,9 @@ def lookback_for(setting: timedelta | None, longest_exam: timedelta | None) -> t
 
 
 def plan_admin_run(
-    *, mode: str, force_full: bool, state: SyncState, now: datetime, full_every: timedelta, lookback: timedelta
+    *, mode: str, force_full: bool, state: SyncState, now: datetime, full_every: timedelta, lookback: timedelta, rules: str
 ) -> AdminPlan:
+    """`rules`: what this run writes rows by (normalize.rules_digest)."""
     if mode == "backfill":
         return AdminPlan(True, "backfill walks everything")
     if force_full:
@@ -72,5 +75,8 @@ def plan_admin_run(
         return AdminPlan(True, "no full walk on record")
     if now - state.last_full_at >= full_every:
         return AdminPlan(True, f"the last full walk is older than full_every ({full_every})")
+    if state.rules is not None and state.rules != rules:
+        return AdminPlan(True, "the rows were written by other rules (a new [sync] pii or pii_salt, or an upgrade): "
+                               "every row is written again")  # fmt: skip
     return AdminPlan(False, f"incremental: attempts started since the last run less {lookback}",
                      since=state.watermark - lookback)  # fmt: skip

@@ -66,15 +66,20 @@ def status_table(runs: Sequence[RunRecord]) -> str:
     return "\n".join(lines)
 
 
-def sync_state_lines(state: SyncState, now: datetime) -> list[str]:
-    """Where the next admin run starts from, for `status`."""
+def sync_state_lines(state: SyncState, now: datetime, rules: str) -> list[str]:
+    """Where the next admin run starts from, for `status`; `rules`: what a run with the
+    current settings writes rows by (PiiPolicy.rules)."""
     if state.watermark is None:
         return ["Incremental state: none yet; the next admin run walks everything."]
     full = "never" if state.last_full_at is None else f"{_utc_text(state.last_full_at)} ({_human(now - state.last_full_at)} ago)"
-    return [
+    lines = [
         f"Attempts watermark: {_utc_text(state.watermark)} (the next nightly run reads attempts started since, less the lookback)",
         f"Last full walk: {full}",
     ]
+    if state.rules is not None and state.rules != rules:
+        lines.append("The last full walk wrote rows by other rules ([sync] pii or pii_salt has changed since, or an "
+                     "upgrade): the next run walks everything and writes every row again.")  # fmt: skip
+    return lines
 
 
 def _utc_text(moment: datetime) -> str:

@@ -649,16 +649,16 @@ def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:  # for Core statem
 async def read_sync_state(connection: AsyncConnection, resource: str) -> SyncState:
     row = (
         await connection.execute(
-            select(sync_state.c.watermark, sync_state.c.last_full_at).where(sync_state.c.resource == resource)
+            select(sync_state.c.watermark, sync_state.c.last_full_at, sync_state.c.rules).where(sync_state.c.resource == resource)
         )
     ).first()
-    return SyncState() if row is None else SyncState(watermark=row.watermark, last_full_at=row.last_full_at)
+    return SyncState() if row is None else SyncState(watermark=row.watermark, last_full_at=row.last_full_at, rules=row.rules)
 
 
 async def save_sync_state(connection: AsyncConnection, resource: str, state: SyncState, now: datetime) -> None:
     """Written only once a run has completed: what it read is stored, so the next may
     start from it."""
-    values = {"watermark": state.watermark, "last_full_at": state.last_full_at, "updated_at": now}
+    values = {"watermark": state.watermark, "last_full_at": state.last_full_at, "rules": state.rules, "updated_at": now}
     done = await connection.execute(update(sync_state).where(sync_state.c.resource == resource).values(**values))
     if not done.rowcount:
         await connection.execute(sync_state.insert().values(resource=resource, **values))

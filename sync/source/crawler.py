@@ -457,12 +457,14 @@ class ReferencedItems:
             self._outcomes.update((ident, read.result()) for ident, read in reads.items())
         kept, failures = [], []
         for (ident, payload), named_id in zip(items, named, strict=True):
-            problem = None if named_id is None else self._outcomes.get(named_id)
-            if problem is not None and named_id in self._stored:
-                # Stored rows name it and its read failed, which says nothing of it being
-                # gone: the attempts are stored as before, and it is not marked deleted.
-                self._known.add(named_id)
-                problem = None
+            problem = None
+            if named_id is not None:
+                problem = self._outcomes.get(named_id)
+                if problem is not None and named_id in self._stored:
+                    # Stored rows name it and its read failed, which says nothing of it being
+                    # gone: the attempts are stored as before, and it is not marked deleted.
+                    self._known.add(named_id)
+                    problem = None
             if problem is None:
                 kept.append((ident, payload))
             else:
