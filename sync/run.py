@@ -289,8 +289,17 @@ async def _crawl_and_write(
     on_progress: Callable[[Progress], None] | None,
 ) -> None:
     run_started = clock()
-    await client.login()
-    source, reason = await choose_source(client, settings.api.source)
+    # An admin run's plan is read from the database while the login and the source check
+    # are in flight: neither needs the other, and it saves a nightly run ~20 ms of its ~1 s.
+    planning = None
+    if settings.api.source != "student":
+        planning = asyncio.create_task(_admin_plan(engine, settings, options, run_started))
+    try:
+        await client.login()
+        source, reason = await choose_source(client, settings.api.source)
+    except BaseException:
+        await _discard(planning)
+        raise
     summary.source = source
     log.info("source_chosen", source=source, reason=reason)
     # Attempt pages yield to every other resource's messages (MessageQueue says why).
@@ -302,9 +311,11 @@ async def _crawl_and_write(
         resources: Mapping[str, Resource] = RESOURCES
         walk: Callable[[], Coroutine[Any, Any, None]] = lambda: walks.student(skip)  # noqa: E731
         plan = None
+        await _discard(planning)
     else:
+        assert planning is not None  # the admin source is never chosen when the setting says student
         resources = admin_resources(pii_policy(settings))
-        plan, known, state = await _admin_plan(engine, settings, options, run_started)
+        plan, known, state = await planning
         summary.full_walk = plan.full
         log.info("admin_plan", full=plan.full, reason=plan.reason, since=plan.since.isoformat() if plan.since else None)
         walk = lambda: walks.admin(resources, plan, known)  # noqa: E731
@@ -374,6 +385,13 @@ async def _crawl_and_write(
             await asyncio.gather(reporter, return_exceptions=True)
         if on_progress is not None:
             on_progress(snapshot(done=True))
+
+
+async def _discard(task: asyncio.Task[Any] | None) -> None:
+    """Cancel `task` and wait for it to end, its outcome unread (the plan a run did not use)."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _produce_and_write(
