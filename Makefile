@@ -25,11 +25,8 @@ $(DLT_VENV)/bin/dlt:
 	$(DLT_VENV)/bin/pip install --quiet --upgrade pip
 	$(DLT_VENV)/bin/pip install --quiet 'dlt[sqlalchemy,postgres]>=1.0'
 
-# Bytecode compiled first, as pip does when it installs the package from a wheel: an
-# editable install under PYTHONDONTWRITEBYTECODE=1 (as on CI machines and in many
-# containers) would otherwise compile our modules at every start-up, ~35 ms of each run.
+# (The bench byte-compiles the checkout itself first: bench.__main__.compile_checkout.)
 bench: $(BIN)/testpress-sync $(DLT_VENV)/bin/dlt  ## the performance benchmark (issue #4 targets)
-	$(BIN)/python -m compileall -q sync schema bench
 	$(BIN)/python -m bench --dlt-python $(DLT_VENV)/bin/python
 
 lint: $(BIN)/testpress-sync          ## ruff and mypy
