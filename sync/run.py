@@ -30,7 +30,7 @@ from sync.errors import ConfigError, error_text, first_error
 from sync.model.admin_rows import PiiPolicy
 from sync.model.batches import Message, MessageQueue, Payload
 from sync.model.normalize import payload_digest
-from sync.model.plan import AdminPlan, SyncState, lookback_for, plan_admin_run
+from sync.model.plan import MIXED_RULES, AdminPlan, SyncState, lookback_for, plan_admin_run
 from sync.model.resources import ATTEMPT_DETAILS, ATTEMPTS, EXAMS, RESOURCES, Resource, admin_resources
 from sync.model.run import Clock, Progress, RunOptions, RunSummary, utc_now
 from sync.ops.logs import Redactor
@@ -255,12 +255,13 @@ async def _read_admin_plan(
     state = await store.read_sync_state(connection, "attempts")
     longest = await store.longest_exam_duration(connection)
     setting = None if settings.sync.lookback == "auto" else parse_duration(settings.sync.lookback)
+    policy = pii_policy(settings)
     plan = plan_admin_run(
         mode=options.mode, force_full=options.full, state=state, now=now,
         full_every=parse_duration(settings.sync.full_every), lookback=lookback_for(setting, longest),
-        rules=pii_policy(settings).rules,
+        rules=policy.rules,
     )  # fmt: skip
-    resources = admin_resources(pii_policy(settings))
+    resources = admin_resources(policy)
     exam_ids = frozenset(await store.stored_keys_and_digests(connection, resources["exams"]))
     if plan.full:
         return plan, _Known({}, {}, exam_ids), state
@@ -273,6 +274,7 @@ async def _read_admin_plan(
 
 
 def pii_policy(settings: Settings) -> PiiPolicy:
+    """`[sync] pii` and `pii_salt`: what every writer of personal data applies."""
     return PiiPolicy(settings.sync.pii, settings.sync.pii_salt or "")
 
 
@@ -298,7 +300,7 @@ async def _crawl_and_write(
         await client.login()
         source, reason = await choose_source(client, settings.api.source)
     except BaseException:
-        await _discard(planning)
+        await _cancel(planning)  # the run ends here
         raise
     summary.source = source
     log.info("source_chosen", source=source, reason=reason)
@@ -311,13 +313,21 @@ async def _crawl_and_write(
         resources: Mapping[str, Resource] = RESOURCES
         walk: Callable[[], Coroutine[Any, Any, None]] = lambda: walks.student(skip)  # noqa: E731
         plan = None
-        await _discard(planning)
+        if planning is not None:  # its read ends (a few ms) rather than be cut off mid-transaction; unused
+            await asyncio.gather(planning, return_exceptions=True)
     else:
-        assert planning is not None  # the admin source is never chosen when the setting says student
-        resources = admin_resources(pii_policy(settings))
-        plan, known, state = await planning
+        policy = pii_policy(settings)
+        resources = admin_resources(policy)
+        plan, known, state = await (planning or _admin_plan(engine, settings, options, run_started))
         summary.full_walk = plan.full
         log.info("admin_plan", full=plan.full, reason=plan.reason, since=plan.since.isoformat() if plan.since else None)
+        if not options.dry_run and state.rules not in (None, policy.rules, MIXED_RULES):
+            # This run writes rows by rules the stored ones were not written by: until a
+            # full walk under one set of rules completes, every run is a full walk.
+            await in_own_transaction(
+                engine, settings.sync.database_retry_seconds,
+                lambda connection: store.save_sync_state(connection, "attempts", replace(state, rules=MIXED_RULES), clock()),
+            )  # fmt: skip
         walk = lambda: walks.admin(resources, plan, known)  # noqa: E731
 
     def writer_of(written: Mapping[str, Resource]) -> Writer:
@@ -371,7 +381,7 @@ async def _crawl_and_write(
             # institute, no run would ever count as its full walk. Attempt details do not
             # either: which ones are read never depends on it.
             # A full walk wrote every live row by this run's rules; a nightly run, only some.
-            saved = (SyncState(run_started, run_started, pii_policy(settings).rules) if plan.full
+            saved = (SyncState(run_started, run_started, policy.rules) if plan.full
                      else replace(state, watermark=run_started))  # fmt: skip
             await in_own_transaction(
                 engine, settings.sync.database_retry_seconds,
@@ -387,8 +397,8 @@ async def _crawl_and_write(
             on_progress(snapshot(done=True))
 
 
-async def _discard(task: asyncio.Task[Any] | None) -> None:
-    """Cancel `task` and wait for it to end, its outcome unread (the plan a run did not use)."""
+async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel `task` and wait for it to end, its outcome unread."""
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -15,7 +15,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schema import OPEN_STATES, SCHEMA_HEAD, metadata
+from schema import OPEN_STATES, SCHEMA_HEAD, metadata, sync_state
 from schema.view_history import views_0002
 from schema.views import VIEW_NAMES
 from sync.errors import DatabaseError
@@ -29,7 +29,7 @@ from sync.sink.database import (
     migrations_dir,
     schema_state,
 )
-from sync.sink.store import read_sync_state
+from sync.sink.store import columns_of, read_sync_state
 from tests.conftest import fresh_postgres_database
 from tests.helpers import upgrade_to
 
@@ -139,6 +139,14 @@ async def test_0005_keeps_the_incremental_state_and_records_no_rules_yet(engine:
     async with engine.connect() as connection:
         state = await read_sync_state(connection, "attempts")
     assert state == SyncState(watermark=moment, last_full_at=moment, rules=None)
+    # And back: the state stays, the rules go.
+    async with engine.connect() as connection:
+        await connection.execute(text("UPDATE sync_state SET rules = 'recorded'"))
+        await connection.run_sync(downgrade)
+        await connection.commit()
+        columns = await columns_of(connection, sync_state)
+        assert "rules" not in columns
+        assert await read_sync_state(connection, "attempts", columns) == SyncState(watermark=moment, last_full_at=moment)
 
 
 def _schema_fingerprint(connection: Connection) -> dict[str, Any]:

@@ -43,6 +43,43 @@ def test_status_before_any_run_is_unhealthy(
         assert "No runs recorded yet" in out
 
 
+@pytest.mark.parametrize("revision", ["0004", "0001"])
+def test_status_reads_a_database_the_next_run_will_migrate(
+    cli_environment: SimulatorServer, database_url: str, capsys: pytest.CaptureFixture[str], revision: str
+) -> None:
+    """After an upgrade, before the run that migrates: `status` (a monitoring check, say)
+    reads what the older schema holds instead of failing on a column it lacks."""
+    from alembic.command import downgrade
+    from alembic.config import Config
+
+    from sync.sink.database import migrations_dir
+
+    assert main(["run"]) == 0
+
+    def to_revision(connection: object) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.attributes["connection"] = connection
+        downgrade(config, revision)
+
+    async def downgraded() -> None:
+        engine = create_engine(database_url_from(database_url))
+        try:
+            async with engine.connect() as connection:
+                await connection.run_sync(to_revision)
+                await connection.commit()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(downgraded())
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [run["status"] for run in document["runs"]] == ["succeeded"]
+    assert main(["status"]) == 0
+    assert "OK: the last run (1) succeeded" in capsys.readouterr().out
+
+
 def test_status_after_a_good_run_then_a_failed_one(
     cli_environment: SimulatorServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from schema import sync_runs, sync_state
 from sync.commands import Outcome
 from sync.commands.sync import open_database
 from sync.config import Settings
@@ -38,14 +39,18 @@ async def show_status(
     """The last runs; INCOMPLETE when the last one failed or no success is recent."""
     missing = missing_database_file(database_url_from(settings.database_url))
     runs = []
-    sync_state = SyncState()
+    attempts_state = SyncState()
     engine = open_database(settings)
     try:
         state = None if missing else await schema_state(engine)  # reads; never writes
         if state is not None and state.current is not None and state.known:
             async with engine.connect() as connection:
-                runs = await store.recent_runs(connection, limit)
-                sync_state = await store.read_sync_state(connection, "attempts")
+                # A schema the next run will migrate is read for what it holds.
+                behind = not state.up_to_date
+                run_columns = await store.columns_of(connection, sync_runs) if behind else None
+                state_columns = await store.columns_of(connection, sync_state) if behind else None
+                runs = await store.recent_runs(connection, limit, run_columns)
+                attempts_state = await store.read_sync_state(connection, "attempts", state_columns)
     finally:
         await engine.dispose()
     now = datetime.now(UTC)
@@ -55,9 +60,9 @@ async def show_status(
         document = {
             "healthy": verdict.healthy, "reason": verdict.reason, "runs": [run.as_dict() for run in runs],
             "sync_state": {"attempts": {
-                "watermark": sync_state.watermark.isoformat() if sync_state.watermark else None,
-                "last_full_at": sync_state.last_full_at.isoformat() if sync_state.last_full_at else None,
-                "rules_changed": sync_state.rules is not None and sync_state.rules != rules,
+                "watermark": attempts_state.watermark.isoformat() if attempts_state.watermark else None,
+                "last_full_at": attempts_state.last_full_at.isoformat() if attempts_state.last_full_at else None,
+                "rules_changed": attempts_state.rules is not None and attempts_state.rules != rules,
             }},
         }  # fmt: skip
         print(json.dumps(document, indent=2))
@@ -67,6 +72,6 @@ async def show_status(
         else:
             print(status_table(runs))
             if runs and any(run.source == "admin" for run in runs):
-                print("\n" + "\n".join(sync_state_lines(sync_state, now, rules)))
+                print("\n" + "\n".join(sync_state_lines(attempts_state, now, rules)))
         print(f"\n{'OK' if verdict.healthy else 'UNHEALTHY'}: {verdict.reason}")
     return Outcome.OK if verdict.healthy else Outcome.INCOMPLETE

@@ -33,11 +33,11 @@ from sync.commands import Outcome
 from sync.commands.sync import open_database
 from sync.config import Settings, WebhookSettings
 from sync.errors import error_text
-from sync.model.admin_rows import PiiPolicy
 from sync.model.batches import Payload
 from sync.model.run import Clock, utc_now
 from sync.model.webhook import DeliveryRecord
 from sync.ops.logs import Redactor
+from sync.run import pii_policy
 from sync.sink.committer import Committer, NotStored, Overloaded
 from sync.sink.database import describe_engine, ensure_schema
 from sync.source.webhook import (
@@ -229,7 +229,7 @@ async def receiving(settings: Settings, redactor: Redactor) -> AsyncIterator[Lis
         committing = asyncio.create_task(committer.run(), name="webhook-committer")
         # `[sync] pii` applies to what a delivery stores too (its e-mail, in raw and payload),
         # and a secret of ours in a delivery (sent by mistake) is stored as [redacted].
-        policy = PiiPolicy(settings.sync.pii, settings.sync.pii_salt or "")
+        policy = pii_policy(settings)
 
         def scrub(payload: Payload) -> Payload:
             return redactor.redact_value(policy.payload(payload))

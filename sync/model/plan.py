@@ -26,6 +26,12 @@ LOOKBACK_MARGIN = timedelta(hours=1)
 MINIMUM_LOOKBACK = timedelta(hours=6)
 
 
+# sync_state.rules while rows may be written by rules no complete full walk has rewritten
+# every row by (a run under another `pii` or salt that has not completed): never a
+# digest, so every run is a full walk until one completes.
+MIXED_RULES = "mixed"
+
+
 @dataclass(frozen=True)
 class SyncState:
     """What the last completed runs left in sync_state for the attempts."""
@@ -75,8 +81,11 @@ def plan_admin_run(
         return AdminPlan(True, "no full walk on record")
     if now - state.last_full_at >= full_every:
         return AdminPlan(True, f"the last full walk is older than full_every ({full_every})")
-    if state.rules is not None and state.rules != rules:
-        return AdminPlan(True, "the rows were written by other rules (a new [sync] pii or pii_salt, or an upgrade): "
+    if state.rules == MIXED_RULES:
+        return AdminPlan(True, "a run under other rules ([sync] pii or pii_salt) wrote rows and did not complete: "
                                "every row is written again")  # fmt: skip
+    if state.rules is not None and state.rules != rules:
+        return AdminPlan(True, "the rows were written by other rules (a new [sync] pii or pii_salt, or an upgrade "
+                               "that rewrites rows): every row is written again")  # fmt: skip
     return AdminPlan(False, f"incremental: attempts started since the last run less {lookback}",
                      since=state.watermark - lookback)  # fmt: skip

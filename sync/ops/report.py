@@ -77,8 +77,8 @@ def sync_state_lines(state: SyncState, now: datetime, rules: str) -> list[str]:
         f"Last full walk: {full}",
     ]
     if state.rules is not None and state.rules != rules:
-        lines.append("The last full walk wrote rows by other rules ([sync] pii or pii_salt has changed since, or an "
-                     "upgrade): the next run walks everything and writes every row again.")  # fmt: skip
+        lines.append("Rows were written by other rules than these settings' ([sync] pii or pii_salt, as given to "
+                     "status; or an upgrade): the next run walks everything and writes every row again.")  # fmt: skip
     return lines
 
 

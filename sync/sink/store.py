@@ -23,7 +23,7 @@ from operator import itemgetter
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Select, Table, Text, delete, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Select, Table, Text, delete, func, inspect, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schema import (
@@ -611,13 +611,28 @@ async def resume_point(connection: AsyncConnection) -> tuple[int | None, frozens
     return last.id, frozenset(done.scalars())
 
 
-async def recent_runs(connection: AsyncConnection, limit: int) -> list[RunRecord]:
-    """The last `limit` runs, newest first."""
-    names = [name for name in RunRecord.__dataclass_fields__]
+async def columns_of(connection: AsyncConnection, table: Table) -> frozenset[str]:
+    """The columns `table` has in this database, none if it has no such table: what an
+    older schema holds, for a command that reads a database it does not migrate (`status`)."""
+
+    def inspected(sync_connection: Any) -> frozenset[str]:
+        inspector = inspect(sync_connection)
+        if not inspector.has_table(table.name):
+            return frozenset()
+        return frozenset(column["name"] for column in inspector.get_columns(table.name))
+
+    return cast(frozenset[str], await connection.run_sync(inspected))
+
+
+async def recent_runs(connection: AsyncConnection, limit: int, columns: Set[str] | None = None) -> list[RunRecord]:
+    """The last `limit` runs, newest first. `columns`: those the table has (columns_of),
+    when the schema may be older than the code; the rest of a record is None."""
+    names = [name for name in RunRecord.__dataclass_fields__ if columns is None or name in columns]
     result = await connection.execute(
         select(*(sync_runs.c[name] for name in names)).order_by(sync_runs.c.id.desc()).limit(limit)
     )
-    return [RunRecord(**row._mapping) for row in result]
+    missing: dict[str, Any] = dict.fromkeys(RunRecord.__dataclass_fields__.keys() - set(names))
+    return [RunRecord(**missing, **row._mapping) for row in result]
 
 
 async def last_success_finished_at(connection: AsyncConnection) -> datetime | None:
@@ -646,13 +661,14 @@ def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:  # for Core statem
 # --- what incremental runs resume from ---------------------------------------------------
 
 
-async def read_sync_state(connection: AsyncConnection, resource: str) -> SyncState:
-    row = (
-        await connection.execute(
-            select(sync_state.c.watermark, sync_state.c.last_full_at, sync_state.c.rules).where(sync_state.c.resource == resource)
-        )
-    ).first()
-    return SyncState() if row is None else SyncState(watermark=row.watermark, last_full_at=row.last_full_at, rules=row.rules)
+async def read_sync_state(connection: AsyncConnection, resource: str, columns: Set[str] | None = None) -> SyncState:
+    """What the last completed runs left for `resource`. `columns`: as for recent_runs
+    (a table without `rules`, from before revision 0005, or no table at all)."""
+    names = [name for name in ("watermark", "last_full_at", "rules") if columns is None or name in columns]
+    if "watermark" not in names:
+        return SyncState()
+    row = (await connection.execute(select(*(sync_state.c[name] for name in names)).where(sync_state.c.resource == resource))).first()
+    return SyncState() if row is None else SyncState(**row._mapping)
 
 
 async def save_sync_state(connection: AsyncConnection, resource: str, state: SyncState, now: datetime) -> None:
