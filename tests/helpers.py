@@ -148,6 +148,16 @@ async def upsert_attempts(connection: AsyncConnection, rows: Iterable[Mapping[st
 def upgrade_to(revision: str) -> Callable[[Connection], None]:
     """For `connection.run_sync`: Alembic's upgrade of that connection's database to
     `revision` (an older schema, for the tests of what a migration does to it)."""
+    return _alembic("upgrade", revision)
+
+
+def downgrade_to(revision: str) -> Callable[[Connection], None]:
+    """For `connection.run_sync`: Alembic's downgrade of that connection's database to
+    `revision` ("base": no schema at all)."""
+    return _alembic("downgrade", revision)
+
+
+def _alembic(direction: str, revision: str) -> Callable[[Connection], None]:
     from alembic.config import Config
 
     from alembic import command
@@ -157,6 +167,6 @@ def upgrade_to(revision: str) -> Callable[[Connection], None]:
         config = Config()
         config.set_main_option("script_location", str(migrations_dir()))
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        getattr(command, direction)(config, revision)
 
     return run

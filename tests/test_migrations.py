@@ -31,7 +31,7 @@ from sync.sink.database import (
 )
 from sync.sink.store import columns_of, read_sync_state
 from tests.conftest import fresh_postgres_database
-from tests.helpers import upgrade_to
+from tests.helpers import downgrade_to, upgrade_to
 
 
 def test_schema_head_constant_is_alembics_head() -> None:
@@ -101,16 +101,8 @@ async def test_a_database_behind_is_brought_up_to_date(engine: AsyncEngine) -> N
 
 
 async def test_downgraded_database_is_migrated_back_by_a_run(engine: AsyncEngine) -> None:
-    from alembic import command
-
-    def downgrade(connection: object) -> None:
-        config = Config()
-        config.set_main_option("script_location", str(migrations_dir()))
-        config.attributes["connection"] = connection
-        command.downgrade(config, "base")
-
     async with engine.connect() as connection:
-        await connection.run_sync(downgrade)
+        await connection.run_sync(downgrade_to("base"))
         await connection.commit()
     state = await ensure_schema(engine)
     assert state.current is None and (await schema_state(engine)).up_to_date
@@ -119,17 +111,9 @@ async def test_downgraded_database_is_migrated_back_by_a_run(engine: AsyncEngine
 async def test_0005_keeps_the_incremental_state_and_records_no_rules_yet(engine: AsyncEngine) -> None:
     """A database at 0004 keeps its watermark through 0005; the rules are unknown (null)
     until the next full walk records them, so no run is made a full walk for the upgrade."""
-    from alembic import command
-
-    def downgrade(connection: Connection) -> None:
-        config = Config()
-        config.set_main_option("script_location", str(migrations_dir()))
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0004")
-
     moment = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
     async with engine.connect() as connection:
-        await connection.run_sync(downgrade)
+        await connection.run_sync(downgrade_to("0004"))
         await connection.execute(
             text("INSERT INTO sync_state (resource, watermark, last_full_at, updated_at) VALUES ('attempts', :at, :at, :at)"),
             {"at": moment if engine.dialect.name == "postgresql" else "2026-12-01 02:00:00.000000"},
@@ -142,7 +126,7 @@ async def test_0005_keeps_the_incremental_state_and_records_no_rules_yet(engine:
     # And back: the state stays, the rules go.
     async with engine.connect() as connection:
         await connection.execute(text("UPDATE sync_state SET rules = 'recorded'"))
-        await connection.run_sync(downgrade)
+        await connection.run_sync(downgrade_to("0004"))
         await connection.commit()
         columns = await columns_of(connection, sync_state)
         assert "rules" not in columns

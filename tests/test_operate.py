@@ -26,7 +26,7 @@ from sync.run import Progress
 from sync.simulator import SimulatorServer
 from sync.sink.database import create_engine, database_url_from
 from tests.conftest import PASSWORD, USERNAME, SimulatorThread, small_dataset
-from tests.helpers import select_rows, select_value
+from tests.helpers import downgrade_to, select_rows, select_value
 from tests.test_cli import dump_database, log_lines
 
 # --- status --------------------------------------------------------------------------------
@@ -49,24 +49,13 @@ def test_status_reads_a_database_the_next_run_will_migrate(
 ) -> None:
     """After an upgrade, before the run that migrates: `status` (a monitoring check, say)
     reads what the older schema holds instead of failing on a column it lacks."""
-    from alembic.command import downgrade
-    from alembic.config import Config
-
-    from sync.sink.database import migrations_dir
-
     assert main(["run"]) == 0
-
-    def to_revision(connection: object) -> None:
-        config = Config()
-        config.set_main_option("script_location", str(migrations_dir()))
-        config.attributes["connection"] = connection
-        downgrade(config, revision)
 
     async def downgraded() -> None:
         engine = create_engine(database_url_from(database_url))
         try:
             async with engine.connect() as connection:
-                await connection.run_sync(to_revision)
+                await connection.run_sync(downgrade_to(revision))
                 await connection.commit()
         finally:
             await engine.dispose()
