@@ -453,6 +453,37 @@ async def test_a_field_that_will_not_parse_costs_the_field_not_the_row(
     assert error.entity == "user" and error.key == str(user.id) and "birth_date" in error.message
 
 
+async def test_a_bad_field_of_an_exam_or_an_attempt_costs_the_field_not_the_row(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """Only a bad id (or an attempt's exam_id) costs an admin row: any other field that
+    will not parse is stored null, its reason goes to sync_errors, and the rest is stored,
+    the exam's attempts too."""
+    exam = institute.dataset.exams[1]
+    attempt = institute.dataset.exams[2].attempts[0]
+    institute.state.replaced_fields = {
+        "exams": {exam.id: {"pass_percentage": "n/a"}},
+        "attempts": {attempt.id: {"speed": "fast", "date": "yesterday", "user_id": "u-1"}},
+    }
+    summary = await sync_with(admin_settings(institute, database_url))
+    assert (summary.status, summary.errors) == ("partial", 4)
+    kept_exams, kept_attempts = await stored(engine, exams), await stored(engine, attempts)
+    assert kept_exams[exam.id]["pass_percentage"] is None and kept_exams[exam.id]["title"] == exam.title
+    assert {a.id for a in exam.attempts} <= set(kept_attempts)
+    mine = kept_attempts[attempt.id]
+    assert (mine["speed"], mine["date"], mine["user_id"]) == (None, None, None)
+    served = (await server_rows(institute, "attempts/"))[attempt.id]
+    assert mine["score"] == Decimal(served["score"]) and mine["state"] == served["state"]
+    assert mine["raw"]["speed"] == "fast"  # raw keeps what was served
+    problems = {(row.entity, row.key, row.message.split(":")[0]) for row in await error_rows(engine)}
+    assert problems == {("exam", str(exam.id), "pass_percentage"), ("attempt", str(attempt.id), "speed"),
+                        ("attempt", str(attempt.id), "date"), ("attempt", str(attempt.id), "user_id")}  # fmt: skip
+    # A bad exam_id still costs the attempt: it could not name its exam.
+    institute.state.replaced_fields = {"attempts": {attempt.id: {"exam_id": "three"}}}
+    again = await sync_with(admin_settings(institute, database_url), RunOptions(full=True))
+    assert again.status == "partial" and attempt.id in {int(row.key) for row in await error_rows(engine) if row.entity == "attempt"}
+
+
 async def test_a_student_login_reads_its_own_attempts_through_the_student_api(
     institute: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:

@@ -23,12 +23,13 @@ import orjson
 from sync.errors import RecordError
 from sync.model.batches import Payload
 from sync.model.normalize import (
+    ADMIN_ATTEMPT_FIELDS,
     INT64,
-    attempt_fields,
     exam_fields,
     parse_bool,
     parse_count,
     parse_decimal,
+    parse_fields,
     parse_int,
     parse_text,
     parse_timedelta_seconds,
@@ -115,29 +116,34 @@ def shown_id(payload: Payload, what: str) -> int | None:
     return None if shows_no_id(payload) else id_from_row_or_url(payload, what)
 
 
-def admin_exam_row(payload: Payload) -> Row:
-    """An exam of /api/v2.5/admin/exams/ to its `exams` row (no slug, no attempts URL)."""
-    return {
+def admin_exam_row(payload: Payload) -> tuple[Row, list[str]]:
+    """An exam of /api/v2.5/admin/exams/ to its `exams` row (no slug, no attempts URL),
+    and the fields that would not parse (stored null): only a bad id costs the row."""
+    problems: list[str] = []
+    row = {
         "id": shown_id(payload, "exam"),
-        "slug": parse_text(payload.get("slug"), "slug") or None,
-        **exam_fields(payload),
+        "slug": _lenient(problems, parse_text, payload.get("slug"), "slug") or None,
+        **exam_fields(payload, problems),
         "source": "admin",
     }
+    return row, problems
 
 
-def admin_attempt_row(payload: Payload, policy: PiiPolicy) -> Row:
-    """A flat row of /api/v2.5/admin/attempts/ to its `attempts` row. The student is named
-    by `user_id` only (the view user_results takes the username from `users`)."""
+def admin_attempt_row(payload: Payload, policy: PiiPolicy) -> tuple[Row, list[str]]:
+    """A flat row of /api/v2.5/admin/attempts/ to its `attempts` row, and the fields that
+    would not parse (stored null): only a bad id or exam_id costs the row. The student is
+    named by `user_id` only (the view user_results takes the username from `users`)."""
     get = payload.get
     exam_id = parse_int(get("exam_id"), "exam_id", limit=INT64)
     if exam_id is None:
         raise RecordError("attempt: missing exam_id")
-    return {
+    problems: list[str] = []
+    row = {
         "id": require_id(payload, "attempt"),
         "exam_id": exam_id,
         "username": None,
-        "user_id": parse_int(get("user_id"), "user_id", limit=INT64),
-        **attempt_fields(payload, correct="correct_answers_count", incorrect="incorrect_answers_count"),
+        "user_id": _lenient(problems, _big_int, get("user_id"), "user_id"),
+        **parse_fields(payload, ADMIN_ATTEMPT_FIELDS, problems),
         "rank": None,
         "max_rank": None,
         "review_url": None,
@@ -145,6 +151,7 @@ def admin_attempt_row(payload: Payload, policy: PiiPolicy) -> Row:
         "raw": policy.payload(payload, ATTEMPT_PERSONAL_KEYS),
         "source": "admin",
     }
+    return row, problems
 
 
 def parse_birth_date(value: Any, field: str = "birth_date") -> date | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypedDict, cast
@@ -270,42 +271,66 @@ def require_id(payload: Any, what: str) -> int:
 # --- records -----------------------------------------------------------------------------
 
 
-def exam_fields(payload: Payload) -> dict[str, Any]:
-    """The columns an exam payload fills, as either API serves them: everything but the
-    id, the slug and where the row came from."""
+# (column, parser, payload key): a parser takes the value and the key, which names the
+# field in its error.
+Fields = tuple[tuple[str, Callable[[Any, str], Any], str], ...]
+
+
+def parse_fields(payload: Payload, fields: Fields, problems: list[str] | None = None) -> dict[str, Any]:
+    """`fields` of `payload`, parsed. With `problems`, one field that will not parse does
+    not cost the others: it becomes None and its reason is appended (the admin API's rows:
+    "one bad field does not cost the row"); without, the first one raises RecordError."""
     get = payload.get
-    return {
-        "title": parse_text(get("title"), "title"),
-        "description": parse_text(get("description"), "description"),
-        "course": parse_text(get("course"), "course"),
-        "start_date": parse_timestamp(get("start_date"), "start_date"),
-        "end_date": parse_timestamp(get("end_date"), "end_date"),
-        "rank_publishing_date": parse_timestamp(get("rank_publishing_date"), "rank_publishing_date"),
-        "created": parse_timestamp(get("created"), "created"),
-        "duration_seconds": parse_duration_seconds(get("duration"), "duration"),
-        "number_of_questions": parse_count(get("number_of_questions"), "number_of_questions"),
-        "template_type": parse_int(get("template_type"), "template_type"),
-        "comments_count": parse_count(get("comments_count"), "comments_count"),
-        "negative_marks": parse_decimal(get("negative_marks"), "negative_marks"),
-        "mark_per_question": parse_decimal(get("mark_per_question"), "mark_per_question"),
-        "allow_retake": parse_bool(get("allow_retake"), "allow_retake"),
-        "enable_ranks": parse_bool(get("enable_ranks"), "enable_ranks"),
-        "allow_pdf": parse_bool(get("allow_pdf"), "allow_pdf"),
-        "variable_mark_per_question": parse_bool(
-            get("variable_mark_per_question"), "variable_mark_per_question"
-        ),
-        "show_answers": parse_bool(get("show_answers"), "show_answers"),
-        "max_retakes": parse_max_retakes(get("max_retakes")),
-        "url": parse_text(get("url"), "url"),
-        "attempts_url": parse_text(get("attempts_url"), "attempts_url"),
-        "raw": payload,
-        # The admin API's (newer servers send them on the student API too).
-        "published": parse_bool(get("published"), "published"),
-        "pass_percentage": parse_decimal(get("pass_percentage"), "pass_percentage"),
-        "total_marks": parse_decimal(get("total_marks"), "total_marks"),
-        "show_score": parse_bool(get("show_score"), "show_score"),
-        "modified": parse_timestamp(get("modified"), "modified"),
-    }
+    try:
+        return {column: parse(get(key), key) for column, parse, key in fields}
+    except RecordError:
+        if problems is None:
+            raise
+    parsed = {}
+    for column, parse, key in fields:
+        try:
+            parsed[column] = parse(get(key), key)
+        except RecordError as problem:
+            problems.append(str(problem))
+            parsed[column] = None
+    return parsed
+
+
+EXAM_FIELDS: Fields = (
+    ("title", parse_text, "title"),
+    ("description", parse_text, "description"),
+    ("course", parse_text, "course"),
+    ("start_date", parse_timestamp, "start_date"),
+    ("end_date", parse_timestamp, "end_date"),
+    ("rank_publishing_date", parse_timestamp, "rank_publishing_date"),
+    ("created", parse_timestamp, "created"),
+    ("duration_seconds", parse_duration_seconds, "duration"),
+    ("number_of_questions", parse_count, "number_of_questions"),
+    ("template_type", parse_int, "template_type"),
+    ("comments_count", parse_count, "comments_count"),
+    ("negative_marks", parse_decimal, "negative_marks"),
+    ("mark_per_question", parse_decimal, "mark_per_question"),
+    ("allow_retake", parse_bool, "allow_retake"),
+    ("enable_ranks", parse_bool, "enable_ranks"),
+    ("allow_pdf", parse_bool, "allow_pdf"),
+    ("variable_mark_per_question", parse_bool, "variable_mark_per_question"),
+    ("show_answers", parse_bool, "show_answers"),
+    ("max_retakes", lambda value, _field: parse_max_retakes(value), "max_retakes"),
+    ("url", parse_text, "url"),
+    ("attempts_url", parse_text, "attempts_url"),
+    # The admin API's (newer servers send them on the student API too).
+    ("published", parse_bool, "published"),
+    ("pass_percentage", parse_decimal, "pass_percentage"),
+    ("total_marks", parse_decimal, "total_marks"),
+    ("show_score", parse_bool, "show_score"),
+    ("modified", parse_timestamp, "modified"),
+)
+
+
+def exam_fields(payload: Payload, problems: list[str] | None = None) -> dict[str, Any]:
+    """The columns an exam payload fills, as either API serves them: everything but the
+    id, the slug and where the row came from (`problems`: see parse_fields)."""
+    return {**parse_fields(payload, EXAM_FIELDS, problems), "raw": payload}
 
 
 def exam_row(payload: Payload) -> ExamRow:
@@ -343,32 +368,35 @@ def user_of(value: Any) -> UserRow:
     raise RecordError(f"user: expected a username or a user object, got {value!r}")
 
 
-def attempt_fields(payload: Payload, *, correct: str, incorrect: str) -> dict[str, Any]:
+def _attempt_fields(correct: str, incorrect: str) -> Fields:
     """The columns an attempt payload fills alike in either API: all but its id, exam,
     user, ranks, links, raw and source. `correct` and `incorrect` name the answer counts
     (v2.1 `correct_count`, the admin rows' `correct_answers_count`). v2.2+ attempts carry
     speed and accuracy; result and the last answer's time are the admin API's, read from
     a student payload too should a server send them."""
-    get = payload.get
-    return {
-        "date": parse_timestamp(get("date"), "date"),
-        "last_started_time": parse_timestamp(get("last_started_time"), "last_started_time"),
-        "total_questions": parse_count(get("total_questions"), "total_questions"),
-        "correct_count": parse_count(get(correct), correct),
-        "incorrect_count": parse_count(get(incorrect), incorrect),
-        "unanswered_count": parse_count(get("unanswered_count"), "unanswered_count"),
-        "score": parse_decimal(get("score"), "score"),
-        "percentage": parse_decimal(get("percentage"), "percentage"),
-        "percentile": parse_decimal(get("percentile"), "percentile"),
-        "time_taken_seconds": parse_timedelta_seconds(get("time_taken"), "time_taken"),
-        "remaining_time_seconds": parse_timedelta_seconds(get("remaining_time"), "remaining_time"),
-        "state": parse_text(get("state"), "state"),
-        "url": parse_text(get("url"), "url"),
-        "result": parse_text(get("result"), "result"),
-        "speed": parse_int(get("speed"), "speed"),
-        "accuracy": parse_int(get("accuracy"), "accuracy"),
-        "last_answer_updated_time": parse_timestamp(get("last_answer_updated_time"), "last_answer_updated_time"),
-    }
+    return (
+        ("date", parse_timestamp, "date"),
+        ("last_started_time", parse_timestamp, "last_started_time"),
+        ("total_questions", parse_count, "total_questions"),
+        ("correct_count", parse_count, correct),
+        ("incorrect_count", parse_count, incorrect),
+        ("unanswered_count", parse_count, "unanswered_count"),
+        ("score", parse_decimal, "score"),
+        ("percentage", parse_decimal, "percentage"),
+        ("percentile", parse_decimal, "percentile"),
+        ("time_taken_seconds", parse_timedelta_seconds, "time_taken"),
+        ("remaining_time_seconds", parse_timedelta_seconds, "remaining_time"),
+        ("state", parse_text, "state"),
+        ("url", parse_text, "url"),
+        ("result", parse_text, "result"),
+        ("speed", parse_int, "speed"),
+        ("accuracy", parse_int, "accuracy"),
+        ("last_answer_updated_time", parse_timestamp, "last_answer_updated_time"),
+    )
+
+
+STUDENT_ATTEMPT_FIELDS = _attempt_fields("correct_count", "incorrect_count")
+ADMIN_ATTEMPT_FIELDS = _attempt_fields("correct_answers_count", "incorrect_answers_count")
 
 
 def attempt_row(payload: Payload, exam_id: int) -> tuple[AttemptRow, UserRow]:
@@ -381,7 +409,7 @@ def attempt_row(payload: Payload, exam_id: int) -> tuple[AttemptRow, UserRow]:
         "exam_id": exam_id,
         "username": user["username"],
         "user_id": user["user_id"],
-        **attempt_fields(payload, correct="correct_count", incorrect="incorrect_count"),
+        **parse_fields(payload, STUDENT_ATTEMPT_FIELDS),
         "rank": parse_rank(get("rank"), "rank"),
         "max_rank": parse_rank(get("max_rank"), "max_rank"),
         "review_url": parse_text(get("review_url"), "review_url"),

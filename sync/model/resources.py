@@ -163,10 +163,12 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
     order they are written (exams before the attempts that reference them)."""
 
     def exam(payload: Payload, _parent: int | None) -> Normalized:
-        return admin_exam_row(payload), NO_USERS, NO_PROBLEMS
+        row, problems = admin_exam_row(payload)
+        return row, NO_USERS, problems
 
     def attempt(payload: Payload, _parent: int | None) -> Normalized:
-        return admin_attempt_row(payload, policy), NO_USERS, NO_PROBLEMS
+        row, problems = admin_attempt_row(payload, policy)
+        return row, NO_USERS, problems
 
     def user(payload: Payload, _parent: int | None) -> Normalized:
         row, problems = admin_user_row(payload, policy)

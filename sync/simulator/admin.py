@@ -432,12 +432,21 @@ def _page(request: web.Request, items: Sequence[T], kind: str, rows: RowCache[T]
 
     def bodies(page: Sequence[T]) -> list[bytes]:
         served = _exam_bodies(request, rows.bodies(page, base)) if kind == "exams" else rows.bodies(page, base)
-        if bad := request.app[STATE_KEY].unidentifiable.get(kind):
+        state = request.app[STATE_KEY]
+        if replaced := state.replaced_fields.get(kind):
+            served = [_replaced(body, replaced) for body in served]
+        if bad := state.unidentifiable.get(kind):
             served = [_unidentifiable(body, bad) for body in served]
         return served
 
     body = paginate_serialized(request, items, per_page, bodies, page_last=True)
     return json_body_response(body) if body is not None else json_response(INVALID_PAGE, 404)
+
+
+def _replaced(body: bytes, replaced: dict[int, dict[str, Any]]) -> bytes:
+    row = orjson.loads(body)
+    fields = replaced.get(row.get("id"))
+    return orjson.dumps({**row, **fields}) if fields else body
 
 
 def _unidentifiable(body: bytes, bad: set[int]) -> bytes:

@@ -71,6 +71,9 @@ class SimulatorState:
     unlisted_exams: set[int] = field(default_factory=set)
     # Rows of an admin listing ("users", "exams", ...) served with an id that is no number.
     unidentifiable: dict[str, set[int]] = field(default_factory=dict)
+    # Rows of an admin listing served with some fields replaced (kind → id → field →
+    # value): a bad value in one field ("speed": "fast").
+    replaced_fields: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     # Users the admin user listing shows twice (its count includes both): a listing that
     # repeats an item, as one that shifts between pages does.
     repeated_users: set[int] = field(default_factory=set)
