@@ -84,6 +84,12 @@ class TokenExpiredError(RetriableError):
     """401: the token is missing, invalid or expired; log in again and retry."""
 
 
+class LoginRefusedError(ApiError):
+    """The server refuses this account's session on purpose (an `error_code` such as
+    parallel_login_restriction), on a login or on any later request: never retried, as
+    another login would make it worse."""
+
+
 class SkippableError(ApiError):
     """403 / 404: the resource is not ours to read; normal, not a failure of the run."""
 

@@ -10,7 +10,7 @@ import gzip
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -20,9 +20,10 @@ from aiohttp import web
 from sync.errors import ApiError, AuthError, RetriableError, SkippableError
 from sync.ops.logs import Redactor
 from sync.simulator import SimulatorServer
+from sync.source.access import choose_source
 from sync.source.client import TestpressClient, TokenAuth, judge_403, open_session
 from sync.source.responses import redirect_target
-from tests.conftest import fast_settings
+from tests.conftest import PASSWORD, USERNAME, fast_settings, small_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -167,6 +168,52 @@ async def test_a_server_that_refuses_every_new_token_stops_the_run_after_one_log
     with pytest.raises(AuthError, match="refuses a new token"):
         await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{exam.slug}/attempts/", route="attempts")
     assert simulator.state.logins == 2
+
+
+async def test_a_401_that_a_new_login_does_not_cure_costs_one_login_not_a_loop(
+    client: TestpressClient, simulator: SimulatorServer
+) -> None:
+    """The API notes: on a 401, log in again once, then retry. A server that keeps
+    answering 401 gets one more login, then each request is refused as not this login's
+    to read: never a login per request or per retry (Testpress may lock the account for
+    that: max_login_exceeded)."""
+    await client.get_json(exams_url(simulator), route="exams")
+    simulator.state.sessions_valid_from = 10**9  # every session, now and to come: 401
+    exams = [exam for exam in simulator.dataset.exams if not exam.forbidden][:5]
+    for exam in exams:
+        with pytest.raises(SkippableError) as refused:
+            await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{exam.slug}/attempts/", route="attempts")
+        assert refused.value.status == 401
+    assert simulator.state.logins == 2
+
+
+async def test_a_student_login_answered_401_on_admin_routes_reads_the_student_api(sleep: RecordedSleep) -> None:
+    """The source check of a student login, where the server answers 401 rather than the
+    documented 403: the student API, after one more login at most, not a loop of them."""
+    async with SimulatorServer(small_dataset(), username=USERNAME, password=PASSWORD,
+                               student_username="pupil", student_password="pupil-pw") as server:  # fmt: skip
+        server.state.student_admin_status = 401
+        settings = fast_settings(server.base_url, "sqlite://", max_attempts=8)
+        api = replace(settings.api, username="pupil", password="pupil-pw", source="auto")
+        async with open_session(api, settings.http) as session:
+            client = TestpressClient(session, api, settings.http, Redactor(), sleep=sleep)
+            source, reason = await choose_source(client, "auto")
+            assert (await client.get_json(exams_url(server)))["results"]  # the student API answers
+        assert (source, "HTTP 401" in reason) == ("student", True)
+        assert server.state.logins == 2
+
+
+@pytest.mark.parametrize("code", ["parallel_login_restriction", "max_login_exceeded"])
+async def test_a_session_refused_after_the_login_stops_with_the_reason(
+    client: TestpressClient, simulator: SimulatorServer, code: str
+) -> None:
+    """Official clients look for these codes on every answer: a 403 that carries one is
+    the account's session refused, not a forbidden exam, and the run stops (exit 3)."""
+    await client.get_json(exams_url(simulator), route="exams")
+    simulator.state.faults.session_refusal = code
+    with pytest.raises(AuthError, match=f"refused the login .*\\({code}\\)"):
+        await client.get_json(exams_url(simulator), route="exams")
+    assert simulator.state.logins == 1
 
 
 async def test_one_login_per_token_generation_even_when_the_server_repeats_the_token() -> None:

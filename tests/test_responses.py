@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sync.errors import ApiError, RetriableError, SkippableError, TokenExpiredError
+from sync.errors import ApiError, LoginRefusedError, RetriableError, SkippableError, TokenExpiredError
 from sync.source.pagination import later_page_urls, page_count, page_url, read_page
 from sync.source.responses import parse_response
 
@@ -45,6 +45,24 @@ def test_403_in_each_shape_is_skippable(body: Any, text: str) -> None:
     with pytest.raises(SkippableError, match=text) as caught:
         answer(403, body)
     assert caught.value.status == 403
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 429, 500])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error_code": "parallel_login_restriction", "message": "Logged in elsewhere"},
+        {"detail": {"error_code": "parallel_login_restriction", "message": "Logged in elsewhere"}},
+        {"error_code": ["parallel_login_restriction"]},  # DRF's ValidationError
+    ],
+)
+def test_a_session_refused_on_purpose_is_neither_an_expiry_nor_a_throttle(status: int, body: Any) -> None:
+    """Whatever the status: not a 401 to log in again for, a 403 of one exam, or a 429 or
+    5xx to retry. Another login would make a refused session worse."""
+    with pytest.raises(LoginRefusedError) as caught:
+        answer(status, body, {"retry-after": "1"})
+    assert (caught.value.code, caught.value.status) == ("parallel_login_restriction", status)
+    assert not isinstance(caught.value, (RetriableError, SkippableError))
 
 
 def test_404_is_skippable() -> None:

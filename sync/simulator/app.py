@@ -69,6 +69,9 @@ class SimulatorState:
     # Exams the admin exam listing leaves out, as one created after the listing was read:
     # their detail and their attempts still answer.
     unlisted_exams: set[int] = field(default_factory=set)
+    # What a student token gets on an admin route: 403 as documented, or 401, which
+    # official clients treat alike (the API notes, "Access").
+    student_admin_status: int = 403
     # Rows of an admin listing ("users", "exams", ...) served with an id that is no number.
     unidentifiable: dict[str, set[int]] = field(default_factory=dict)
     # Rows of an admin listing served with some fields replaced (kind → id → field →
@@ -395,8 +398,10 @@ async def authentication(request: web.Request, handler: Any) -> web.StreamRespon
         return json_response({"detail": problem}, state.faults.expired_token_status)
     if problem:
         return json_response({"detail": problem}, 401)
+    if state.faults.session_refusal:
+        return json_response(REFUSAL_BODIES[state.faults.session_refusal], 403)
     if request.path.startswith(ADMIN_PREFIX) and student_id(request) is not None:
-        return json_response({"detail": "You do not have permission to perform this action."}, 403)
+        return json_response({"detail": "You do not have permission to perform this action."}, state.student_admin_status)
     return await handler(request)
 
 

@@ -50,6 +50,9 @@ class Faults:
     # then refused with that error_code, as Testpress refuses a second device or a locked
     # account.
     login_refusal: str = ""
+    # The same, on every request after a login that succeeded: the session is refused
+    # (official clients look for these codes on every answer).
+    session_refusal: str = ""
     # 401, as DRF answers by default; 403, as a server answers whose first authentication
     # class sends no WWW-Authenticate header (the API notes, "Access").
     expired_token_status: int = 401
@@ -58,8 +61,8 @@ class Faults:
         for name, value in changes.items():
             if not hasattr(self, name):
                 raise ValueError(f"unknown fault {name!r}")
-            if name == "login_refusal" and value not in ("", *LOGIN_REFUSALS):
-                raise ValueError(f"login_refusal must be one of {LOGIN_REFUSALS} or empty")
+            if name in ("login_refusal", "session_refusal") and value not in ("", *LOGIN_REFUSALS):
+                raise ValueError(f"{name} must be one of {LOGIN_REFUSALS} or empty")
             setattr(self, name, type(getattr(self, name))(value))
 
 

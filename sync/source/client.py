@@ -35,10 +35,25 @@ from tenacity import (
 
 from sync import __version__
 from sync.config import ApiSettings, HttpSettings
-from sync.errors import ApiError, AuthError, RetriableError, SkippableError, ThrottledError, TokenExpiredError
+from sync.errors import (
+    ApiError,
+    AuthError,
+    LoginRefusedError,
+    RetriableError,
+    SkippableError,
+    ThrottledError,
+    TokenExpiredError,
+)
 from sync.ops.logs import Redactor
 from sync.source.proxies import Proxies
-from sync.source.responses import MAX_REDIRECTS, error_message, parse_response, proxy_refusal, redirect_target
+from sync.source.responses import (
+    LOGIN_REFUSALS,
+    MAX_REDIRECTS,
+    error_message,
+    parse_response,
+    proxy_refusal,
+    redirect_target,
+)
 
 log = structlog.get_logger("testpress_sync.client")
 Sleep = Callable[[float], Awaitable[None]]
@@ -62,15 +77,6 @@ def token_expiry(token: str) -> float | None:
         return None
     expiry = claims.get("exp") if isinstance(claims, dict) else None
     return float(expiry) if isinstance(expiry, (int, float)) and not isinstance(expiry, bool) else None
-
-
-# Logins Testpress refuses on purpose, and what to do about each.
-LOGIN_REFUSALS = {
-    "parallel_login_restriction": "another session of this account is active, and the institute allows "
-    "one at a time; log it out, or give testpress-sync an account of its own",
-    "max_login_exceeded": "this account logged in too many times and is locked for a cool-off time; "
-    "wait before the next run, and do not run it in a loop",
-}
 
 
 class TokenAuth:
@@ -205,6 +211,7 @@ class TestpressClient:
         self._first_good: str | None = None
         self._last_good: str | None = None
         self._working: set[int] = set()
+        self._refused_new: set[int] = set()  # generations answered 401 right after their login
         redactor.add(api.password)
         self.proxies = Proxies(http.proxy)
         redactor.add_url_password(http.proxy)  # as written, too: it may be encoded otherwise
@@ -231,7 +238,18 @@ class TestpressClient:
         A 403 is a token question first (_token_refused): it counts as forbidden only once
         the token has shown it still works, or a new token was refused too. `route` names
         the kind of request, for the logs."""
-        return await self._retrying(lambda: self._authorized(url, route))
+        try:
+            return await self._retrying(lambda: self._authorized(url, route))
+        except LoginRefusedError as refused:  # the session itself is refused: the run stops
+            raise self._refusal(refused) from None
+
+    def _refusal(self, refused: ApiError) -> AuthError:
+        code = refused.code or ""
+        return AuthError(
+            f"Testpress at {self._api.base_url} refused the login of {self._api.username!r} "
+            f"({code}): {LOGIN_REFUSALS.get(code, refused)}",
+            hint="the credentials are right: the account is refused for the reason given",
+        )
 
     # --- layers ----------------------------------------------------------------------
 
@@ -262,11 +280,20 @@ class TestpressClient:
         token, generation = await self.auth.token()
         try:
             document = await self._get(url, token)
-        except TokenExpiredError:
-            # Log in again (once for every request that saw this token fail), then retry
-            # at once; a second 401 goes to the retry layer like any other failure.
+        except TokenExpiredError as refused:
+            # Log in again (once for every request that saw this token fail), then retry at
+            # once, as the API notes say. A token refused as soon as it was issued is not
+            # renewed again before it expires: 401s that a login does not cure (a route a
+            # student may not read, answered 401 rather than 403) must not become a loop of
+            # logins, which Testpress may answer by locking the account (max_login_exceeded).
+            if generation in self._refused_new and not self.auth.has_expired(token):
+                raise SkippableError(f"{refused} (a new token was refused too)", url=url, status=401) from None
             token, generation = await self.auth.refresh(generation)
-            document = await self._get(url, token)
+            try:
+                document = await self._get(url, token)
+            except TokenExpiredError as again:
+                self._refused_new.add(generation)
+                raise SkippableError(f"{again} (to a token just issued)", url=url, status=401) from None
         except SkippableError as refused:
             if refused.status != 403 or not await self._token_refused(token, generation, url):
                 raise  # a 404, or an exam this login may not read: the token still works
@@ -446,12 +473,8 @@ class TestpressClient:
             # The login had its own retries; a request waiting on it must not retry it again.
             raise ApiError(f"login failed: {exc}", url=url, status=exc.status) from None
         except ApiError as exc:
-            if exc.code in LOGIN_REFUSALS:  # never retried: another login would make it worse
-                raise AuthError(
-                    f"Testpress at {self._api.base_url} refused the login of {self._api.username!r} "
-                    f"({exc.code}): {LOGIN_REFUSALS[exc.code]}",
-                    hint="the credentials are right: the account is refused for the reason given",
-                ) from None
+            if isinstance(exc, LoginRefusedError):  # never retried: another login would make it worse
+                raise self._refusal(exc) from None
             if exc.status in (400, 401, 403):
                 raise AuthError(
                     f"Testpress at {self._api.base_url} refused the login of "

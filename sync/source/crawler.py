@@ -320,7 +320,8 @@ class Crawler:
             try:
                 walk = await self._walk(listing.url, handle, route=resource.name)
             except SkippableError as exc:
-                status = "forbidden" if exc.status == 403 else "not_found"
+                # Gone (404), or not this login's to read (403, or a 401 a new login did not cure).
+                status = "not_found" if exc.status == 404 else "forbidden"
                 break
             present.update(walk.ids)
             if walk.failed:

@@ -12,7 +12,16 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 
 import orjson
 
-from sync.errors import ApiError, RetriableError, SkippableError, TokenExpiredError
+from sync.errors import ApiError, LoginRefusedError, RetriableError, SkippableError, TokenExpiredError
+
+# Logins Testpress refuses on purpose, and what to do about each. Official clients look
+# for these codes on every error answer, not only the login's.
+LOGIN_REFUSALS = {
+    "parallel_login_restriction": "another session of this account is active, and the institute allows "
+    "one at a time; log it out, or give testpress-sync an account of its own",
+    "max_login_exceeded": "this account logged in too many times and is locked for a cool-off time; "
+    "wait before the next run, and do not run it in a loop",
+}
 
 RETRIABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -34,10 +43,13 @@ def parse_response(status: int, headers: Mapping[str, str], body: bytes, url: st
             ) from None
     document = _json_or_none(body)
     message = f"HTTP {status}: {error_message(document, body)}"
+    code = error_code(document)
+    if code in LOGIN_REFUSALS:  # whatever the status: a 401 or a 429 with it is no expiry, no throttle
+        raise LoginRefusedError(message, url=url, status=status, code=code)
     if status == 401:
         raise TokenExpiredError(message, url=url, status=status)
     if status in (403, 404):
-        raise SkippableError(message, url=url, status=status, code=error_code(document))
+        raise SkippableError(message, url=url, status=status, code=code)
     if status == 407:  # from the proxy, for an http:// URL: it did not pass the request on
         raise proxy_refusal(status, url)
     if 300 <= status < 400:
@@ -50,7 +62,7 @@ def parse_response(status: int, headers: Mapping[str, str], body: bytes, url: st
     if status in RETRIABLE_STATUSES or status >= 500:
         retry_after = retry_after_seconds(headers, document) if status == 429 else None
         raise RetriableError(message, url=url, status=status, retry_after=retry_after)
-    raise ApiError(message, url=url, status=status, code=error_code(document))
+    raise ApiError(message, url=url, status=status, code=code)
 
 
 def proxy_refusal(status: int, url: str) -> ApiError:
@@ -115,12 +127,15 @@ def retry_after_seconds(headers: Mapping[str, str], document: Any) -> float | No
 
 
 def error_code(document: Any) -> str | None:
-    """Testpress's `error_code`, at the top of the answer or inside `detail`."""
+    """Testpress's `error_code`, at the top of the answer or inside `detail`; DRF's
+    ValidationError sends it as a one-element list."""
     if not isinstance(document, dict):
         return None
     detail = document.get("detail")
     for holder in (document, detail if isinstance(detail, dict) else {}):
         code = holder.get("error_code")
+        if isinstance(code, list) and len(code) == 1:
+            code = code[0]
         if isinstance(code, str) and code:
             return code
     return None
