@@ -5,6 +5,7 @@ attempts are read (new and changed ones only), failures, and the views built on 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
@@ -28,7 +29,7 @@ from sync.simulator import Dataset, SimulatorServer
 from sync.simulator.admin import DETAIL_FAULTS_KEY
 from sync.source.client import TestpressClient, open_session
 from tests.conftest import PASSWORD, USERNAME, fast_settings
-from tests.helpers import sync_with
+from tests.helpers import error_rows, sync_with
 
 DETAIL_ROUTE = "/api/v2.5/admin/attempts/{attempt_id}/"
 
@@ -223,6 +224,25 @@ async def test_a_detail_that_fails_or_will_not_parse_is_recorded_and_read_again_
     assert (second.status, second.errors) == ("succeeded", 0)
     assert detail_requests(institute) - before == 2
     await assert_details_match(engine, institute, [failing, malformed])
+
+
+@pytest.mark.parametrize("policy", ["hash", "drop"])
+async def test_a_detail_recorded_in_sync_errors_keeps_personal_data_as_the_policy_says(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str, policy: str
+) -> None:
+    """A detail repeats its attempt's row, e-mail and phone included: one that will not
+    parse goes to sync_errors as the policy would store it, never in clear."""
+    malformed = next(attempt for _, attempt in institute.dataset.attempts_by_id()
+                     if institute.dataset.profile(attempt.user).email and institute.dataset.profile(attempt.user).phone)  # fmt: skip
+    institute.app[DETAIL_FAULTS_KEY].malformed.add(malformed.id)
+    settings = details_settings(institute, database_url)
+    settings = replace(settings, sync=replace(settings.sync, pii=policy, pii_salt="pepper"))
+    assert (await sync_with(settings)).status == "partial"
+    [payload] = [row.payload for row in await error_rows(engine) if row.entity == "attempt_detail"]
+    profile = institute.dataset.profile(malformed.user)
+    assert payload["id"] == malformed.id and "sections" in payload
+    for key in ("email", "phone"):
+        assert payload[key] == (None if policy == "drop" else hashlib.sha256(f"pepper:{getattr(profile, key)}".encode()).hexdigest())
 
 
 async def test_a_run_stopped_among_the_details_keeps_those_fetched_and_the_next_reads_the_rest(

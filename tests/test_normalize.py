@@ -287,6 +287,14 @@ ADMIN_USER = {
 }  # fmt: skip
 
 
+def test_drop_leaves_null_whatever_the_field_held_and_hash_leaves_emptiness_alone() -> None:
+    blank = {**ADMIN_USER, "email": "", "phone": None, "birth_date": None, "city": "", "custom_fields": None}
+    dropped, _ = admin_user_row(blank, PiiPolicy("drop"))
+    assert (dropped["email"], dropped["city"], dropped["raw"]["email"], dropped["raw"]["city"]) == (None, None, None, None)
+    hashed, _ = admin_user_row(blank, PiiPolicy("hash", "salt"))
+    assert (hashed["email"], hashed["raw"]["email"]) == ("", "")  # nothing to hide, nothing to join on
+
+
 def test_a_bad_personal_field_costs_the_field_and_shows_its_value_only_when_kept() -> None:
     row, problems = admin_user_row(ADMIN_USER, PiiPolicy("keep"))
     assert (row["birth_date"], row["city"], row["custom_fields"], row["email"]) == (None, None, None, "asha@example.com")

@@ -72,10 +72,12 @@ class PiiPolicy:
         return rules_digest(self.fingerprint)
 
     def value(self, value: Any) -> Any:
-        if self.mode == "keep" or value is None or value == "":
+        if self.mode == "keep":
             return value
         if self.mode == "drop":
-            return None
+            return None  # an empty string too: a dropped field is null, whatever it held
+        if value is None or value == "":
+            return value
         text = value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
         return hashlib.sha256(f"{self.salt}:{text}".encode()).hexdigest()
 

@@ -198,7 +198,10 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",
                  parent="users", parent_column="user_id"),
         # Read one by one, for the attempts stored new or changed (sync.run): never walked.
+        # A detail repeats the attempt's row, its e-mail and phone too: what goes to
+        # sync_errors of one follows the policy as the attempt's own row does.
         Resource(ATTEMPT_DETAILS, "attempt_detail", "v2.5", "admin/attempts/", ATTEMPT_DETAILS, (), details,
-                 write="details", detail_path="admin/attempts/{key}/"),
+                 write="details", detail_path="admin/attempts/{key}/",
+                 personal=lambda payload: policy.payload(payload, ATTEMPT_PERSONAL_KEYS)),
     )  # fmt: skip
     return {spec.name: spec for spec in specs}
