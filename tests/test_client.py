@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog.testing
 from aiohttp import web
 
 from sync.errors import ApiError, AuthError, RetriableError, SkippableError
@@ -214,6 +215,21 @@ async def test_a_session_refused_after_the_login_stops_with_the_reason(
     with pytest.raises(AuthError, match=f"refused the login .*\\({code}\\)"):
         await client.get_json(exams_url(simulator), route="exams")
     assert simulator.state.logins == 1
+
+
+async def test_a_url_on_another_server_is_asked_here_and_the_token_stays_home(
+    client: TestpressClient, simulator: SimulatorServer
+) -> None:
+    """An answer may name another host (a canonical name, behind a proxy): its path and
+    query are asked at base_url, said once, and nothing goes elsewhere."""
+    elsewhere = "http://127.0.0.2:9"  # loopback still, should the request ever go there
+    with structlog.testing.capture_logs() as logs:
+        first = await client.get_json(f"{elsewhere}/api/v2.1/exams/?page=1")
+        second = await client.get_json(f"{elsewhere}/api/v2.1/exams/")
+    assert first["count"] == second["count"] == len(simulator.dataset.exams)
+    assert [entry["requested"] for entry in logs if entry["event"] == "url_on_another_server"] == [
+        f"{simulator.base_url}/api/v2.1/exams/?page=1"
+    ]
 
 
 async def test_one_login_per_token_generation_even_when_the_server_repeats_the_token() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from sync.errors import ApiError, LoginRefusedError, RetriableError, SkippableError, TokenExpiredError
 from sync.source.pagination import later_page_urls, page_count, page_url, read_page
-from sync.source.responses import parse_response
+from sync.source.responses import on_server, parse_response
 
 URL = "https://demo.testpress.in/api/v2.1/exams/"
 
@@ -164,3 +164,20 @@ def test_page_url_replaces_an_existing_page_parameter() -> None:
 def test_a_document_that_is_not_a_page_is_an_api_error(document: Any) -> None:
     with pytest.raises(ApiError, match="not a page"):
         read_page(document, URL)
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("https://demo.testpress.in/api/v2.1/exams/x/attempts/", "https://demo.testpress.in/api/v2.1/exams/x/attempts/"),
+        ("https://demo.testpress.in:443/api/v2.1/exams/?page=2", "https://demo.testpress.in:443/api/v2.1/exams/?page=2"),
+        # Another host, port or scheme, or credentials: the same path and query, here.
+        ("https://cdn.example.com/api/v2.1/exams/x/attempts/?page=2", "https://demo.testpress.in/api/v2.1/exams/x/attempts/?page=2"),
+        ("https://demo.testpress.in:8443/api/v2.1/exams/", "https://demo.testpress.in/api/v2.1/exams/"),
+        ("http://demo.testpress.in/api/v2.1/exams/", "https://demo.testpress.in/api/v2.1/exams/"),
+        ("https://user:pw@demo.testpress.in/api/v2.1/exams/", "https://demo.testpress.in/api/v2.1/exams/"),
+        ("/api/v2.1/exams/", "/api/v2.1/exams/"),  # relative: resolved by whoever made it
+    ],
+)
+def test_urls_a_server_names_are_asked_at_the_configured_server(url: str, sent: str) -> None:
+    assert on_server(url, "https://demo.testpress.in") == sent

@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -50,6 +51,7 @@ from sync.source.responses import (
     LOGIN_REFUSALS,
     MAX_REDIRECTS,
     error_message,
+    on_server,
     parse_response,
     proxy_refusal,
     redirect_target,
@@ -212,6 +214,7 @@ class TestpressClient:
         self._last_good: str | None = None
         self._working: set[int] = set()
         self._refused_new: set[int] = set()  # generations answered 401 right after their login
+        self._foreign_hosts: set[str] = set()  # other servers answers named (said once each)
         redactor.add(api.password)
         self.proxies = Proxies(http.proxy)
         redactor.add_url_password(http.proxy)  # as written, too: it may be encoded otherwise
@@ -238,8 +241,13 @@ class TestpressClient:
         A 403 is a token question first (_token_refused): it counts as forbidden only once
         the token has shown it still works, or a new token was refused too. `route` names
         the kind of request, for the logs."""
+        sent = on_server(url, self._api.base_url)
+        if sent != url and urlsplit(url).netloc not in self._foreign_hosts:
+            self._foreign_hosts.add(urlsplit(url).netloc)
+            log.warning("url_on_another_server", url=url, requested=sent,
+                        hint="the server named an address other than base_url; asked at base_url instead")  # fmt: skip
         try:
-            return await self._retrying(lambda: self._authorized(url, route))
+            return await self._retrying(lambda: self._authorized(sent, route))
         except LoginRefusedError as refused:  # the session itself is refused: the run stops
             raise self._refusal(refused) from None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import orjson
 
@@ -104,6 +104,25 @@ def redirect_target(status: int, headers: Mapping[str, str], url: str) -> str | 
         return target if same_port else None
     upgrade = source.scheme == "http" and dest.scheme == "https" and _port(dest) == 443
     return target if upgrade else None
+
+
+def on_server(url: str, base_url: str) -> str:
+    """`url` if it is on the server `base_url` names (scheme, host, port), else its path
+    and query on that server. Servers name URLs in their answers (`attempts_url`, `next`);
+    one that names another host (a canonical name, a proxy's) must not get the token, nor
+    make the walk fail: the API lives at the configured address."""
+    base = urlsplit(base_url)
+    try:
+        target = urlsplit(url)
+        if target.scheme not in ("http", "https"):
+            return url  # relative (resolved by whoever made it), or not ours to send at all
+        if (target.scheme, target.hostname, _port(target)) == (base.scheme, base.hostname, _port(base)) and (
+            target.username is None and target.password is None
+        ):
+            return url
+    except ValueError:  # not a URL one can send: the request fails on it, as it would have
+        return url
+    return urlunsplit((base.scheme, base.netloc, target.path, target.query, ""))
 
 
 def _port(parts: SplitResult) -> int | None:
