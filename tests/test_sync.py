@@ -309,6 +309,25 @@ async def test_rows_the_database_refuses_go_to_sync_errors_and_the_rest_is_store
     assert summary.rows.inserted == len(exam_rows) + len(attempt_rows)  # a refused row is not counted
 
 
+async def test_a_student_renamed_upstream_keeps_their_row_and_their_attempts(
+    simulator: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """Usernames change; the Testpress id does not. The row that holds the id takes the
+    new name, and the student's attempts are stored as before (before: the id was unique
+    to the old row, and every attempt naming the student was refused)."""
+    await sync_once(simulator, database_url)
+    user = next(a.user for e in simulator.dataset.exams if not e.forbidden for a in e.attempts)
+    old_name = user.username
+    user.username = f"{old_name}-renamed"
+    summary = await sync_once(simulator, database_url)
+    assert (summary.status, summary.errors) == ("succeeded", 0)
+    async with engine.connect() as connection:
+        rows = (await connection.execute(text("SELECT username FROM users WHERE user_id = :id"), {"id": user.id})).all()
+        names = {row.username for row in (await connection.execute(text("SELECT username FROM users"))).all()}
+    assert [row.username for row in rows] == [user.username] and old_name not in names
+    await assert_matches_server(engine, simulator)
+
+
 async def test_an_attempt_whose_user_is_refused_is_refused_with_it(
     simulator: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:

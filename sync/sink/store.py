@@ -227,6 +227,7 @@ async def upsert_users(
         username: tuple(values)
         for username, *values in await _stored(connection, users, "username", ", ".join(_USER_FIELDS), list(merged))
     }
+    await _follow_renames(connection, merged, stored, write=write)
     dialect = dialect_of(connection)
     stamp = dialect.stamp(now)
     holds_nul = dialect.holds_nul()
@@ -251,6 +252,24 @@ async def upsert_users(
     if to_write and write:
         await dialect.run(connection, "executemany", _user_upsert(dialect), to_write)
     return counts
+
+
+async def _follow_renames(
+    connection: AsyncConnection, merged: Mapping[str, tuple[Any, ...]], stored: dict[str, tuple[Any, ...]], *, write: bool
+) -> None:
+    """Users seen under a name no row has, with a Testpress id a row has: renamed since
+    (usernames change, ids do not). That row takes the new name, so the upsert by username
+    updates it; its fields join `stored` under the new name."""
+    renamed = {fields[0]: username for username, fields in merged.items() if username not in stored and fields[0] is not None}
+    if not renamed:
+        return
+    for user_id, _old_name, *values in await _stored(
+        connection, users, "user_id", "username, " + ", ".join(_USER_FIELDS), list(renamed)
+    ):
+        new_name = renamed[user_id]
+        if write:  # the new name is no row's (it is not in `stored`): nothing to move aside
+            await connection.execute(update(users).where(users.c.user_id == user_id).values(username=new_name))
+        stored[new_name] = tuple(values)
 
 
 # --- deletion marks and fetch outcomes ----------------------------------------------------
