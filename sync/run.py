@@ -177,7 +177,7 @@ class _Walks:
         assert resources["attempts"].references is not None, "admin attempts name their exam"
         field, target = resources["attempts"].references
         named = ReferencedItems(self.client, self.queue, resources[target], field, exams.present,  # type: ignore[arg-type]
-                                stored=known.exam_ids)  # fmt: skip
+                                stored=known.exam_ids, reread_stored=plan.full)  # fmt: skip
         with first_error():  # a fatal error (a refused login, a setting) says it once
             async with asyncio.TaskGroup() as group:
                 for crawler in (users, batches):

@@ -194,6 +194,32 @@ async def test_exam_rows_without_ids_as_documented_are_read_by_the_id_attempts_n
         await sync_with(settings, RunOptions(limit=3))
 
 
+async def test_a_nightly_run_over_a_listing_without_ids_reads_only_new_exams_by_id(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """With the documented id-less exam rows, a nightly run does not read again every
+    stored exam its window's attempts name (on W2, a thousand requests for a night whose
+    whole run makes 280): only those the database does not hold. A full walk reads all."""
+    institute.state.admin_exam_ids = False
+    settings = admin_settings(institute, database_url)
+    await sync_with(settings)
+    data = institute.dataset
+    route = f"{ADMIN}/exams/{{exam_id}}/"
+    data.start_attempts(data.exams[2], [data.users[0], data.users[1]], state="Running")
+    data.start_attempts(data.exams[5], [data.users[2]], state="Running")
+    new_exam = data.add_exam()
+    data.start_attempts(new_exam, [data.users[3]], state="Running")
+    before = institute.state.by_route[route]
+    nightly = await sync_with(settings)
+    assert (nightly.status, nightly.full_walk) == ("succeeded", False)
+    assert institute.state.by_route[route] - before == 1  # the new exam only
+    await assert_attempts_match(engine, institute)
+    assert new_exam.id in await stored(engine, exams)
+    before = institute.state.by_route[route]
+    assert (await sync_with(settings, RunOptions(full=True))).full_walk
+    assert institute.state.by_route[route] - before == len(data.exams)
+
+
 async def test_an_exam_the_listing_did_not_show_is_read_before_its_attempts(
     institute: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:
