@@ -33,6 +33,7 @@ from sync.model.normalize import payload_digest
 from sync.model.plan import MIXED_RULES, AdminPlan, SyncState, lookback_for, plan_admin_run
 from sync.model.resources import ATTEMPT_DETAILS, ATTEMPTS, EXAMS, RESOURCES, Resource, admin_resources
 from sync.model.run import Clock, Progress, RunOptions, RunSummary, utc_now
+from sync.model.webhook import WEBHOOK_HASH_PREFIX
 from sync.ops.logs import Redactor
 from sync.sink import store
 from sync.sink.faults import in_own_transaction
@@ -177,7 +178,7 @@ class _Walks:
         assert resources["attempts"].references is not None, "admin attempts name their exam"
         field, target = resources["attempts"].references
         named = ReferencedItems(self.client, self.queue, resources[target], field, exams.present,  # type: ignore[arg-type]
-                                stored=known.exam_ids, reread_stored=plan.full)  # fmt: skip
+                                stored=known.exam_ids, settled=frozenset() if plan.full else known.exams_read)  # fmt: skip
         with first_error():  # a fatal error (a refused login, a setting) says it once
             async with asyncio.TaskGroup() as group:
                 for crawler in (users, batches):
@@ -232,6 +233,9 @@ class _Known:
     user_digests: Mapping[int, str | None]
     open_attempts: Mapping[int, int]  # attempt id → exam id, Running or Not Started before the window
     exam_ids: Set[int] = frozenset()  # exams stored: an attempt naming one it cannot read is stored still
+    # Of those, the ones read from the API (not a webhook's few fields): a nightly run need
+    # not read them again by id for the attempts that name them.
+    exams_read: Set[int] = frozenset()
 
     def changed_user(self, users: Resource) -> Callable[[Resource, int, Payload], bool]:
         def changed(_child: Resource, user_id: int, payload: Payload) -> bool:
@@ -262,13 +266,15 @@ async def _read_admin_plan(
         rules=policy.rules,
     )  # fmt: skip
     resources = admin_resources(policy)
-    exam_ids = frozenset(await store.stored_keys_and_digests(connection, resources["exams"]))
+    exam_digests = await store.stored_keys_and_digests(connection, resources["exams"])
+    exam_ids = frozenset(exam_digests)
     if plan.full:
         return plan, _Known({}, {}, exam_ids), state
     known = _Known(
         user_digests=await store.stored_keys_and_digests(connection, resources["users"]),
         open_attempts=await store.open_attempts_before(connection, plan.since or now),
         exam_ids=exam_ids,
+        exams_read=frozenset(ident for ident, digest in exam_digests.items() if not (digest or "").startswith(WEBHOOK_HASH_PREFIX)),
     )
     return plan, known, state
 

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from schema import attempts, batches, exams, sync_errors, sync_runs, sync_state, user_batches, users
 from sync.config import Settings, SyncSettings
 from sync.errors import ApiError, ConfigError
+from sync.model.webhook import WEBHOOK_HASH_PREFIX
 from sync.run import RunOptions
 from sync.simulator import Dataset, SimulatorServer
 from sync.simulator.admin import DETAIL_FAULTS_KEY
@@ -209,12 +210,21 @@ async def test_a_nightly_run_over_a_listing_without_ids_reads_only_new_exams_by_
     data.start_attempts(data.exams[5], [data.users[2]], state="Running")
     new_exam = data.add_exam()
     data.start_attempts(new_exam, [data.users[3]], state="Running")
+    # An exam row as a webhook delivery leaves it (a few fields): read, to be completed.
+    by_webhook = data.exams[7]
+    data.start_attempts(by_webhook, [data.users[4]], state="Running")
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE exams SET content_hash = :digest, title = NULL WHERE id = :id"),
+            {"digest": f"{WEBHOOK_HASH_PREFIX}0", "id": by_webhook.id},
+        )
     before = institute.state.by_route[route]
     nightly = await sync_with(settings)
     assert (nightly.status, nightly.full_walk) == ("succeeded", False)
-    assert institute.state.by_route[route] - before == 1  # the new exam only
+    assert institute.state.by_route[route] - before == 2  # the new exam and the webhook's
     await assert_attempts_match(engine, institute)
-    assert new_exam.id in await stored(engine, exams)
+    kept = await stored(engine, exams)
+    assert new_exam.id in kept and kept[by_webhook.id]["title"] == by_webhook.title
     before = institute.state.by_route[route]
     assert (await sync_with(settings, RunOptions(full=True))).full_walk
     assert institute.state.by_route[route] - before == len(data.exams)

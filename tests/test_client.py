@@ -171,35 +171,54 @@ async def test_a_server_that_refuses_every_new_token_stops_the_run_after_one_log
     assert simulator.state.logins == 2
 
 
-async def test_a_401_that_a_new_login_does_not_cure_costs_one_login_not_a_loop(
+async def test_a_server_that_answers_every_new_token_401_stops_the_run_after_one_login(
     client: TestpressClient, simulator: SimulatorServer
 ) -> None:
-    """The API notes: on a 401, log in again once, then retry. A server that keeps
-    answering 401 gets one more login, then each request is refused as not this login's
-    to read: never a login per request or per retry (Testpress may lock the account for
-    that: max_login_exceeded)."""
+    """The API notes: on a 401, log in again once, then retry. A new token refused too,
+    where the run's pages answered before, is an account that lost its access: the run
+    stops (exit 3), after one login, not a login per request or per retry."""
     await client.get_json(exams_url(simulator), route="exams")
     simulator.state.sessions_valid_from = 10**9  # every session, now and to come: 401
-    exams = [exam for exam in simulator.dataset.exams if not exam.forbidden][:5]
-    for exam in exams:
-        with pytest.raises(SkippableError) as refused:
-            await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{exam.slug}/attempts/", route="attempts")
-        assert refused.value.status == 401
+    exam = next(exam for exam in simulator.dataset.exams if not exam.forbidden)
+    with pytest.raises(AuthError, match="refuses a new token"):
+        await client.get_json(f"{simulator.base_url}/api/v2.1/exams/{exam.slug}/attempts/", route="attempts")
     assert simulator.state.logins == 2
+
+
+@asynccontextmanager
+async def student_client(sleep: RecordedSleep, admin_status: int) -> AsyncIterator[tuple[TestpressClient, SimulatorServer]]:
+    """A student login's client on a simulator whose admin routes answer it `admin_status`."""
+    async with SimulatorServer(small_dataset(), username=USERNAME, password=PASSWORD,
+                               student_username="pupil", student_password="pupil-pw") as server:  # fmt: skip
+        server.state.student_admin_status = admin_status
+        settings = fast_settings(server.base_url, "sqlite://", max_attempts=8)
+        api = replace(settings.api, username="pupil", password="pupil-pw", source="auto")
+        async with open_session(api, settings.http) as session:
+            yield TestpressClient(session, api, settings.http, Redactor(), sleep=sleep), server
+
+
+async def test_401s_a_login_does_not_cure_cost_one_login_and_a_real_expiry_still_logs_in(sleep: RecordedSleep) -> None:
+    """Routes that answer this login 401 rather than 403: one more login, then each such
+    401 is checked against a page that answered (one GET) and stands, with no login. A
+    session that really ends later is still renewed: the check says the token is dead."""
+    async with student_client(sleep, admin_status=401) as (client, server):
+        assert (await client.get_json(exams_url(server)))["results"]
+        for _ in range(4):
+            with pytest.raises(SkippableError) as refused:
+                await client.get_json(f"{server.base_url}/api/v2.5/admin/batches/")
+            assert refused.value.status == 401
+        assert server.state.logins == 2
+        server.state.sessions_valid_from = server.state.logins + 1  # every session so far ends
+        assert (await client.get_json(exams_url(server)))["results"]
+        assert server.state.logins == 3
 
 
 async def test_a_student_login_answered_401_on_admin_routes_reads_the_student_api(sleep: RecordedSleep) -> None:
     """The source check of a student login, where the server answers 401 rather than the
-    documented 403: the student API, after one more login at most, not a loop of them."""
-    async with SimulatorServer(small_dataset(), username=USERNAME, password=PASSWORD,
-                               student_username="pupil", student_password="pupil-pw") as server:  # fmt: skip
-        server.state.student_admin_status = 401
-        settings = fast_settings(server.base_url, "sqlite://", max_attempts=8)
-        api = replace(settings.api, username="pupil", password="pupil-pw", source="auto")
-        async with open_session(api, settings.http) as session:
-            client = TestpressClient(session, api, settings.http, Redactor(), sleep=sleep)
-            source, reason = await choose_source(client, "auto")
-            assert (await client.get_json(exams_url(server)))["results"]  # the student API answers
+    documented 403: the student API, after one more login, not a loop of them."""
+    async with student_client(sleep, admin_status=401) as (client, server):
+        source, reason = await choose_source(client, "auto")
+        assert (await client.get_json(exams_url(server)))["results"]  # the student API answers
         assert (source, "HTTP 401" in reason) == ("student", True)
         assert server.state.logins == 2
 
@@ -227,9 +246,7 @@ async def test_a_url_on_another_server_is_asked_here_and_the_token_stays_home(
         first = await client.get_json(f"{elsewhere}/api/v2.1/exams/?page=1")
         second = await client.get_json(f"{elsewhere}/api/v2.1/exams/")
     assert first["count"] == second["count"] == len(simulator.dataset.exams)
-    assert [entry["requested"] for entry in logs if entry["event"] == "url_on_another_server"] == [
-        f"{simulator.base_url}/api/v2.1/exams/?page=1"
-    ]
+    assert [entry["server"] for entry in logs if entry["event"] == "url_on_another_server"] == [elsewhere]
 
 
 async def test_one_login_per_token_generation_even_when_the_server_repeats_the_token() -> None:

@@ -50,6 +50,12 @@ PERSONAL_KEYS = frozenset({
 ATTEMPT_PERSONAL_KEYS = frozenset({"email", "phone"})
 
 
+# A mode's revision, part of its fingerprint: bumped when what the mode stores changes, so
+# that the rows it wrote are written again (by the next full walk, which a change of rules
+# starts by itself). drop 2: an empty value is stored null too.
+_MODE_REVISIONS = {"keep": "", "hash": "", "drop": "2"}
+
+
 @dataclass(frozen=True)
 class PiiPolicy:
     """What happens to personal data: kept, replaced by a salted SHA-256 (so the same
@@ -64,7 +70,7 @@ class PiiPolicy:
         if self.mode == "keep":
             return b""
         salt = hashlib.sha256(self.salt.encode()).hexdigest()[:16] if self.mode == "hash" else ""
-        return f"pii={self.mode}:{salt}".encode()
+        return f"pii={self.mode}{_MODE_REVISIONS[self.mode]}:{salt}".encode()
 
     @property
     def rules(self) -> str:

@@ -236,16 +236,21 @@ class TestpressClient:
         await self.auth.token()
 
     async def get_json(self, url: str, route: str | None = None) -> Any:
-        """The JSON document at `url`. Raises SkippableError (403/404) or ApiError.
+        """The JSON document at `url` (on base_url's server: on_server). Raises
+        SkippableError (403, 404, or a 401 a new login did not cure), AuthError (the login
+        or the session refused) or ApiError.
 
         A 403 is a token question first (_token_refused): it counts as forbidden only once
         the token has shown it still works, or a new token was refused too. `route` names
         the kind of request, for the logs."""
         sent = on_server(url, self._api.base_url)
-        if sent != url and urlsplit(url).netloc not in self._foreign_hosts:
-            self._foreign_hosts.add(urlsplit(url).netloc)
-            log.warning("url_on_another_server", url=url, requested=sent,
-                        hint="the server named an address other than base_url; asked at base_url instead")  # fmt: skip
+        if sent != url:
+            named = urlsplit(url)
+            server = f"{named.scheme}://{named.hostname}" + (f":{named.port}" if named.port else "")
+            if server not in self._foreign_hosts:  # said once a server, without what a URL may carry (a login)
+                self._foreign_hosts.add(server)
+                log.warning("url_on_another_server", server=server, asked_at=self._api.base_url,
+                            hint="the server named an address other than base_url; asked at base_url instead")  # fmt: skip
         try:
             return await self._retrying(lambda: self._authorized(sent, route))
         except LoginRefusedError as refused:  # the session itself is refused: the run stops
@@ -290,16 +295,25 @@ class TestpressClient:
             document = await self._get(url, token)
         except TokenExpiredError as refused:
             # Log in again (once for every request that saw this token fail), then retry at
-            # once, as the API notes say. A token refused as soon as it was issued is not
-            # renewed again before it expires: 401s that a login does not cure (a route a
-            # student may not read, answered 401 rather than 403) must not become a loop of
-            # logins, which Testpress may answer by locking the account (max_login_exceeded).
-            if generation in self._refused_new and not self.auth.has_expired(token):
-                raise SkippableError(f"{refused} (a new token was refused too)", url=url, status=401) from None
+            # once, as the API notes say. A 401 that a new login does not cure is the route
+            # refusing this login (a student on an admin route, answered 401 rather than 403).
+            # Once a token has met one, a 401 to it is first checked against a page that
+            # answered in this run (one GET), as a 403 is: still read, it is that route's,
+            # and no login is spent, so such 401s never become a loop of logins (which
+            # Testpress may answer by locking the account: max_login_exceeded).
+            if (
+                generation in self._refused_new
+                and not self.auth.has_expired(token)
+                and url not in (self._last_good, self._first_good)  # a page that answered: the token's
+                and await self._reads_elsewhere(token, url) is not False
+            ):
+                raise SkippableError(f"{refused} (this login may not read it)", url=url, status=401) from None
             token, generation = await self.auth.refresh(generation)
             try:
                 document = await self._get(url, token)
             except TokenExpiredError as again:
+                if await self._reads_elsewhere(token, url) is False:
+                    raise self._lost_access() from None  # a new token refused where the run read
                 self._refused_new.add(generation)
                 raise SkippableError(f"{again} (to a token just issued)", url=url, status=401) from None
         except SkippableError as refused:
@@ -338,21 +352,29 @@ class TestpressClient:
         new login answers: the run stops (AuthError) rather than log in again and again,
         or mark every exam forbidden. Before anything has answered, a 403 stands."""
         replaced, expired = generation != self.auth.generation, self.auth.has_expired(token)
-        reads: bool | None = None
-        if not (replaced or expired):
-            for known in dict.fromkeys((self._last_good, self._first_good)):
-                if known is not None and known != url:
-                    reads = await self._still_reads(known, token)
-                    if reads is not None:
-                        break
+        reads = None if replaced or expired else await self._reads_elsewhere(token, url)
         verdict = judge_403(replaced=replaced, expired=expired, reads=reads, worked=generation in self._working)
         if verdict == "stop":
-            raise AuthError(
-                f"Testpress refuses a new token of {self._api.username!r} on pages that answered earlier in this "
-                "run: the account may have lost its access, or another session keeps replacing this one",
-                hint="check that the account may still read the institute; give testpress-sync an account of its own",
-            )
+            raise self._lost_access()
         return verdict == "token"
+
+    def _lost_access(self) -> AuthError:
+        return AuthError(
+            f"Testpress refuses a new token of {self._api.username!r} on pages that answered earlier in this "
+            "run: the account may have lost its access, or another session keeps replacing this one",
+            hint="check that the account may still read the institute; give testpress-sync an account of its own",
+        )
+
+    async def _reads_elsewhere(self, token: str, url: str) -> bool | None:
+        """Whether `token` still reads a URL other than `url` that answered in this run (the
+        latest, else the first: one GET, no login); None when there is none, or its answer
+        says nothing of the token (gone, failing)."""
+        for known in dict.fromkeys((self._last_good, self._first_good)):
+            if known is not None and known != url:
+                reads = await self._still_reads(known, token)
+                if reads is not None:
+                    return reads
+        return None
 
     async def _still_reads(self, url: str, token: str) -> bool | None:
         """Whether `token` still reads `url`: False when refused (401, 403), None when the
@@ -363,6 +385,8 @@ class TestpressClient:
             return False
         except SkippableError as answer:
             return False if answer.status == 403 else None
+        except LoginRefusedError:
+            raise  # the session is refused on purpose: the run stops, with no login spent first
         except ApiError:
             return None
         return True

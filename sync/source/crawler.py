@@ -432,14 +432,14 @@ class ReferencedItems:
     already (`stored`): then they are stored as before, and it counts as shown (a full
     walk does not mark deleted what live rows name).
 
-    With `reread_stored` False (a nightly run), an item the database holds is not read
-    again for the items that name it: with a listing that shows no ids, that would be a
-    request for every exam a night's attempts name (a thousand on W2, where the whole
-    nightly run makes 280). Full walks read them all again."""
+    Items in `settled` (on a nightly run: those the database holds as read from the API)
+    are not read again for the items that name them: with a listing that shows no ids,
+    that would be a request for every exam a night's attempts name (a thousand on W2,
+    where the whole nightly run makes 280). Full walks settle none and read them all."""
 
     def __init__(
         self, client: TestpressClient, out: asyncio.Queue[Message], resource: Resource, field: str, known: IdSet,
-        stored: Set[int] = frozenset(), *, reread_stored: bool = True,
+        stored: Set[int] = frozenset(), *, settled: Set[int] = frozenset(),
     ) -> None:  # fmt: skip
         assert resource.detail_path is not None, f"{resource.name} cannot be read one by one"
         self._client = client
@@ -448,7 +448,7 @@ class ReferencedItems:
         self._field = field
         self._known = known  # the listing's `present`: an item read here joins it (not deleted)
         self._stored = stored
-        self._reread_stored = reread_stored
+        self._settled = settled
         self._outcomes: dict[int, str | None] = {}  # id → why it could not be read (None: it was)
         self.read = 0  # items read one by one
 
@@ -457,8 +457,7 @@ class ReferencedItems:
         for each of the others."""
         named = [_named_id(payload.get(self._field)) for _, payload in items]
         wanted = {ident for ident in named if ident is not None and ident not in self._known and ident not in self._outcomes}
-        if not self._reread_stored:
-            wanted -= self._stored
+        wanted -= self._settled
         if wanted:
             with first_error():  # a fatal error (a refused login) stops the other reads
                 async with asyncio.TaskGroup() as group:
