@@ -312,6 +312,8 @@ class TestpressClient:
             try:
                 document = await self._get(url, token)
             except TokenExpiredError as again:
+                if self.auth.has_expired(token):
+                    raise  # the new token's own exp has passed already (a short lifetime): a login is the cure
                 if await self._reads_elsewhere(token, url) is False:
                     raise self._lost_access() from None  # a new token refused where the run read
                 self._refused_new.add(generation)
