@@ -75,6 +75,27 @@ def views_0001(dialect: str) -> list[str]:
     return [EXAM_SUMMARY, USER_RESULTS, _ATTEMPTS_PER_DAY.format(day=_DAY[dialect])]
 
 
+# As 0002 made it; 0006 leaves out the attempts of deleted exams.
+STUDENT_SUBJECTS_0002 = """
+CREATE VIEW student_subjects AS
+SELECT
+    a.user_id,
+    COALESCE(MAX(u.username), MAX(a.username)) AS username,
+    s.subject_id,
+    s.subject_name,
+    COUNT(DISTINCT s.attempt_id) AS attempt_count,
+    SUM(s.total_count) AS questions,
+    SUM(s.correct_count) AS correct,
+    CASE WHEN SUM(s.total_count) > 0 THEN ROUND(1.0 * SUM(s.correct_count) / SUM(s.total_count), 4) END
+        AS correct_ratio,
+    ROUND(AVG(s.score), 4) AS average_score
+FROM attempt_subjects s
+JOIN attempts a ON a.id = s.attempt_id AND a.deleted_at IS NULL
+LEFT JOIN users u ON u.user_id = a.user_id
+GROUP BY a.user_id, CASE WHEN a.user_id IS NULL THEN a.username END, s.subject_id, s.subject_name
+"""
+
+
 def views_0002(dialect: str) -> list[str]:
     """The CREATE VIEW statements of revision 0002: exam_summary and attempts_per_day as
     0001 made them, and the four 0002 made as schema/views.py still has them (before one
@@ -83,5 +104,5 @@ def views_0002(dialect: str) -> list[str]:
 
     return [
         EXAM_SUMMARY, views.USER_RESULTS, _ATTEMPTS_PER_DAY.format(day=_DAY[dialect]), views.BATCH_RESULTS,
-        views.SUBJECT_PERFORMANCE, views.STUDENT_SUBJECTS,
+        views.SUBJECT_PERFORMANCE, STUDENT_SUBJECTS_0002,
     ]  # fmt: skip

@@ -127,6 +127,7 @@ SELECT
     ROUND(AVG(s.score), 4) AS average_score
 FROM attempt_subjects s
 JOIN attempts a ON a.id = s.attempt_id AND a.deleted_at IS NULL
+JOIN exams e ON e.id = a.exam_id AND e.deleted_at IS NULL
 LEFT JOIN users u ON u.user_id = a.user_id
 GROUP BY a.user_id, CASE WHEN a.user_id IS NULL THEN a.username END, s.subject_id, s.subject_name
 """

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import metadata
@@ -115,6 +116,24 @@ async def test_user_results_add_up_to_the_attempts(both: dict[str, AsyncEngine])
         (total,) = await rows(engine, "SELECT SUM(attempt_count) FROM user_results")
         (attempts,) = await rows(engine, "SELECT COUNT(*) FROM attempts WHERE deleted_at IS NULL")
         assert total == attempts
+
+
+async def test_student_subjects_leave_out_the_attempts_of_deleted_exams(
+    both: dict[str, AsyncEngine], simulator: SimulatorServer
+) -> None:
+    """As every view does (revision 0006; 0002's counted them)."""
+    exam = next(exam for exam in simulator.dataset.exams if not (exam.forbidden or exam.vanished) and exam.attempts)
+    live_pairs = """
+        SELECT COUNT(*) FROM (SELECT DISTINCT a.user_id, a.username, s.subject_id, s.subject_name, s.attempt_id
+        FROM attempt_subjects s JOIN attempts a ON a.id = s.attempt_id AND a.deleted_at IS NULL
+        JOIN exams e ON e.id = a.exam_id AND e.deleted_at IS NULL) AS pairs"""
+    for engine in both.values():
+        (before,) = await rows(engine, "SELECT SUM(attempt_count) FROM student_subjects")
+        async with engine.begin() as connection:
+            await connection.execute(text("UPDATE exams SET deleted_at = last_seen_at WHERE id = :id"), {"id": exam.id})
+        (after,) = await rows(engine, "SELECT SUM(attempt_count) FROM student_subjects")
+        (expected,) = await rows(engine, live_pairs)
+        assert after == expected < before
 
 
 # --- the schema reference ------------------------------------------------------------------
