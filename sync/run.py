@@ -178,7 +178,7 @@ class _Walks:
         assert resources["attempts"].references is not None, "admin attempts name their exam"
         field, target = resources["attempts"].references
         named = ReferencedItems(self.client, self.queue, resources[target], field, exams.present,  # type: ignore[arg-type]
-                                stored=known.exam_ids, settled=frozenset() if plan.full else known.exams_read)  # fmt: skip
+                                stored=known.exam_ids, settled=known.exams_read)  # fmt: skip
         with first_error():  # a fatal error (a refused login, a setting) says it once
             async with asyncio.TaskGroup() as group:
                 for crawler in (users, batches):
@@ -234,7 +234,8 @@ class _Known:
     open_attempts: Mapping[int, int]  # attempt id → exam id, Running or Not Started before the window
     exam_ids: Set[int] = frozenset()  # exams stored: an attempt naming one it cannot read is stored still
     # Of those, the ones read from the API (not a webhook's few fields): a nightly run need
-    # not read them again by id for the attempts that name them.
+    # not read them again by id for the attempts that name them (a full walk's plan leaves
+    # it empty: every exam named is read again).
     exams_read: Set[int] = frozenset()
 
     def changed_user(self, users: Resource) -> Callable[[Resource, int, Payload], bool]:
@@ -327,7 +328,7 @@ async def _crawl_and_write(
         plan, known, state = await (planning or _admin_plan(engine, settings, options, run_started))
         summary.full_walk = plan.full
         log.info("admin_plan", full=plan.full, reason=plan.reason, since=plan.since.isoformat() if plan.since else None)
-        if not options.dry_run and state.rules not in (None, policy.rules, MIXED_RULES):
+        if not options.dry_run and state.rules != MIXED_RULES and state.rules_changed(policy.rules):
             # This run writes rows by rules the stored ones were not written by: until a
             # full walk under one set of rules completes, every run is a full walk.
             await in_own_transaction(

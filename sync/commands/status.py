@@ -62,7 +62,7 @@ async def show_status(
             "sync_state": {"attempts": {
                 "watermark": attempts_state.watermark.isoformat() if attempts_state.watermark else None,
                 "last_full_at": attempts_state.last_full_at.isoformat() if attempts_state.last_full_at else None,
-                "rules_changed": attempts_state.rules is not None and attempts_state.rules != rules,
+                "rules_changed": attempts_state.rules_changed(rules),
             }},
         }  # fmt: skip
         print(json.dumps(document, indent=2))

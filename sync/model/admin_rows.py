@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from functools import cached_property
 from typing import Any, TypeVar
 
 import orjson
@@ -31,6 +32,7 @@ from sync.model.normalize import (
     parse_decimal,
     parse_fields,
     parse_int,
+    parse_leniently,
     parse_text,
     parse_timedelta_seconds,
     parse_timestamp,
@@ -72,7 +74,7 @@ class PiiPolicy:
         salt = hashlib.sha256(self.salt.encode()).hexdigest()[:16] if self.mode == "hash" else ""
         return f"pii={self.mode}{_MODE_REVISIONS[self.mode]}:{salt}".encode()
 
-    @property
+    @cached_property
     def rules(self) -> str:
         """What rows are written by under this policy, as sync_state keeps it (one-way)."""
         return rules_digest(self.fingerprint)
@@ -130,7 +132,7 @@ def admin_exam_row(payload: Payload) -> tuple[Row, list[str]]:
     problems: list[str] = []
     row = {
         "id": shown_id(payload, "exam"),
-        "slug": _lenient(problems, parse_text, payload.get("slug"), "slug") or None,
+        "slug": parse_leniently(problems, parse_text, payload.get("slug"), "slug") or None,
         **exam_fields(payload, problems),
         "source": "admin",
     }
@@ -150,7 +152,7 @@ def admin_attempt_row(payload: Payload, policy: PiiPolicy) -> tuple[Row, list[st
         "id": require_id(payload, "attempt"),
         "exam_id": exam_id,
         "username": None,
-        "user_id": _lenient(problems, _big_int, get("user_id"), "user_id"),
+        "user_id": parse_leniently(problems, _big_int, get("user_id"), "user_id"),
         **parse_fields(payload, ADMIN_ATTEMPT_FIELDS, problems),
         "rank": None,
         "max_rank": None,
@@ -176,15 +178,6 @@ def parse_birth_date(value: Any, field: str = "birth_date") -> date | None:
         return date.fromisoformat(text)
     except ValueError:
         raise RecordError(f"{field}: {value!r} is not a date like 31/12/2001") from None
-
-
-def _lenient(problems: list[str], parse: Callable[[Any, str], Any], value: Any, field: str) -> Any:
-    """parse(value), or None with the problem noted: one bad field does not cost the row."""
-    try:
-        return parse(value, field)
-    except RecordError as problem:
-        problems.append(str(problem))
-        return None
 
 
 def _personal(problems: list[str], policy: PiiPolicy, parse: Callable[[Any, str], Any], value: Any, field: str) -> Any:
@@ -215,17 +208,17 @@ def admin_user_row(payload: Payload, policy: PiiPolicy) -> tuple[Row, list[str]]
     row: Row = {
         "username": username,
         "user_id": require_id(payload, "user"),
-        "display_name": _lenient(problems, parse_text, get("display_name"), "display_name"),
-        "first_name": _lenient(problems, parse_text, get("first_name"), "first_name"),
-        "last_name": _lenient(problems, parse_text, get("last_name"), "last_name"),
+        "display_name": parse_leniently(problems, parse_text, get("display_name"), "display_name"),
+        "first_name": parse_leniently(problems, parse_text, get("first_name"), "first_name"),
+        "last_name": parse_leniently(problems, parse_text, get("last_name"), "last_name"),
         "email": _personal(problems, policy, parse_text, get("email"), "email"),
         "phone": _personal(problems, policy, parse_text, get("phone"), "phone"),
         "city": _personal(problems, policy, parse_text, get("city"), "city"),
         "state": _personal(problems, policy, parse_text, get("state"), "state"),
         "birth_date": birth_date,
         "custom_fields": custom_fields,
-        "created": _lenient(problems, parse_timestamp, get("created"), "created"),
-        "modified": _lenient(problems, parse_timestamp, get("modified"), "modified"),
+        "created": parse_leniently(problems, parse_timestamp, get("created"), "created"),
+        "modified": parse_leniently(problems, parse_timestamp, get("modified"), "modified"),
         "raw": policy.payload(payload),
     }
     return row, problems

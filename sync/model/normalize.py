@@ -286,14 +286,16 @@ def parse_fields(payload: Payload, fields: Fields, problems: list[str] | None = 
     except RecordError:
         if problems is None:
             raise
-    parsed = {}
-    for column, parse, key in fields:
-        try:
-            parsed[column] = parse(get(key), key)
-        except RecordError as problem:
-            problems.append(str(problem))
-            parsed[column] = None
-    return parsed
+    return {column: parse_leniently(problems, parse, get(key), key) for column, parse, key in fields}
+
+
+def parse_leniently(problems: list[str], parse: Callable[[Any, str], Any], value: Any, field: str) -> Any:
+    """parse(value), or None with the problem noted: one bad field does not cost the row."""
+    try:
+        return parse(value, field)
+    except RecordError as problem:
+        problems.append(str(problem))
+        return None
 
 
 EXAM_FIELDS: Fields = (

@@ -40,6 +40,11 @@ class SyncState:
     last_full_at: datetime | None = None  # the start of the last completed full walk
     rules: str | None = None  # what that walk wrote rows by (normalize.rules_digest); None: not recorded
 
+    def rules_changed(self, rules: str) -> bool:
+        """Whether stored rows may have been written by rules other than `rules` (None, not
+        recorded, says nothing: a database from before revision 0005)."""
+        return self.rules is not None and self.rules != rules
+
 
 @dataclass(frozen=True)
 class AdminPlan:
@@ -84,7 +89,7 @@ def plan_admin_run(
     if state.rules == MIXED_RULES:
         return AdminPlan(True, "a run under other rules ([sync] pii or pii_salt) wrote rows and did not complete: "
                                "every row is written again")  # fmt: skip
-    if state.rules is not None and state.rules != rules:
+    if state.rules_changed(rules):
         return AdminPlan(True, "the rows were written by other rules (a new [sync] pii or pii_salt, or an upgrade "
                                "that rewrites rows): every row is written again")  # fmt: skip
     return AdminPlan(False, f"incremental: attempts started since the last run less {lookback}",

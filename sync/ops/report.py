@@ -76,7 +76,7 @@ def sync_state_lines(state: SyncState, now: datetime, rules: str) -> list[str]:
         f"Attempts watermark: {_utc_text(state.watermark)} (the next nightly run reads attempts started since, less the lookback)",
         f"Last full walk: {full}",
     ]
-    if state.rules is not None and state.rules != rules:
+    if state.rules_changed(rules):
         lines.append("Rows were written by other rules than these settings' ([sync] pii or pii_salt, as given to "
                      "status; or an upgrade): the next run walks everything and writes every row again.")  # fmt: skip
     return lines

@@ -456,8 +456,10 @@ class ReferencedItems:
         """`items` (of `naming`) whose referenced item is stored or on its way, and a Failure
         for each of the others."""
         named = [_named_id(payload.get(self._field)) for _, payload in items]
-        wanted = {ident for ident in named if ident is not None and ident not in self._known and ident not in self._outcomes}
-        wanted -= self._settled
+        wanted = {
+            ident for ident in named
+            if ident is not None and ident not in self._known and ident not in self._outcomes and ident not in self._settled
+        }  # fmt: skip
         if wanted:
             with first_error():  # a fatal error (a refused login) stops the other reads
                 async with asyncio.TaskGroup() as group:

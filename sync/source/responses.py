@@ -95,14 +95,11 @@ def redirect_target(status: int, headers: Mapping[str, str], url: str) -> str | 
         source, dest = urlsplit(url), urlsplit(target)
         if dest.username is not None or dest.password is not None:
             return None  # credentials in a Location: not ours to send
-        same_port = _port(source) == _port(dest)
+        if _same_server(source, dest):
+            return target
+        upgrade = dest.hostname == source.hostname and (source.scheme, dest.scheme, _port(dest)) == ("http", "https", 443)
     except ValueError:  # a port that is not a number
         return None
-    if dest.hostname is None or dest.hostname != source.hostname:
-        return None
-    if source.scheme == dest.scheme:
-        return target if same_port else None
-    upgrade = source.scheme == "http" and dest.scheme == "https" and _port(dest) == 443
     return target if upgrade else None
 
 
@@ -111,18 +108,25 @@ def on_server(url: str, base_url: str) -> str:
     and query on that server. Servers name URLs in their answers (`attempts_url`, `next`);
     one that names another host (a canonical name, a proxy's) must not get the token, nor
     make the walk fail: the API lives at the configured address."""
+    if url.startswith(f"{base_url}/"):  # the usual case, every URL we build ourselves
+        return url
     base = urlsplit(base_url)
     try:
         target = urlsplit(url)
-        if target.scheme not in ("http", "https"):
-            return url  # relative (resolved by whoever made it), or not ours to send at all
-        if (target.scheme, target.hostname, _port(target)) == (base.scheme, base.hostname, _port(base)) and (
-            target.username is None and target.password is None
-        ):
+        # Relative (resolved by whoever made it), not ours to send at all, or on this server.
+        if target.scheme not in ("http", "https") or _same_server(base, target):
             return url
     except ValueError:  # not a URL one can send: the request fails on it, as it would have
         return url
     return urlunsplit((base.scheme, base.netloc, target.path, target.query, ""))
+
+
+def _same_server(base: SplitResult, other: SplitResult) -> bool:
+    """`other` is on the server `base` names: the same scheme, host name and port (the
+    scheme's default counted), with no credentials of its own. ValueError: a port that is
+    not a number."""
+    return (other.username is None and other.password is None
+            and (other.scheme, other.hostname, _port(other)) == (base.scheme, base.hostname, _port(base)))  # fmt: skip
 
 
 def _port(parts: SplitResult) -> int | None:
