@@ -85,8 +85,11 @@ async def assert_attempts_match(engine: AsyncEngine, simulator: SimulatorServer)
     served = await server_rows(simulator, "attempts/")
     kept = await stored(engine, attempts)
     assert set(kept) == set(served)
+    # The flat rows carry no username: it is the one users holds (renamed upstream too).
+    names = {ident: str(row["username"]) for ident, row in (await server_rows(simulator, "users/")).items()}
     for ident, row in served.items():
         mine = kept[ident]
+        assert mine["username"] == names[row["user_id"]], ident
         assert (mine["exam_id"], mine["user_id"], mine["state"], mine["result"]) == (
             row["exam_id"], row["user_id"], row["state"], row["result"]
         ), ident
@@ -142,7 +145,7 @@ async def test_the_nightly_run_reads_only_what_can_have_changed_and_ends_exact(
     finished = data.complete_attempts([attempt.id for attempt in new[:2]])
     running_before = [a.id for e in data.exams for a in e.attempts if a.state == "Running" and a.id not in {n.id for n in new}]
     data.complete_attempts(running_before[:3])  # old attempts that were running at the full walk
-    data.update_user(user_ids[0], {"first_name": "Renamed", "city": "Madurai"})
+    data.update_user(user_ids[0], {"first_name": "Renamed", "city": "Madurai", "username": "renamed-upstream"})
     before = institute.state.requests
     nightly = await sync_with(settings)
     assert (nightly.status, nightly.full_walk) == ("succeeded", False)

@@ -133,6 +133,27 @@ async def test_0005_keeps_the_incremental_state_and_records_no_rules_yet(engine:
         assert await read_sync_state(connection, "attempts", columns) == SyncState(watermark=moment, last_full_at=moment)
 
 
+async def test_0007_names_the_admin_attempts_stored_before_it(engine: AsyncEngine) -> None:
+    """Before 0007 admin attempts kept a null username; the upgrade fills in the one users
+    holds for their user_id, and leaves alone a name already there or a user not stored."""
+    at = "'2026-12-01 02:00:00'"
+    async with engine.connect() as connection:
+        await connection.run_sync(downgrade_to("0006"))
+        for statement in (
+            f"INSERT INTO users (username, user_id, first_seen_at, last_seen_at) VALUES ('asha', 7, {at}, {at})",
+            f"INSERT INTO exams (id, raw, content_hash, first_seen_at, last_seen_at) VALUES (1, '{{}}', 'h', {at}, {at})",
+            *(f"INSERT INTO attempts (id, exam_id, username, user_id, raw, content_hash, first_seen_at, last_seen_at) "
+              f"VALUES ({ident}, 1, {name}, {user_id}, '{{}}', 'h', {at}, {at})"
+              for ident, name, user_id in ((1, "NULL", 7), (2, "NULL", 8), (3, "'bob'", 7), (4, "'carl'", "NULL"))),
+        ):  # fmt: skip
+            await connection.execute(text(statement))
+        await connection.commit()
+    assert (await migrate(engine))[1] == SCHEMA_HEAD
+    async with engine.connect() as connection:
+        names = dict((await connection.execute(text("SELECT id, username FROM attempts"))).all())
+    assert names == {1: "asha", 2: None, 3: "bob", 4: "carl"}
+
+
 def _schema_fingerprint(connection: Connection) -> dict[str, Any]:
     """Everything about a schema that a migration could get wrong, as comparable data."""
     inspector = inspect(connection)

@@ -25,11 +25,11 @@ import aiohttp
 import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.webhook import free_port, run_webhook, wait_until_healthy
-from schema import attempts, exams, webhook_events
+from schema import attempts, exams, users, webhook_events
 from sync.cli import main
 from sync.commands.webhook import Listening, receiving
 from sync.config import Settings, WebhookSettings
@@ -153,6 +153,23 @@ async def test_a_started_attempt_is_completed_by_its_completion(engine: AsyncEng
     assert await send(receiver.delivery_url, signed(delivery(dataset, exam, attempt, "completed"), KEYS)) == [200]
     row = (await attempt_rows(engine))[attempt.id]
     assert row.state == "Completed" and row.score == Decimal(dataset.scores(attempt).score)
+
+
+async def test_a_delivery_without_a_username_takes_the_one_users_holds_for_its_user_id(
+    engine: AsyncEngine, receiver: Listening
+) -> None:
+    dataset = small_dataset()
+    (exam, attempt), (other_exam, stranger) = attempts_of(dataset)[:2]
+    assert attempt.user.id != stranger.user.id
+    async with engine.begin() as connection:
+        await connection.execute(insert(users).values(username=attempt.user.username, user_id=attempt.user.id,
+                                                      first_seen_at=func.now(), last_seen_at=func.now()))  # fmt: skip
+    nameless = [delivery(dataset, e, a, "started") for e, a in ((exam, attempt), (other_exam, stranger))]
+    for payload in nameless:
+        del payload["username"]
+    assert await send(receiver.delivery_url, *(signed(payload, KEYS) for payload in nameless)) == [200, 200]
+    stored = await attempt_rows(engine)
+    assert (stored[attempt.id].username, stored[stranger.id].username) == (attempt.user.username, None)
 
 
 async def test_refusals_answer_their_status_are_recorded_and_change_no_attempt(engine: AsyncEngine, receiver: Listening) -> None:

@@ -9,10 +9,13 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schema import exams
+from schema import attempts, exams
+from sync.model.admin_rows import PiiPolicy
 from sync.model.batches import Batch, Message
+from sync.model.resources import admin_resources
 from sync.model.run import RunSummary
 from sync.ops.logs import Redactor
+from sync.simulator import Dataset, admin
 from sync.sink.writer import Writer
 from tests.test_normalize import exam_payload
 
@@ -101,3 +104,50 @@ async def test_a_zero_interval_commits_whenever_the_writer_catches_up(engine: As
     await queue.put(None)
     await consuming
     assert summary.batches == 3
+
+
+async def test_admin_attempts_take_their_username_from_users_whatever_the_order(engine: AsyncEngine) -> None:
+    """Admin attempt rows name the student by user_id only; the username is the one users
+    holds (reporting-schema.md). An attempt committed before its user gets it when the user
+    is written; a renamed user's attempts follow the new name; a rewrite of the attempt
+    without a stored user keeps the name it has."""
+    data = Dataset(exams=1, attempts_per_exam=4, users=4, seed=3, forbidden_every=0, vanished_every=0)
+    exam = data.exams[0]
+    first, second = exam.attempts[0].user, next(a.user for a in exam.attempts if a.user.id != exam.attempts[0].user.id)
+    base = "http://127.0.0.1:1"
+    summary = RunSummary(run_id=0, mode="run")
+    writer = Writer(engine, summary, Redactor(), batch_size=1, record_progress=False, commit_interval=60,
+                    resources=admin_resources(PiiPolicy("keep", "")))  # fmt: skip
+    queue: asyncio.Queue[Message | None] = asyncio.Queue()
+    consuming = asyncio.create_task(writer.consume(queue))
+
+    async def committed(*messages: Batch) -> None:  # batch_size 1: each is a commit of its own
+        for message in messages:
+            batches = summary.batches
+            await queue.put(message)
+            async with asyncio.timeout(10):
+                while summary.batches == batches:
+                    await asyncio.sleep(0.01)
+
+    attempts_of = lambda user: [(a.id, admin.attempt_row(data, exam, a, base)) for a in exam.attempts if a.user is user]  # noqa: E731
+    user_of = lambda user: Batch("users", [(user.id, admin.user_row(data, user, base))])  # noqa: E731
+    await committed(Batch("exams", [(exam.id, admin.exam_row(data, exam, base))]), user_of(second))
+    await committed(Batch("attempts", attempts_of(first) + attempts_of(second)))  # first's user: not yet
+    assert await usernames(engine) == {first.id: {None}, second.id: {second.username}}
+    await committed(user_of(first))
+    assert await usernames(engine) == {first.id: {first.username}, second.id: {second.username}}
+    data.update_user(second.id, {"username": "renamed-upstream"})
+    await committed(user_of(second))
+    assert await usernames(engine) == {first.id: {first.username}, second.id: {"renamed-upstream"}}
+    await queue.put(None)
+    await consuming
+
+
+async def usernames(engine: AsyncEngine) -> dict[int, set[str | None]]:
+    """user_id → the usernames its attempts hold."""
+    async with engine.connect() as connection:
+        rows = (await connection.execute(select(attempts.c.user_id, attempts.c.username))).all()
+    found: dict[int, set[str | None]] = {}
+    for user_id, username in rows:
+        found.setdefault(user_id, set()).add(username)
+    return found

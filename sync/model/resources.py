@@ -94,6 +94,10 @@ class Resource:
     # `detail_path` when another resource's item names them. The documented admin exam
     # row shows no id (testpress-api.md); attempts name exams by `exam_id` all the same.
     read_when_referenced: bool = False
+    # Rows that name their student by `user_id` only (admin attempts): the username is the
+    # one `users` holds for that id (reporting-schema.md), looked up as each row is
+    # written, and brought up to date when a user is written later or renamed.
+    username_from_users: bool = False
     # What the personal-data policy leaves of a payload: applied to the payload a failure
     # keeps in sync_errors too (a malformed user keeps no e-mail in clear under `hash`).
     personal: Callable[[Payload], Payload] | None = None
@@ -193,6 +197,7 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
         Resource("batches", "batch", "v2.5", "admin/batches/", "batches", BATCH_CONTENT_COLUMNS, batch),
         Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
                  fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams"),
+                 username_from_users=True,
                  personal=lambda payload: policy.payload(payload, ATTEMPT_PERSONAL_KEYS)),
         Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",

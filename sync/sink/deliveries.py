@@ -10,7 +10,8 @@ conversions differ, and those come from sync.sink.dialects):
 - An attempt's state only moves forward. A delivery that would take a Completed attempt
   back (a `started` arriving after its `completed`, or after the nightly run stored the
   attempt completed) changes nothing; neither does a duplicate (the same content_hash).
-  A field the delivery does not carry (null) keeps its stored value.
+  A field the delivery does not carry (null) keeps its stored value; a username it does
+  not carry is the one `users` holds for its user id.
 - Rows are written in id order, so that two transactions writing the same rows (two
   batches, or a batch and a nightly run on PostgreSQL) lock them in the same order.
 """
@@ -82,7 +83,11 @@ def _converters(table: Table, columns: Sequence[str], dialect: Dialect) -> tuple
 
 
 def _insert(dialect: Dialect, table: str, names: Sequence[str]) -> str:
-    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(dialect.placeholders(len(names)))})"
+    marks = dict(zip(names, dialect.placeholders(len(names)), strict=True))
+    if table == "attempts":  # a delivery naming its student by id only: the name users holds
+        username, user_id = marks["username"], marks["user_id"]
+        marks["username"] = f"COALESCE({username}, (SELECT users.username FROM users WHERE users.user_id = {user_id}))"
+    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(marks.values())})"
 
 
 @cache

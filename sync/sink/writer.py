@@ -53,6 +53,7 @@ class PayloadOutcome:
     users: list[UserRow] = field(default_factory=list)  # the users the written rows name
     malformed: list[Failure] = field(default_factory=list)  # items that would not normalize
     problems: list[Failure] = field(default_factory=list)  # fields stored null: the rows were stored
+    written: list[Any] = field(default_factory=list)  # keys of the rows inserted or rewritten
 
 
 async def write_payloads(
@@ -93,6 +94,7 @@ async def write_payloads(
             counts.inserted += 1
         else:
             counts.updated += 1
+        outcome.written.append(row[key])
         if users:
             outcome.users.extend(users)
         if problems:
@@ -204,6 +206,9 @@ class Writer:
         self._clock = clock
         self._resources = resources  # in the order they are written: parents first
         self._by_entity = {resource.entity: resource for resource in resources.values()}
+        # Whether attempts take their username from users: then a user written (new, or
+        # renamed) names the attempts stored before it.
+        self._users_name_attempts = any(resource.username_from_users for resource in resources.values())
         self._pending = _Pending()
         self._listings: list[ResourceDone] = []  # top-level listings: marked at the end
         self._unstorable: set[tuple[str, int]] = set()  # parents that would not normalize
@@ -319,6 +324,8 @@ class Writer:
         items = self._without_orphans(resource, items, tally)
         outcome = await write_payloads(connection, resource, items, now, write=self._write)
         tally.count(resource.table, outcome.counts)
+        if resource.table == "users" and self._users_name_attempts and outcome.written and self._write:
+            await store.name_attempts_after_users(connection, outcome.written)
         if outcome.users:
             tally.count("users", await store.upsert_users(connection, outcome.users, now, write=self._write))
         tally.malformed += [(resource.name, failure) for failure in outcome.malformed]

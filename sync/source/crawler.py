@@ -41,6 +41,8 @@ from sync.source.pagination import Page, later_page_urls, page_count, read_page
 log = structlog.get_logger("testpress_sync.crawler")
 
 PageHandler = Callable[[list[Any], "_Walk"], Any]
+# How far a root listing may run ahead of its child listings, in items (~1 MB of URLs).
+CHILD_LISTINGS_AHEAD = 10_000
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,10 @@ class Crawler:
         self._child_filter = child_filter
         self._references = references
         self.shown_unkeyed = False  # the listing showed items without any id (read_when_referenced)
-        self._listings: asyncio.Queue[ChildListing | None] = asyncio.Queue(maxsize=workers * 4)
+        # Child listings waiting for a worker. The root listing runs this far ahead of them
+        # (a few hundred bytes each): the users listing is read whole early, not held back
+        # by a request per user's batches, and admin attempts find their users stored.
+        self._listings: asyncio.Queue[ChildListing | None] = asyncio.Queue(maxsize=CHILD_LISTINGS_AHEAD)
         self.skipped = 0  # root items whose children were not walked (backfill --resume)
         self.present = IdSet()  # every root id the listings showed
         self.total: int | None = None  # root items, known once the listing's first page arrived
