@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from schema import attempts, exams, users
-from sync.model.normalize import attempt_row, exam_row
+from sync.model.normalize import UserRow, attempt_row, exam_row
 from sync.model.resources import ATTEMPTS, EXAMS
 from sync.sink import store
 from sync.sink.writer import write_payloads
@@ -103,6 +103,26 @@ async def test_one_batch_merges_the_sightings_of_a_user(engine: AsyncEngine) -> 
     assert counts.inserted == 1
     # Later sightings win field by field; a field a sighting lacks keeps the known value.
     assert (row["user_id"], row["first_name"], row["last_name"]) == (77, "Asha", "Kumar")
+
+
+async def test_a_student_renamed_upstream_renames_the_attempts_stored_before(engine: AsyncEngine) -> None:
+    """The student API names users by username; a new name with a known id is a rename,
+    and every attempt of that id takes it (an admin run's rows, named from users, too)."""
+    async with engine.begin() as connection:
+        await upsert_exams(connection, [exam_row(exam_payload())], NOW)
+        await upsert_attempts(connection, [attempt_row(attempt_payload(id=1, user="asha"), 42)[0]], NOW)
+        await connection.execute(text("INSERT INTO attempts (id, exam_id, username, user_id, raw, content_hash, first_seen_at, last_seen_at) "
+                                      "SELECT 2, exam_id, NULL, 7, raw, 'h', first_seen_at, last_seen_at FROM attempts WHERE id = 1"))  # fmt: skip
+        await connection.execute(update(attempts).where(attempts.c.id == 1).values(user_id=7))
+        await store.upsert_users(connection, [_user("asha", 7)], NOW)
+        await store.upsert_users(connection, [_user("asha-k", 7)], LATER)
+        names = dict((await connection.execute(select(attempts.c.id, attempts.c.username))).all())
+        kept = (await connection.execute(select(users.c.username).where(users.c.user_id == 7))).scalars().all()
+    assert (names, kept) == ({1: "asha-k", 2: "asha-k"}, ["asha-k"])
+
+
+def _user(username: str, user_id: int) -> UserRow:
+    return UserRow(username=username, user_id=user_id, display_name=None, first_name=None, last_name=None)
 
 
 async def test_missing_attempts_are_marked_deleted_and_restored(engine: AsyncEngine) -> None:

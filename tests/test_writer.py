@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schema import attempts, exams
@@ -134,11 +134,22 @@ async def test_admin_attempts_take_their_username_from_users_whatever_the_order(
     await committed(Batch("exams", [(exam.id, admin.exam_row(data, exam, base))]), user_of(second))
     await committed(Batch("attempts", attempts_of(first) + attempts_of(second)))  # first's user: not yet
     assert await usernames(engine) == {first.id: {None}, second.id: {second.username}}
+    # Named by a webhook delivery meanwhile: a rewrite that finds no user keeps that name.
+    async with engine.begin() as connection:
+        await connection.execute(update(attempts).where(attempts.c.user_id == first.id).values(username="from-a-delivery", content_hash="x"))
+    await committed(Batch("attempts", attempts_of(first)))
+    assert await usernames(engine) == {first.id: {"from-a-delivery"}, second.id: {second.username}}
     await committed(user_of(first))
     assert await usernames(engine) == {first.id: {first.username}, second.id: {second.username}}
     data.update_user(second.id, {"username": "renamed-upstream"})
     await committed(user_of(second))
     assert await usernames(engine) == {first.id: {first.username}, second.id: {"renamed-upstream"}}
+    # `second` takes the name of `first`, who is gone upstream and never listed again: the
+    # stored `first` gives it up for a placeholder, and its attempts follow.
+    taken = first.username
+    data.update_user(second.id, {"username": taken})
+    await committed(user_of(second))
+    assert await usernames(engine) == {first.id: {f"{taken}#{first.id}"}, second.id: {taken}}
     await queue.put(None)
     await consuming
 

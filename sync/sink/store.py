@@ -178,17 +178,20 @@ class RowBatch:
                 wanted[row[column]] = row[self.resource.key_column]
 
 
-async def upsert_rows(connection: AsyncConnection, batch: RowBatch) -> None:
+async def upsert_rows(connection: AsyncConnection, batch: RowBatch) -> list[Any]:
     """Insert or rewrite the batch's rows (the writer chose them: new, changed, or seen again
-    after being marked deleted), in one executemany."""
+    after being marked deleted), in one executemany. Returns the keys of the stored rows
+    that gave up a unique value to one of them (see _free_unique_values)."""
     if not batch.values:
-        return
+        return []
     if batch.unnamed:
         await _name_from_users(connection, batch)
+    displaced: list[Any] = []
     for column, wanted in batch.unique.items():
         if wanted:
-            await _free_unique_values(connection, batch.resource, column, wanted)
+            displaced += await _free_unique_values(connection, batch.resource, column, wanted)
     await dialect_of(connection).run(connection, "executemany", batch._plan.sql, batch.values)
+    return displaced
 
 
 async def _name_from_users(connection: AsyncConnection, batch: RowBatch) -> None:
@@ -207,18 +210,24 @@ async def _name_from_users(connection: AsyncConnection, batch: RowBatch) -> None
             values[index] = (*row[:at], name, *row[at + 1 :])
 
 
-async def _free_unique_values(connection: AsyncConnection, resource: Resource, column: str, wanted: dict[Any, int]) -> None:
+async def _free_unique_values(
+    connection: AsyncConnection, resource: Resource, column: str, wanted: dict[Any, int]
+) -> list[Any]:
     """Slugs and usernames are unique, but Testpress may give one to another item (one was
     deleted, two swapped names). A stored row holding a value that an incoming item now
     has is given a placeholder `value#key` first; its own next sighting restores its real
     value. A row holding it without a key (a user a student login named by username only)
-    is the same item: it takes the key, and the upsert then updates it."""
+    is the same item: it takes the key, and the upsert then updates it. Returns the keys
+    of the rows given a placeholder."""
     table, key = table_of(resource), resource.key_column
+    displaced = []
     for value, holder in await _stored(connection, table, column, key, list(wanted)):
         if holder is None:
             await connection.execute(update(table).where(table.c[column] == value).values({key: wanted[value]}))
         elif holder != wanted[value]:
             await connection.execute(update(table).where(table.c[key] == holder).values({column: f"{value}#{holder}"}))
+            displaced.append(holder)
+    return displaced
 
 
 # --- users, merged field by field ----------------------------------------------------------
@@ -287,17 +296,22 @@ async def _follow_renames(
 ) -> None:
     """Users seen under a name no row has, with a Testpress id a row has: renamed since
     (usernames change, ids do not). That row takes the new name, so the upsert by username
-    updates it; its fields join `stored` under the new name."""
+    updates it; its fields join `stored` under the new name. The user's attempts stored
+    before take it too (an admin run's among them)."""
     renamed = {fields[0]: username for username, fields in merged.items() if username not in stored and fields[0] is not None}
     if not renamed:
         return
+    moved = []
     for user_id, _old_name, *values in await _stored(
         connection, users, "user_id", "username, " + ", ".join(_USER_FIELDS), list(renamed)
     ):
         new_name = renamed[user_id]
         if write:  # the new name is no row's (it is not in `stored`): nothing to move aside
             await connection.execute(update(users).where(users.c.user_id == user_id).values(username=new_name))
+            moved.append(user_id)
         stored[new_name] = tuple(values)
+    if moved:
+        await name_attempts_after_users(connection, moved)
 
 
 # --- deletion marks and fetch outcomes ----------------------------------------------------

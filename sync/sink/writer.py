@@ -53,7 +53,7 @@ class PayloadOutcome:
     users: list[UserRow] = field(default_factory=list)  # the users the written rows name
     malformed: list[Failure] = field(default_factory=list)  # items that would not normalize
     problems: list[Failure] = field(default_factory=list)  # fields stored null: the rows were stored
-    written: list[Any] = field(default_factory=list)  # keys of the rows inserted or rewritten
+    written: list[Any] = field(default_factory=list)  # keys of the rows inserted or changed
 
 
 async def write_payloads(
@@ -102,7 +102,8 @@ async def write_payloads(
         # The row's raw is the payload, unless the personal-data policy replaced some of it.
         rows.add(row, raw_json if row["raw"] is payload else orjson.dumps(row["raw"]), digest)
     if write:
-        await store.upsert_rows(connection, rows)
+        # A row that gave its username (or slug) to one of these changed too.
+        outcome.written += await store.upsert_rows(connection, rows)
     return outcome
 
 

@@ -41,7 +41,7 @@ from sync.source.pagination import Page, later_page_urls, page_count, read_page
 log = structlog.get_logger("testpress_sync.crawler")
 
 PageHandler = Callable[[list[Any], "_Walk"], Any]
-# How far a root listing may run ahead of its child listings, in items (~1 MB of URLs).
+# How far a root listing may run ahead of its child listings, in items (~2.5 MB at most).
 CHILD_LISTINGS_AHEAD = 10_000
 
 
