@@ -536,6 +536,24 @@ async def test_a_student_login_reads_its_own_attempts_through_the_student_api(
     assert {row["source"] for row in kept.values()} == {"student"}
 
 
+async def test_moving_from_a_student_login_to_an_admin_one_keeps_what_only_the_student_api_tells(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """Exam slugs and links, and a student's own attempts' usernames, come from the student
+    API only: the admin run that follows rewrites those rows without writing null over them."""
+    settings = admin_settings(institute, database_url)
+    await sync_with(replace(settings, api=replace(settings.api, username="pupil", password="pupil-pw", source="student")))
+    before = await stored(engine, exams)
+    assert before and all(row["slug"] and row["url"] for row in before.values())
+    summary = await sync_with(settings)
+    assert (summary.status, summary.source) == ("succeeded", "admin")
+    after = await stored(engine, exams)
+    for ident, row in before.items():
+        assert after[ident]["source"] == "admin" and after[ident]["modified"] is not None, ident
+        assert (after[ident]["slug"], after[ident]["url"], after[ident]["course"]) == (row["slug"], row["url"], row["course"]), ident
+    await assert_attempts_match(engine, institute)
+
+
 async def test_source_admin_with_a_student_login_stops_with_exit_3_reasons(
     institute: SimulatorServer, database_url: str
 ) -> None:

@@ -142,7 +142,7 @@ def admin_exam_row(payload: Payload) -> tuple[Row, list[str]]:
 def admin_attempt_row(payload: Payload, policy: PiiPolicy) -> tuple[Row, list[str]]:
     """A flat row of /api/v2.5/admin/attempts/ to its `attempts` row, and the fields that
     would not parse (stored null): only a bad id or exam_id costs the row. The student is
-    named by `user_id` only (the view user_results takes the username from `users`)."""
+    named by `user_id` only (the store fills the username from `users`)."""
     get = payload.get
     exam_id = parse_int(get("exam_id"), "exam_id", limit=INT64)
     if exam_id is None:

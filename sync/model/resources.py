@@ -98,6 +98,10 @@ class Resource:
     # one `users` holds for that id (reporting-schema.md), looked up as each row is
     # written, and brought up to date when a user is written later or renamed.
     username_from_users: bool = False
+    # Columns this API never serves, which the other API fills: a rewrite keeps what is
+    # stored (an exam's slug from a student login's earlier runs, an attempt's username
+    # from a webhook delivery) instead of writing null over it.
+    kept_when_unserved: tuple[str, ...] = ()
     # What the personal-data policy leaves of a payload: applied to the payload a failure
     # keeps in sync_errors too (a malformed user keeps no e-mail in clear under `hash`).
     personal: Callable[[Payload], Payload] | None = None
@@ -155,6 +159,10 @@ ATTEMPTS = Resource(
     keeps_webhook_completions=True,
 )
 
+# What the student API tells of an exam and the admin API does not: an institute that
+# moves from a student login to an admin one keeps its exams' slugs (and links).
+ADMIN_EXAM_UNSERVED = ("slug", "course", "url", "attempts_url")
+
 # The attempt details' resource, and the name the run's counts give its rows.
 ATTEMPT_DETAILS = "attempt_details"
 
@@ -190,14 +198,15 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
 
     specs = (
         Resource("exams", "exam", "v2.5", "admin/exams/", "exams", EXAM_CONTENT_COLUMNS, exam,
-                 identify=id_from_row_or_url, detail_path="admin/exams/{key}/", read_when_referenced=True),
+                 identify=id_from_row_or_url, detail_path="admin/exams/{key}/", read_when_referenced=True,
+                 kept_when_unserved=ADMIN_EXAM_UNSERVED),
         Resource("users", "user", "v2.5", "admin/users/", "users", USER_CONTENT_COLUMNS, user,
                  key_column="user_id", movable_unique_columns=("username",), fingerprint=policy.fingerprint,
                  key_field="username", personal=policy.payload),
         Resource("batches", "batch", "v2.5", "admin/batches/", "batches", BATCH_CONTENT_COLUMNS, batch),
         Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
                  fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams"),
-                 username_from_users=True,
+                 username_from_users=True, kept_when_unserved=("username",),
                  personal=lambda payload: policy.payload(payload, ATTEMPT_PERSONAL_KEYS)),
         Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",

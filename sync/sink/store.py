@@ -103,11 +103,10 @@ def _payload_upsert(resource: Resource, dialect: Dialect) -> _Upsert:
             f" WHERE NOT (COALESCE({table.name}.source, '') = '{WEBHOOK_SOURCE}' AND {table.name}.state = 'Completed'"
             " AND COALESCE(excluded.state, '') <> 'Completed')"
         )
-    username_at = None
-    if resource.username_from_users:  # filled in by _name_from_users; a stored name stays
-        username_at = names.index("username")
-        refreshed.remove("username")
-        also = f", username = COALESCE(excluded.username, {table.name}.username)" + also
+    for name in resource.kept_when_unserved:  # the spec says why
+        refreshed.remove(name)
+        also = f", {name} = COALESCE(excluded.{name}, {table.name}.{name})" + also
+    username_at = names.index("username") if resource.username_from_users else None  # see _name_from_users
     sql = dialect.upsert_sql(table.name, names, key, refreshed, also=also)
     groups = tuple((_picker(names), convert) for convert, names in by_converter.items())
     return _Upsert(sql, groups, username_at)
