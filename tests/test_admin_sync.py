@@ -539,18 +539,25 @@ async def test_a_student_login_reads_its_own_attempts_through_the_student_api(
 async def test_moving_from_a_student_login_to_an_admin_one_keeps_what_only_the_student_api_tells(
     institute: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:
-    """Exam slugs and links, and a student's own attempts' usernames, come from the student
-    API only: the admin run that follows rewrites those rows without writing null over them."""
+    """Exam slugs, links and settings, and the links of a student's own attempts, come
+    from the student API only: the admin run that follows rewrites those rows (their
+    source says so) without writing null over them."""
     settings = admin_settings(institute, database_url)
     await sync_with(replace(settings, api=replace(settings.api, username="pupil", password="pupil-pw", source="student")))
-    before = await stored(engine, exams)
-    assert before and all(row["slug"] and row["url"] for row in before.values())
+    kept_exam = ("slug", "url", "attempts_url", "course", "allow_retake", "template_type")
+    kept_attempt = ("total_questions", "review_url", "questions_url")
+    exams_before, attempts_before = await stored(engine, exams), await stored(engine, attempts)
+    assert exams_before and all(row["slug"] and row["attempts_url"] and row["allow_retake"] is not None for row in exams_before.values())
+    assert attempts_before and all(row["review_url"] and row["total_questions"] for row in attempts_before.values())
     summary = await sync_with(settings)
     assert (summary.status, summary.source) == ("succeeded", "admin")
-    after = await stored(engine, exams)
-    for ident, row in before.items():
-        assert after[ident]["source"] == "admin" and after[ident]["modified"] is not None, ident
-        assert (after[ident]["slug"], after[ident]["url"], after[ident]["course"]) == (row["slug"], row["url"], row["course"]), ident
+    exams_after, attempts_after = await stored(engine, exams), await stored(engine, attempts)
+    for ident, row in exams_before.items():
+        assert exams_after[ident]["source"] == "admin" and exams_after[ident]["modified"] is not None, ident
+        assert [exams_after[ident][name] for name in kept_exam] == [row[name] for name in kept_exam], ident
+    for ident, row in attempts_before.items():
+        assert attempts_after[ident]["source"] == "admin", ident
+        assert [attempts_after[ident][name] for name in kept_attempt] == [row[name] for name in kept_attempt], ident
     await assert_attempts_match(engine, institute)
 
 

@@ -100,7 +100,7 @@ class Resource:
     username_from_users: bool = False
     # Columns this API never serves, which the other API fills: a rewrite keeps what is
     # stored (an exam's slug from a student login's earlier runs, an attempt's username
-    # from a webhook delivery) instead of writing null over it.
+    # from a webhook delivery) instead of writing null over it. A value it does serve wins.
     kept_when_unserved: tuple[str, ...] = ()
     # What the personal-data policy leaves of a payload: applied to the payload a failure
     # keeps in sync_errors too (a malformed user keeps no e-mail in clear under `hash`).
@@ -159,9 +159,14 @@ ATTEMPTS = Resource(
     keeps_webhook_completions=True,
 )
 
-# What the student API tells of an exam and the admin API does not: an institute that
-# moves from a student login to an admin one keeps its exams' slugs (and links).
-ADMIN_EXAM_UNSERVED = ("slug", "course", "url", "attempts_url")
+# What the student API tells of an exam or an attempt and the admin API does not (its
+# documented rows): an institute that moves from a student login to an admin one keeps
+# them. Only properties that do not change with time: an attempt's rank would go stale.
+ADMIN_EXAM_UNSERVED = (
+    "slug", "course", "url", "attempts_url", "rank_publishing_date", "template_type", "comments_count",
+    "allow_retake", "allow_pdf", "variable_mark_per_question", "show_answers", "max_retakes",
+)  # fmt: skip
+ADMIN_ATTEMPT_UNSERVED = ("username", "total_questions", "review_url", "questions_url")
 
 # The attempt details' resource, and the name the run's counts give its rows.
 ATTEMPT_DETAILS = "attempt_details"
@@ -199,14 +204,14 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
     specs = (
         Resource("exams", "exam", "v2.5", "admin/exams/", "exams", EXAM_CONTENT_COLUMNS, exam,
                  identify=id_from_row_or_url, detail_path="admin/exams/{key}/", read_when_referenced=True,
-                 kept_when_unserved=ADMIN_EXAM_UNSERVED),
+                 kept_when_unserved=ADMIN_EXAM_UNSERVED, movable_unique_columns=("slug",)),
         Resource("users", "user", "v2.5", "admin/users/", "users", USER_CONTENT_COLUMNS, user,
                  key_column="user_id", movable_unique_columns=("username",), fingerprint=policy.fingerprint,
                  key_field="username", personal=policy.payload),
         Resource("batches", "batch", "v2.5", "admin/batches/", "batches", BATCH_CONTENT_COLUMNS, batch),
         Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
                  fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams"),
-                 username_from_users=True, kept_when_unserved=("username",),
+                 username_from_users=True, kept_when_unserved=ADMIN_ATTEMPT_UNSERVED,
                  personal=lambda payload: policy.payload(payload, ATTEMPT_PERSONAL_KEYS)),
         Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",
