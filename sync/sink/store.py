@@ -96,18 +96,16 @@ def _payload_upsert(resource: Resource, dialect: Dialect) -> _Upsert:
             by_converter.setdefault(dialect.converter(table.c[name].type), []).append(name)
     ordered = [name for names in by_converter.values() for name in names]
     names = [*ordered, "raw", "content_hash", "first_seen_at", "last_seen_at"]
-    refreshed = [name for name in names if name not in (key, "first_seen_at")]
-    also = ", deleted_at = NULL"
+    kept = resource.kept_when_unserved  # the spec says why
+    refreshed = [name for name in names if name not in (key, "first_seen_at", *kept)]
+    where = ""
     if resource.keeps_webhook_completions:  # the spec says why
-        also += (
-            f" WHERE NOT (COALESCE({table.name}.source, '') = '{WEBHOOK_SOURCE}' AND {table.name}.state = 'Completed'"
+        where = (
+            f"NOT (COALESCE({table.name}.source, '') = '{WEBHOOK_SOURCE}' AND {table.name}.state = 'Completed'"
             " AND COALESCE(excluded.state, '') <> 'Completed')"
         )
-    for name in resource.kept_when_unserved:  # the spec says why
-        refreshed.remove(name)
-        also = f", {name} = COALESCE(excluded.{name}, {table.name}.{name})" + also
     username_at = names.index("username") if resource.username_from_users else None  # see _name_from_users
-    sql = dialect.upsert_sql(table.name, names, key, refreshed, also=also)
+    sql = dialect.upsert_sql(table.name, names, key, refreshed, kept=kept, revived=True, where=where)
     groups = tuple((_picker(names), convert) for convert, names in by_converter.items())
     return _Upsert(sql, groups, username_at)
 
@@ -469,7 +467,7 @@ async def upsert_links(
         to_write.append((*pair, *(c(v) for c, v in zip(convert, values, strict=True)), stamp, stamp))
     if to_write and write:
         names = [parent, key, *extra, "first_seen_at", "last_seen_at"]
-        sql = dialect.upsert_sql(table.name, names, f"{parent}, {key}", [*extra, "last_seen_at"], also=", deleted_at = NULL")
+        sql = dialect.upsert_sql(table.name, names, f"{parent}, {key}", [*extra, "last_seen_at"], revived=True)
         await dialect.run(connection, "executemany", sql, to_write)
     return counts
 

@@ -90,12 +90,28 @@ class Dialect(ABC):
         """A timestamp as the driver takes it."""
         return moment
 
-    def upsert_sql(self, table: str, names: Sequence[str], key: str, refreshed: Sequence[str], also: str = "") -> str:
-        """INSERT of `names`, updating `refreshed` from the new row when `key` exists."""
-        sets = ", ".join(f"{name} = excluded.{name}" for name in refreshed)
+    def upsert_sql(
+        self,
+        table: str,
+        names: Sequence[str],
+        key: str,
+        refreshed: Sequence[str],
+        *,
+        kept: Sequence[str] = (),
+        revived: bool = False,
+        where: str = "",
+    ) -> str:
+        """INSERT of `names`; when `key` exists, `refreshed` are set from the new row,
+        `kept` too unless the new row has null there, `deleted_at` is cleared if `revived`,
+        and all of it only if `where` (SQL, the stored row by the table's name, the new one
+        as `excluded`) holds."""
+        sets = [f"{name} = excluded.{name}" for name in refreshed]
+        sets += [f"{name} = COALESCE(excluded.{name}, {table}.{name})" for name in kept]
+        if revived:
+            sets.append("deleted_at = NULL")
         return (
             f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(self.placeholders(len(names)))}) "
-            f"ON CONFLICT ({key}) DO UPDATE SET {sets}{also}"
+            f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(sets)}{f' WHERE {where}' if where else ''}"
         )
 
     @abstractmethod
