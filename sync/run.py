@@ -390,9 +390,12 @@ async def _crawl_and_write(
             # A full walk wrote every live row by this run's rules; a nightly run, only some.
             saved = (SyncState(run_started, run_started, policy.rules) if plan.full
                      else replace(state, watermark=run_started))  # fmt: skip
+            # Rows marked deleted were not written by this walk: under new rules that
+            # protect personal data, they lose theirs (with the rules recorded, or neither).
+            protect = plan.full and policy.mode != "keep" and (state.rules is None or state.rules_changed(policy.rules))
             await in_own_transaction(
                 engine, settings.sync.database_retry_seconds,
-                lambda connection: store.save_sync_state(connection, "attempts", saved, clock()),
+                lambda connection: _record_full_walk(connection, saved, protect, clock()),
             )  # fmt: skip
         if settings.sync.attempt_details and not stop.is_set():
             await _attempt_details(engine, walks, resources, writer_of, stop, options, source)
@@ -402,6 +405,15 @@ async def _crawl_and_write(
             await asyncio.gather(reporter, return_exceptions=True)
         if on_progress is not None:
             on_progress(snapshot(done=True))
+
+
+async def _record_full_walk(connection: AsyncConnection, saved: SyncState, protect: bool, now: datetime) -> None:
+    if protect:
+        dropped = await store.drop_personal_data_of_deleted_rows(connection)
+        if dropped:
+            log.info("personal_data_dropped_from_deleted_rows", rows=dropped,
+                     reason="rows marked deleted are in no listing: the new [sync] pii could not reach them otherwise")  # fmt: skip
+    await store.save_sync_state(connection, "attempts", saved, now)
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:

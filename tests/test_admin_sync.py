@@ -429,19 +429,30 @@ async def test_a_new_personal_data_policy_makes_the_next_run_write_every_row_aga
     kept = admin_settings(institute, database_url)
     assert (await sync_with(kept)).full_walk
     assert not (await sync_with(kept)).full_walk  # the same rules: a nightly run
+    # An attempt and a user deleted upstream, marked deleted by a full walk under `keep`:
+    # no listing serves them again, yet the new policy must reach what they hold.
+    data, served_users = institute.dataset, await server_rows(institute, "users/")
+    served = await server_rows(institute, "attempts/")
+    emails = {row["email"] for row in [*served.values(), *served_users.values()] if row["email"]}
+    gone_attempt = next(row for row in served.values() if row["email"])
+    gone_user = next(user for user in data.users if served_users[user.id]["email"] and served_users[user.id]["phone"])
+    assert data.delete_attempt(gone_attempt["id"])
+    data.users.remove(gone_user)
+    assert (await sync_with(kept, RunOptions(full=True))).rows.deleted == 2
     hashed = admin_settings(institute, database_url, pii="hash", pii_salt="pepper")
     with structlog.testing.capture_logs() as logs:
         changed = await sync_with(hashed)
     assert (changed.status, changed.full_walk) == ("succeeded", True)
     [plan] = [entry for entry in logs if entry["event"] == "admin_plan"]
     assert "other rules" in plan["reason"]
-    served = await server_rows(institute, "attempts/")
-    emails = {row["email"] for row in served.values() if row["email"]}
+    assert [entry["rows"] for entry in logs if entry["event"] == "personal_data_dropped_from_deleted_rows"] == [2]
     assert emails
     async with engine.connect() as connection:
         everything = str((await connection.execute(text("SELECT raw FROM attempts"))).all())
         everything += str((await connection.execute(text("SELECT * FROM users"))).all())
+        deleted_user = (await connection.execute(select(users).where(users.c.user_id == gone_user.id))).one()
     assert not [email for email in emails if email in everything]
+    assert deleted_user.deleted_at is not None and (deleted_user.email, deleted_user.phone, deleted_user.raw["phone"]) == (None, None, None)
     assert not (await sync_with(hashed)).full_walk
     # A salt is a rule too.
     salted = replace(hashed, sync=replace(hashed.sync, pii_salt="other"))

@@ -23,7 +23,20 @@ from operator import itemgetter
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Select, Table, Text, delete, func, inspect, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    Text,
+    bindparam,
+    delete,
+    func,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schema import (
@@ -37,7 +50,7 @@ from schema import (
     sync_state,
     users,
 )
-from sync.model.admin_rows import DETAIL_TABLES
+from sync.model.admin_rows import ATTEMPT_PERSONAL_KEYS, DETAIL_TABLES, PERSONAL_KEYS, PiiPolicy
 from sync.model.normalize import UserRow
 from sync.model.plan import SyncState
 from sync.model.resources import Resource
@@ -356,6 +369,41 @@ async def mark_missing_deleted(
 
 
 _KEYS_AT_ONCE = 20_000
+
+
+_USER_PERSONAL_COLUMNS = ("email", "phone", "city", "state", "birth_date", "custom_fields")
+
+
+async def drop_personal_data_of_deleted_rows(connection: AsyncConnection) -> int:
+    """Rows marked deleted are in no listing, so a full walk under a new personal-data
+    policy cannot write them again: their personal data is dropped instead (null, in the
+    columns and inside `raw`). Not hashed: what they hold may already be a hash, by
+    another salt. Returns how many rows held some."""
+    dropped, changed = PiiPolicy("drop"), 0
+    for table, keys, names in ((users, PERSONAL_KEYS, _USER_PERSONAL_COLUMNS), (attempts, ATTEMPT_PERSONAL_KEYS, ())):
+        columns = [table.c[name] for name in names]
+        scrub = (
+            update(table)
+            .where(table.c.id == bindparam("ident"))
+            .values(raw=bindparam("scrubbed", type_=table.c.raw.type), **dict.fromkeys(names))
+        )
+        query = select(table.c.id, table.c.raw, *columns).where(table.c.deleted_at.is_not(None)).order_by(table.c.id)
+        last = None
+        while True:
+            rows = (await connection.execute((query if last is None else query.where(table.c.id > last)).limit(_KEYS_AT_ONCE))).all()
+            personal = [
+                {"ident": ident, "scrubbed": dropped.payload(raw, keys) if isinstance(raw, dict) else raw}
+                for ident, raw, *values in rows
+                if any(value is not None for value in values)
+                or (isinstance(raw, dict) and any(raw.get(key) not in (None, "") for key in keys))
+            ]
+            if personal:
+                await connection.execute(scrub, personal)
+                changed += len(personal)
+            if len(rows) < _KEYS_AT_ONCE:
+                break
+            last = rows[-1][0]
+    return changed
 
 
 async def _keys_in_order(connection: AsyncConnection, query: Select[Any], key: Any) -> AsyncIterator[Any]:
