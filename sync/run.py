@@ -393,10 +393,13 @@ async def _crawl_and_write(
             # Rows marked deleted were not written by this walk: under new rules that
             # protect personal data, they lose theirs (with the rules recorded, or neither).
             protect = plan.full and policy.mode != "keep" and (state.rules is None or state.rules_changed(policy.rules))
-            await in_own_transaction(
+            dropped = await in_own_transaction(
                 engine, settings.sync.database_retry_seconds,
-                lambda connection: _record_full_walk(connection, saved, protect, clock()),
+                lambda connection: _record_watermark(connection, saved, protect, clock()),
             )  # fmt: skip
+            if dropped:  # said once it is committed (the transaction may be tried again)
+                log.info("personal_data_dropped_from_deleted_rows", rows=dropped,
+                         reason="rows marked deleted are in no listing: the walk under the new rules could not reach them")  # fmt: skip
         if settings.sync.attempt_details and not stop.is_set():
             await _attempt_details(engine, walks, resources, writer_of, stop, options, source)
     finally:
@@ -407,13 +410,12 @@ async def _crawl_and_write(
             on_progress(snapshot(done=True))
 
 
-async def _record_full_walk(connection: AsyncConnection, saved: SyncState, protect: bool, now: datetime) -> None:
-    if protect:
-        dropped = await store.drop_personal_data_of_deleted_rows(connection)
-        if dropped:
-            log.info("personal_data_dropped_from_deleted_rows", rows=dropped,
-                     reason="rows marked deleted are in no listing: the new [sync] pii could not reach them otherwise")  # fmt: skip
+async def _record_watermark(connection: AsyncConnection, saved: SyncState, protect: bool, now: datetime) -> int:
+    """The state the next run starts from; with `protect`, first the personal data of the
+    rows marked deleted is dropped (how many rows held some is returned)."""
+    dropped = await store.drop_personal_data_of_deleted_rows(connection) if protect else 0
     await store.save_sync_state(connection, "attempts", saved, now)
+    return dropped
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:

@@ -383,8 +383,8 @@ async def drop_personal_data_of_deleted_rows(connection: AsyncConnection) -> int
     for table, keys, names in ((users, PERSONAL_KEYS, _USER_PERSONAL_COLUMNS), (attempts, ATTEMPT_PERSONAL_KEYS, ())):
         columns = [table.c[name] for name in names]
         scrub = (
-            update(table)
-            .where(table.c.id == bindparam("ident"))
+            update(table)  # still deleted: a webhook delivery may have brought one back since
+            .where(table.c.id == bindparam("ident"), table.c.deleted_at.is_not(None))
             .values(raw=bindparam("scrubbed", type_=table.c.raw.type), **dict.fromkeys(names))
         )
         query = select(table.c.id, table.c.raw, *columns).where(table.c.deleted_at.is_not(None)).order_by(table.c.id)
