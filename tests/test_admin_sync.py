@@ -21,10 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from schema import attempts, batches, exams, sync_errors, sync_runs, sync_state, user_batches, users
 from sync.config import Settings, SyncSettings
 from sync.errors import ApiError, ConfigError
+from sync.model.plan import MIXED_RULES
 from sync.model.webhook import WEBHOOK_HASH_PREFIX
 from sync.run import RunOptions
 from sync.simulator import Dataset, SimulatorServer
 from sync.simulator.admin import DETAIL_FAULTS_KEY
+from sync.sink.store import read_sync_state
 from tests.conftest import PASSWORD, USERNAME, fast_settings
 from tests.helpers import error_rows, one_value, sync_with
 
@@ -479,6 +481,8 @@ async def test_rows_written_under_other_rules_by_a_run_that_did_not_complete_are
     async with engine.connect() as connection:
         written = str((await connection.execute(text("SELECT raw FROM attempts"))).all())
     assert [email for email in emails if email in written]  # the sample stored some in clear
+    async with engine.connect() as connection:
+        assert (await read_sync_state(connection, "attempts")).rules == MIXED_RULES  # every run walks all until one completes
     # One of those is deleted upstream: the walk below marks it deleted, and cannot write it.
     async with engine.connect() as connection:
         stored_raws = (await connection.execute(select(attempts.c.id, attempts.c.raw))).all()

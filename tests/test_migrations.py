@@ -193,20 +193,13 @@ async def test_a_new_database_gets_exactly_the_schema_the_migrations_build(
 ) -> None:
     """An empty database is created from the table definitions and stamped (no Alembic
     import); that must equal running every migration from base."""
-    from alembic import command
-
-    def upgrade(connection: Connection) -> None:
-        config = Config()
-        config.set_main_option("script_location", str(migrations_dir()))
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
 
     async def fingerprint(url: str, *, through_alembic: bool) -> dict[str, Any]:
         engine = create_engine(database_url_from(url))
         try:
             if through_alembic:
                 async with engine.connect() as connection:
-                    await connection.run_sync(upgrade)
+                    await connection.run_sync(upgrade_to("head"))
                     await connection.commit()
             else:
                 await migrate(engine)

@@ -387,10 +387,8 @@ async def drop_personal_data_of_deleted_rows(connection: AsyncConnection) -> int
             .where(table.c.id == bindparam("ident"), table.c.deleted_at.is_not(None))
             .values(raw=bindparam("scrubbed", type_=table.c.raw.type), **dict.fromkeys(names))
         )
-        query = select(table.c.id, table.c.raw, *columns).where(table.c.deleted_at.is_not(None)).order_by(table.c.id)
-        last = None
-        while True:
-            rows = (await connection.execute((query if last is None else query.where(table.c.id > last)).limit(_KEYS_AT_ONCE))).all()
+        deleted = select(table.c.id, table.c.raw, *columns).where(table.c.deleted_at.is_not(None))
+        async for rows in _pages_in_order(connection, deleted, table.c.id):
             personal = [
                 {"ident": ident, "scrubbed": dropped.payload(raw, keys) if isinstance(raw, dict) else raw}
                 for ident, raw, *values in rows
@@ -400,24 +398,28 @@ async def drop_personal_data_of_deleted_rows(connection: AsyncConnection) -> int
             if personal:
                 await connection.execute(scrub, personal)
                 changed += len(personal)
-            if len(rows) < _KEYS_AT_ONCE:
-                break
-            last = rows[-1][0]
     return changed
 
 
 async def _keys_in_order(connection: AsyncConnection, query: Select[Any], key: Any) -> AsyncIterator[Any]:
     """The keys `query` selects, in key order, read `_KEYS_AT_ONCE` at a time: a table of
     millions of rows is never held whole beside the walk's own set of ids."""
+    async for rows in _pages_in_order(connection, query, key):
+        for row in rows:
+            yield row[0]
+
+
+async def _pages_in_order(connection: AsyncConnection, query: Select[Any], key: Any) -> AsyncIterator[Sequence[Any]]:
+    """The rows `query` selects (`key` first), in key order, `_KEYS_AT_ONCE` a page."""
     last = None
     while True:
         page = query if last is None else query.where(key > last)
-        keys = (await connection.execute(page.order_by(key).limit(_KEYS_AT_ONCE))).scalars().all()
-        for ident in keys:
-            yield ident
-        if len(keys) < _KEYS_AT_ONCE:
+        rows = (await connection.execute(page.order_by(key).limit(_KEYS_AT_ONCE))).all()
+        if rows:
+            yield rows
+        if len(rows) < _KEYS_AT_ONCE:
             return
-        last = keys[-1]
+        last = rows[-1][0]
 
 
 def _webhook_writes(table: Table) -> bool:

@@ -251,16 +251,13 @@ class TestpressClient:
                 self._foreign_hosts.add(server)
                 log.warning("url_on_another_server", server=server, asked_at=self._api.base_url,
                             hint="the server named an address other than base_url; asked at base_url instead")  # fmt: skip
-        try:
-            return await self._retrying(lambda: self._authorized(sent, route))
-        except LoginRefusedError as refused:  # the session itself is refused: the run stops
-            raise self._refusal(refused) from None
+        return await self._retrying(lambda: self._authorized(sent, route))
 
-    def _refusal(self, refused: ApiError) -> AuthError:
+    def _refusal(self, refused: LoginRefusedError) -> AuthError:
         code = refused.code or ""
         return AuthError(
             f"Testpress at {self._api.base_url} refused the login of {self._api.username!r} "
-            f"({code}): {LOGIN_REFUSALS.get(code, refused)}",
+            f"({code}): {LOGIN_REFUSALS[code]}",
             hint="the credentials are right: the account is refused for the reason given",
         )
 
@@ -387,9 +384,7 @@ class TestpressClient:
             return False
         except SkippableError as answer:
             return False if answer.status == 403 else None
-        except LoginRefusedError:
-            raise  # the session is refused on purpose: the run stops, with no login spent first
-        except ApiError:
+        except ApiError:  # (a refused session is an AuthError: the run stops, no login spent first)
             return None
         return True
 
@@ -399,6 +394,8 @@ class TestpressClient:
         loop = asyncio.get_running_loop()
         try:
             return await self._exchange(method, url, headers=headers, json=json)
+        except LoginRefusedError as refused:  # the session itself is refused, at any step: the run stops
+            raise self._refusal(refused) from None
         except RetriableError as exc:
             if exc.status == 429 and exc.retry_after:
                 if exc.retry_after > self._http.max_retry_wait:
@@ -506,9 +503,7 @@ class TestpressClient:
         except RetriableError as exc:
             # The login had its own retries; a request waiting on it must not retry it again.
             raise ApiError(f"login failed: {exc}", url=url, status=exc.status) from None
-        except ApiError as exc:
-            if isinstance(exc, LoginRefusedError):  # never retried: another login would make it worse
-                raise self._refusal(exc) from None
+        except ApiError as exc:  # (a refusal code is an AuthError already: never retried)
             if exc.status in (400, 401, 403):
                 raise AuthError(
                     f"Testpress at {self._api.base_url} refused the login of "
