@@ -236,6 +236,25 @@ async def test_a_session_refused_after_the_login_stops_with_the_reason(
     assert simulator.state.logins == 1
 
 
+@pytest.mark.parametrize("code", ["parallel_login_restriction", "max_login_exceeded"])
+async def test_a_login_refused_mid_run_is_asked_once_for_every_request_waiting(
+    client: TestpressClient, simulator: SimulatorServer, code: str
+) -> None:
+    """The token expires mid-run and the new login is refused: the requests that waited
+    for that login, and those after them, get its refusal without another login (each
+    refused login may extend a max_login_exceeded lockout)."""
+    await client.get_json(exams_url(simulator), route="exams")
+    simulator.state.sessions_valid_from = simulator.state.logins + 1  # the session ends
+    simulator.state.faults.login_refusal = code
+    answers = await asyncio.gather(
+        *(client.get_json(f"{exams_url(simulator)}?page=1", route="exams") for _ in range(8)), return_exceptions=True
+    )
+    assert all(isinstance(answer, AuthError) and f"({code})" in str(answer) for answer in answers), answers
+    with pytest.raises(AuthError, match=f"\\({code}\\)"):  # a request after them
+        await client.get_json(exams_url(simulator), route="exams")
+    assert (simulator.state.logins, simulator.state.refused_logins) == (1, 1)
+
+
 async def test_a_url_on_another_server_is_asked_here_and_the_token_stays_home(
     client: TestpressClient, simulator: SimulatorServer
 ) -> None:

@@ -86,7 +86,12 @@ class TokenAuth:
 
     Each token has a generation: a request says which one it was sent with, and only a
     failure of the current one leads to a login (a server may hand out the same string
-    twice, so the string cannot say it)."""
+    twice, so the string cannot say it).
+
+    A refused login (AuthError: wrong credentials, or a refusal code such as
+    max_login_exceeded) is the run's answer: every request waiting for that login, and
+    every later one, gets the same error without another login. Each refused login may
+    extend a lockout, and the run stops anyway."""
 
     def __init__(self, login: Callable[[], Awaitable[str]], redactor: Redactor) -> None:
         self._login = login
@@ -94,6 +99,7 @@ class TokenAuth:
         self._token: str | None = None
         self.generation = 0  # of the current token; 0: none yet
         self._lock = asyncio.Lock()
+        self._refused: AuthError | None = None
 
     @staticmethod
     def has_expired(token: str) -> bool:
@@ -119,7 +125,13 @@ class TokenAuth:
             return self._token, self.generation
 
     async def _replace(self) -> None:
-        token = await self._login()
+        if self._refused is not None:
+            raise self._refused
+        try:
+            token = await self._login()
+        except AuthError as refused:
+            self._refused = refused
+            raise
         self._redactor.add(token)
         self._token = token
         self.generation += 1
