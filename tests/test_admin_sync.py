@@ -355,6 +355,26 @@ async def test_a_full_walk_whose_listing_repeats_an_item_records_no_full_walk(
         assert tuple((await connection.execute(select(sync_state.c.watermark, sync_state.c.last_full_at))).one()) == first
 
 
+async def test_a_full_walk_marks_deleted_an_item_that_vanished_while_the_listing_was_read(
+    institute: SimulatorServer, engine: AsyncEngine, database_url: str
+) -> None:
+    """A user deleted upstream between page 1 and page 2 of the users listing: the walk
+    does not add up, the listing is walked again, and that walk, which does, no longer
+    shows the user. It is marked deleted by this walk, not kept live until the next full
+    walk (a week later, by default)."""
+    settings = admin_settings(institute, database_url)
+    gone = institute.dataset.users[0]  # on page 1
+    institute.state.users_deleted_mid_walk = {gone.id}
+    with structlog.testing.capture_logs() as logs:
+        summary = await sync_with(settings, RunOptions(full=True))
+    assert (summary.status, summary.listing_complete) == ("succeeded", True)
+    assert any(entry["event"] == "listing_shifted_walking_again" and entry["entity"] == "user" for entry in logs)
+    async with engine.connect() as connection:
+        rows = dict((await connection.execute(select(users.c.user_id, users.c.deleted_at))).all())
+    assert rows[gone.id] is not None  # stored from page 1, then marked deleted
+    assert {user_id for user_id, deleted in rows.items() if deleted is None} == {user.id for user in institute.dataset.users}
+
+
 async def test_attempts_of_a_stored_exam_that_cannot_be_read_again_are_stored_still(
     institute: SimulatorServer, engine: AsyncEngine, database_url: str
 ) -> None:

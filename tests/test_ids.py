@@ -23,6 +23,11 @@ def test_it_answers_as_a_set_of_the_same_ids(spread: int) -> None:
     probes = ids[:2000] + [chooser.randrange(-60 * spread, 60_000 * spread) for _ in range(5000)]
     assert [probe in ours for probe in probes] == [probe in expected for probe in probes]
     assert ours == expected and IdSet(ids) == ours
+    for ident in ids[::3] + probes[-100:]:  # present or not, some twice
+        ours.discard(ident)
+        expected.discard(ident)
+    assert len(ours) == len(expected) and list(ours) == sorted(expected)
+    assert [probe in ours for probe in probes] == [probe in expected for probe in probes]
 
 
 def test_boundaries_of_a_mask_and_odd_members() -> None:

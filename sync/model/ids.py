@@ -18,7 +18,7 @@ _LOW = (1 << _SHIFT) - 1
 
 
 class IdSet(Set[int]):
-    """Integer ids (negative ones too): add, `in`, len, and iteration in ascending order."""
+    """Integer ids (negative ones too): add, discard, `in`, len, and iteration in ascending order."""
 
     __slots__ = ("_masks", "_count")
 
@@ -37,6 +37,17 @@ class IdSet(Set[int]):
     def update(self, ids: Iterable[int]) -> None:
         for ident in ids:
             self.add(ident)
+
+    def discard(self, ident: int) -> None:
+        high, bit = ident >> _SHIFT, 1 << (ident & _LOW)
+        mask = self._masks.get(high, 0)
+        if mask & bit:
+            mask ^= bit
+            if mask:
+                self._masks[high] = mask
+            else:
+                del self._masks[high]
+            self._count -= 1
 
     def __contains__(self, ident: object) -> bool:
         if type(ident) is not int:

@@ -642,13 +642,16 @@ async def attempt_detail_view(request: web.Request) -> web.Response:
 
 
 async def user_list(request: web.Request) -> web.Response:
-    dataset = request.app[DATASET_KEY]
+    dataset, state = request.app[DATASET_KEY], request.app[STATE_KEY]
+    if state.users_deleted_mid_walk and request.query.get("page", "1") != "1":
+        doomed, state.users_deleted_mid_walk = state.users_deleted_mid_walk, set()
+        dataset.users[:] = [user for user in dataset.users if user.id not in doomed]
     cache = _cache(request)
     token = cache.users_token()
     cache.users.prune(len(token), lambda: {user.id for user in token})
     key = ("users", _listing_query(request))
     users = cache.listings.get(key, token, lambda: _filtered_users(request, dataset))
-    if repeated := request.app[STATE_KEY].repeated_users:
+    if repeated := state.repeated_users:
         users = [*users, *(user for user in users if user.id in repeated)]
     return _page(request, users, "users", cache.users)
 

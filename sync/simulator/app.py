@@ -80,6 +80,9 @@ class SimulatorState:
     # Users the admin user listing shows twice (its count includes both): a listing that
     # repeats an item, as one that shifts between pages does.
     repeated_users: set[int] = field(default_factory=set)
+    # Users deleted upstream while the admin user listing is walked: once a page after the
+    # first is asked for, as when an account is removed during a nightly run.
+    users_deleted_mid_walk: set[int] = field(default_factory=set)
     secret: bytes = b"simulator-signing-key"
     rng: random.Random = field(default_factory=lambda: random.Random(11))
     requests: int = 0

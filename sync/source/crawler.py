@@ -78,6 +78,17 @@ class _Walk:
         )
 
 
+@dataclass(frozen=True)
+class _VariantWalk:
+    """How the walks of one variant of the root listing went: `shown` holds the ids of
+    the walk that added up (consistent); `earlier` those of the walks before it."""
+
+    complete: bool
+    failed: bool
+    shown: Set[int] = frozenset()
+    earlier: Set[int] = frozenset()
+
+
 ChildFilter = Callable[[Resource, int, Payload], bool]
 
 
@@ -152,39 +163,61 @@ class Crawler:
 
     async def _walk_root(self) -> None:
         complete, failed = True, False
-        for variant in self._variants:
-            walked, walk_failed = await self._walk_variant(variant)
-            complete, failed = complete and walked, failed or walk_failed
+        walks = [await self._walk_variant(variant) for variant in self._variants]
+        for walked in walks:
+            complete, failed = complete and walked.complete, failed or walked.failed
         await self._close_child_queue()
         status = "error" if failed else "ok"
         whole = complete and not failed and not self._partial
-        # `present` itself, not a copy: at 150,000 attempts each copy costs ~8 MB. Only
-        # ReferencedItems adds to it after this (an exam read by id exists: the writer,
-        # which reads it once everything is stored, must not mark it deleted).
+        if whole:
+            self._forget_vanished(walks)
+        # `present` itself, not a copy: only ReferencedItems adds to it after this (an exam
+        # read by id exists: the writer, which reads it once everything is stored, must not
+        # mark it deleted).
         # A listing that showed items without an id is never complete, and nothing is
         # wrong with that: said once, when the first such item came.
         sliced = self._partial or self._limit is not None or self.shown_unkeyed
         await self._out.put(ResourceDone(self._root.name, status, whole, self.present, scope=self._filters, sliced=sliced))
 
-    async def _walk_variant(self, variant: Mapping[str, str]) -> tuple[bool, bool]:
-        """One listing, walked again while it shifts: (complete, failed)."""
+    async def _walk_variant(self, variant: Mapping[str, str]) -> _VariantWalk:
+        """One listing, walked again while it shifts."""
         present = self.present  # every id the listings showed: the items handed over
+        earlier = IdSet()  # the ids the walks that did not add up showed
+        # Alone, the usual walk (one pass) counts its ids in `present` itself (the page
+        # handler adds every item it hands over to `present`); beside other variants,
+        # each walk keeps its own, to tell which items a consistent walk no longer shows.
+        alone = len(self._variants) == 1
         for number in range(1, self._max_passes + 1):
-            # The usual walk, one pass of one listing, counts its ids in `present` itself
-            # (the page handler adds every item it hands over to `present`).
-            ids = present if not present else IdSet()
+            ids = present if alone and not present else IdSet()
             try:
                 walk = await self._walk(self.listing_url(variant), self._root_page_handler(), self._limit, self._root.name, ids=ids)
             except SkippableError as exc:  # the listing itself refused (after a new login): the other listings go on
                 await self._page_failed(exc)
-                return False, True
+                return _VariantWalk(complete=False, failed=True)
             if walk.failed or walk.uncounted or walk.unidentified or self._limit is not None:
                 # A limited walk is a sample: never complete, never a reason to delete.
-                return False, walk.failed
+                return _VariantWalk(complete=False, failed=walk.failed)
             if walk.consistent:
-                return True, False
+                return _VariantWalk(complete=True, failed=False, shown=walk.ids, earlier=earlier)
+            earlier.update(walk.ids)
             log.info("listing_shifted_walking_again", entity=self._root.entity, walk=number, **variant)
-        return False, False
+        return _VariantWalk(complete=False, failed=False)
+
+    def _forget_vanished(self, walks: Sequence[_VariantWalk]) -> None:
+        """Once every listing was walked consistently, the items that only a walk that
+        did not add up showed are gone upstream (deleted while the pages were read): out
+        of `present`, so that they are marked deleted like any other."""
+        vanished = [
+            ident
+            for walked in walks
+            for ident in walked.earlier
+            if not any(ident in other.shown for other in walks)
+        ]
+        for ident in vanished:
+            self.present.discard(ident)
+        if vanished:
+            log.info("listing_items_vanished", entity=self._root.entity, count=len(vanished),
+                     hint="shown by an earlier walk of the listing, not by the one that added up: marked deleted")  # fmt: skip
 
     async def _fetch_named_items(self) -> None:
         """--exam SLUG: those items from their detail pages, not the listing."""
@@ -318,7 +351,7 @@ class Crawler:
     async def _crawl_child_listing(self, listing: ChildListing) -> None:
         resource, parent_id = listing.resource, listing.parent_id
         seen: set[int] = set()  # items handed to the writer
-        present: set[int] = set()  # every id the pages showed
+        shown: Set[int] = set()  # every id the pages showed; once consistent, the last walk's
         status, complete = "ok", False
         handle = self._child_page_handler(resource, parent_id, seen)
         for number in range(1, self._max_passes + 1):
@@ -328,17 +361,19 @@ class Crawler:
                 # Gone (404), or not this login's to read (403, or a 401 a new login did not cure).
                 status = "not_found" if exc.status == 404 else "forbidden"
                 break
-            present.update(walk.ids)
+            if walk.consistent:
+                # This walk shows the listing whole: an item only an earlier walk showed is
+                # gone, and must not be kept from being marked deleted.
+                shown, complete = walk.ids, True
+                break
+            shown = {*shown, *walk.ids}
             if walk.failed:
                 status = "error"
                 break
             if walk.uncounted or walk.unidentified:
                 break
-            if walk.consistent:
-                complete = True
-                break
             log.info("listing_shifted_walking_again", entity=resource.entity, parent_id=parent_id, walk=number)
-        await self._out.put(ResourceDone(resource.name, status, complete, frozenset(present), parent_id=parent_id))
+        await self._out.put(ResourceDone(resource.name, status, complete, shown, parent_id=parent_id))
 
     def _child_page_handler(self, resource: Resource, parent_id: int, seen: set[int]) -> PageHandler:
         async def handle(items: list[Any], walk: _Walk) -> None:
