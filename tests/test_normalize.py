@@ -199,7 +199,14 @@ def test_user_as_nested_object() -> None:
     assert (user["first_name"], user["last_name"]) == ("Asha", "K")
 
 
-@pytest.mark.parametrize("bad", [None, "", 12, {"id": 3}])
+def test_a_nested_users_numeric_username_is_its_text() -> None:
+    """Testpress usernames can be numbers (admin accounts' often are), served as JSON
+    numbers: the attempt is stored, named by the text."""
+    user = user_of({**attempt_payload()["user"], "username": 1008})
+    assert (user["username"], user["user_id"]) == ("1008", 77)
+
+
+@pytest.mark.parametrize("bad", [None, "", 12, {"id": 3}, {"id": 3, "username": True}])
 def test_user_without_username_is_a_record_error(bad: Any) -> None:
     with pytest.raises(RecordError, match="user"):
         user_of(bad)

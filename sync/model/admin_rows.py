@@ -36,6 +36,7 @@ from sync.model.normalize import (
     parse_text,
     parse_timedelta_seconds,
     parse_timestamp,
+    parse_username,
     require_id,
     rules_digest,
 )
@@ -195,10 +196,7 @@ def admin_user_row(payload: Payload, policy: PiiPolicy) -> tuple[Row, list[str]]
     parse (stored null). Personal fields follow `policy`, in the columns and in `raw`."""
     get = payload.get
     problems: list[str] = []
-    username = get("username")
-    if isinstance(username, int) and not isinstance(username, bool):
-        username = str(username)  # admin usernames can be integers
-    username = parse_text(username, "username")
+    username = parse_username(get("username"), "username")
     if not username:
         raise RecordError("user: missing username")
     # A date column cannot hold a hash: under "hash" (and "drop") the column is null, and

@@ -255,6 +255,14 @@ def parse_text(value: Any, field: str) -> str | None:
     raise RecordError(f"{field}: expected text, got {value!r}")
 
 
+def parse_username(value: Any, field: str) -> str | None:
+    """A username: text, or an integer, which Testpress gives where a username is a
+    number (admin accounts' often are their user id)."""
+    if type(value) is int:
+        return str(value)
+    return parse_text(value, field)
+
+
 def require_id(payload: Any, what: str) -> int:
     """The item's id; an item without a usable one cannot be stored at all."""
     if not isinstance(payload, dict):
@@ -347,9 +355,8 @@ def exam_row(payload: Payload) -> ExamRow:
 def user_of(value: Any) -> UserRow:
     """`user` as a plain username string or as the nested user object."""
     if type(value) is dict:
-        username = value.get("username")
-        if not username or type(username) is not str:
-            parse_text(username, "user.username")
+        username = parse_username(value.get("username"), "user.username")
+        if not username:
             raise RecordError("user: nested user without a username")
         get = value.get
         return {
@@ -359,7 +366,7 @@ def user_of(value: Any) -> UserRow:
             "first_name": parse_text(get("first_name"), "user.first_name"),
             "last_name": parse_text(get("last_name"), "user.last_name"),
         }
-    if isinstance(value, str) and value:
+    if isinstance(value, str) and value:  # (a number here could be an id: DRF's default for a relation)
         return {
             "username": value,
             "user_id": None,

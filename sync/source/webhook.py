@@ -35,6 +35,7 @@ from sync.model.normalize import (
     parse_int,
     parse_text,
     parse_timestamp,
+    parse_username,
     payload_digest,
     require_id,
 )
@@ -196,7 +197,7 @@ def _delivery(payload: Payload, stored: Payload) -> Delivery:
             raw=exam,
         ),
         user_id=parse_int(get("user_id"), "user_id", limit=INT64),
-        username=parse_text(get("username"), "username"),
+        username=parse_username(get("username"), "username"),
         started_at=parse_timestamp(get("attempt_start_time"), "attempt_start_time"),
         correct_count=parse_count(get("correct_answers_count"), "correct_answers_count"),
         incorrect_count=parse_count(get("incorrect_answers_count"), "incorrect_answers_count"),
