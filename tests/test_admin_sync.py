@@ -106,6 +106,8 @@ async def test_a_full_admin_sync_stores_the_whole_institute(institute: Simulator
     served_exams, kept_exams = await server_rows(institute, "exams/"), await stored(engine, exams)
     assert set(kept_exams) == set(served_exams)
     assert all(row["slug"] is None and row["source"] == "admin" for row in kept_exams.values())
+    # Each exam's attempts came with the institute's listing, read whole: the status says so.
+    assert {row["attempts_status"] for row in kept_exams.values()} == {"ok"}
     served_users, kept_users = await server_rows(institute, "users/"), await stored(engine, users, "user_id")
     assert set(kept_users) == set(served_users)
     some = next(user for user in served_users.values() if user["birth_date"])
@@ -148,9 +150,12 @@ async def test_the_nightly_run_reads_only_what_can_have_changed_and_ends_exact(
     running_before = [a.id for e in data.exams for a in e.attempts if a.state == "Running" and a.id not in {n.id for n in new}]
     data.complete_attempts(running_before[:3])  # old attempts that were running at the full walk
     data.update_user(user_ids[0], {"first_name": "Renamed", "city": "Madurai", "username": "renamed-upstream"})
+    async with engine.begin() as connection:  # as a failed page of an earlier run may leave it
+        await connection.execute(exams.update().where(exams.c.id == exam.id).values(attempts_status="error"))
     before = institute.state.requests
     nightly = await sync_with(settings)
     assert (nightly.status, nightly.full_walk) == ("succeeded", False)
+    assert {row["attempts_status"] for row in (await stored(engine, exams)).values()} == {"ok"}
     assert institute.state.requests - before == nightly.requests
     assert nightly.requests < full.requests, (nightly.requests, full.requests)
     await assert_attempts_match(engine, institute)

@@ -67,7 +67,8 @@ class Resource:
     parent: str | None = None
     listing_url_field: str | None = None
     # The column of a row naming its parent, the parent's table, and the column of the
-    # parent's row that records how fetching this listing ended.
+    # parent's row that records how fetching this listing ended. A root listing with a
+    # status column covers every parent at once (admin attempts: every exam's).
     parent_column: str | None = None
     parent_table: str | None = None
     parent_status_column: str | None = None
@@ -212,6 +213,7 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
         Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
                  fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams"),
                  username_from_users=True, kept_when_unserved=ADMIN_ATTEMPT_UNSERVED,
+                 parent_table="exams", parent_status_column="attempts_status",
                  personal=lambda payload: policy.payload(payload, ATTEMPT_PERSONAL_KEYS)),
         Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",

@@ -636,6 +636,16 @@ async def set_listing_status(connection: AsyncConnection, resource: Resource, st
             await dialect.run(connection, "execute", sql, (status, *chunk, status))
 
 
+async def set_status_of_every_parent(connection: AsyncConnection, resource: Resource, status: str) -> None:
+    """How fetching a listing that covers every parent at once ended, on every parent's
+    row (the admin attempt listing: each exam's attempts_status)."""
+    assert resource.parent_table is not None and resource.parent_status_column is not None
+    table, column = resource.parent_table, resource.parent_status_column
+    first, second = dialect_of(connection).placeholders(2)
+    sql = f"UPDATE {table} SET {column} = {first} WHERE {column} IS NULL OR {column} <> {second}"
+    await dialect_of(connection).run(connection, "execute", sql, (status, status))
+
+
 # --- runs, progress, errors --------------------------------------------------------------
 
 

@@ -423,6 +423,7 @@ class Writer:
         # Whether every listing read whole was read consistently: a full walk that was not
         # may have missed an item, so it moves no watermark (sync.run).
         self._summary.listing_complete = all(listing.complete for listing in self._listings if not listing.sliced)
+        await self._record_root_listing_status()
         for listing in self._listings:
             if listing.sliced:
                 log.info("deletions_not_checked", resource=listing.resource,
@@ -446,6 +447,20 @@ class Writer:
                         tally.count(child.table, RowCounts(deleted=gone))
 
             self._add(await self._in_transaction(mark))
+
+    async def _record_root_listing_status(self) -> None:
+        """A listing of every parent's items (admin attempts) read without a failed page:
+        each parent's status says its items were read. After a failure they stay as they
+        were: which parents' items the failed pages held is not known."""
+        for listing in self._listings:
+            resource = self._resources[listing.resource]
+            if resource.parent_status_column is None or listing.status != "ok" or not self._write:
+                continue
+
+            async def record(connection: AsyncConnection, _tally: _Tally, resource: Resource = resource) -> None:
+                await store.set_status_of_every_parent(connection, resource, "ok")
+
+            await self._in_transaction(record)
 
     def _error_row(self, failure: Failure) -> store.ErrorRow:
         payload = failure.payload
