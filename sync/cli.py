@@ -135,9 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"testpress-sync {__version__}")
     commands_ = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands_.add_parser(
-        "run", parents=[common, run_options], help="the nightly job: every exam and every attempt",
-        description="Walk the exam listing and every exam's attempts; upsert what changed; "
-        "mark what disappeared as deleted. Creates or migrates the schema when needed.",
+        "run", parents=[common, run_options], help="the nightly job: what can have changed since the last run",
+        description="An admin login (the whole institute): read only what can have changed "
+        "since the last completed run (attempts started since then, less a lookback, the "
+        "attempts stored as open, the exam, user and batch listings, the batches of new and "
+        "changed users); every [sync] full_every (7 days), and with --full, walk everything "
+        "and mark what disappeared as deleted. A student login (its own attempts): walk "
+        "every exam and its attempts, and mark what disappeared as deleted. Either way, "
+        "upsert what changed. Creates or migrates the schema when needed.",
     )
     backfill = commands_.add_parser(
         "backfill", parents=[common, run_options], help="one-shot full import (resumable)",
