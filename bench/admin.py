@@ -318,7 +318,8 @@ class Floor:
 
 async def fetch_floor(base: str, concurrency: int) -> dict[str, int]:
     """Every page the sync's full walk reads, with aiohttp and orjson and nothing else: the
-    login, the source probe, every page of the four listings, each user's batches."""
+    login, every page of the four listings (the batches' first one is the source check),
+    each user's batches."""
     import aiohttp
     import orjson
 
@@ -332,7 +333,7 @@ async def fetch_floor(base: str, concurrency: int) -> dict[str, int]:
         counts["requests"] += 1
         # (url, what, first page?): a first page tells how many more there are.
         pages: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue()
-        pages.put_nowait((f"{admin}/batches/", "probe", False))  # the source check
+        # The source check reads the batches listing's first page, which the walk uses.
         for listing in ("exams", "users", "batches", "attempts"):
             pages.put_nowait((f"{admin}/{listing}/", listing, True))
 

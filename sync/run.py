@@ -38,7 +38,7 @@ from sync.ops.logs import Redactor
 from sync.sink import store
 from sync.sink.faults import in_own_transaction
 from sync.sink.writer import Writer
-from sync.source.access import choose_source
+from sync.source.access import ADMIN_PROBE, SourceChoice, choose_source
 from sync.source.client import TestpressClient
 from sync.source.crawler import Crawler, ReferencedItems
 
@@ -153,11 +153,14 @@ class _Walks:
         )  # fmt: skip
         await self.main.crawl()
 
-    async def admin(self, resources: Mapping[str, Resource], plan: AdminPlan, known: _Known) -> None:
+    async def admin(
+        self, resources: Mapping[str, Resource], plan: AdminPlan, known: _Known, chosen: SourceChoice
+    ) -> None:
         """Users with their batches, the batches and the exams at once; the attempts once
         every exam is handed over (they reference exams; the writer keeps each resource's
         order, and attempt pages only ever let others ahead of them). The users' batches, a
-        request per user, are the longest walk: they start first."""
+        request per user, are the longest walk: they start first. The batches listing
+        starts from the page the source check read."""
         if self.options.exam_slugs:
             raise ConfigError("--exam names exams by slug, which the admin API does not serve: use --limit, or --source student")
         if self.settings.sync.course:
@@ -171,7 +174,8 @@ class _Walks:
             resources["users"], children=(resources["memberships"],), partial=partial, limit=limit,
             child_filter=None if plan.full else known.changed_user(resources["users"]),
         )  # fmt: skip
-        batches = self.crawler(resources["batches"], partial=partial, limit=limit)
+        probe = (self.client.url(ADMIN_PROBE), chosen.probe_page) if chosen.probe_page is not None else None
+        batches = self.crawler(resources["batches"], partial=partial, limit=limit, read_already=probe)
         self.main = exams = self.crawler(resources["exams"], partial=partial, limit=limit)
         # An exam the listing did not show (created since, or shown without an id) is read
         # by the id an attempt names it by.
@@ -305,12 +309,12 @@ async def _crawl_and_write(
         planning = asyncio.create_task(_admin_plan(engine, settings, options, run_started))
     try:
         await client.login()
-        source, reason = await choose_source(client, settings.api.source)
+        chosen = await choose_source(client, settings.api.source)
     except BaseException:
         await _cancel(planning)  # the run ends here
         raise
-    summary.source = source
-    log.info("source_chosen", source=source, reason=reason)
+    source = summary.source = chosen.source
+    log.info("source_chosen", source=source, reason=chosen.reason)
     # Attempt pages yield to every other resource's messages (MessageQueue says why).
     queue = MessageQueue(settings.sync.queue_pages, settings.sync.queue_items, yielding=frozenset({ATTEMPTS.name}))
     walks = _Walks(client, queue, settings, options)
@@ -335,7 +339,7 @@ async def _crawl_and_write(
                 engine, settings.sync.database_retry_seconds,
                 lambda connection: store.save_sync_state(connection, "attempts", replace(state, rules=MIXED_RULES), clock()),
             )  # fmt: skip
-        walk = lambda: walks.admin(resources, plan, known)  # noqa: E731
+        walk = lambda: walks.admin(resources, plan, known, chosen)  # noqa: E731
 
     def writer_of(written: Mapping[str, Resource]) -> Writer:
         return Writer(

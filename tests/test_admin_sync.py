@@ -114,6 +114,8 @@ async def test_a_full_admin_sync_stores_the_whole_institute(institute: Simulator
     day, month, year = map(int, some["birth_date"].split("/"))
     assert kept_users[some["id"]]["birth_date"] == date(year, month, day)
     assert kept_users[some["id"]]["email"] == some["email"] and kept_users[some["id"]]["raw"] == some
+    # The source check read the batches listing's first page: the walk did not ask again.
+    assert institute.state.by_route[f"{ADMIN}/batches/"] == -(-len(institute.dataset.batches) // 20)
     assert set(await stored(engine, batches)) == set(await server_rows(institute, "batches/"))
     memberships = {
         (user_id, batch["id"])

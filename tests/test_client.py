@@ -217,9 +217,9 @@ async def test_a_student_login_answered_401_on_admin_routes_reads_the_student_ap
     """The source check of a student login, where the server answers 401 rather than the
     documented 403: the student API, after one more login, not a loop of them."""
     async with student_client(sleep, admin_status=401) as (client, server):
-        source, reason = await choose_source(client, "auto")
+        chosen = await choose_source(client, "auto")
         assert (await client.get_json(exams_url(server)))["results"]  # the student API answers
-        assert (source, "HTTP 401" in reason) == ("student", True)
+        assert (chosen.source, "HTTP 401" in chosen.reason, chosen.probe_page) == ("student", True, None)
         assert server.state.logins == 2
 
 

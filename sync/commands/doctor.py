@@ -123,14 +123,14 @@ async def _check_login(client: TestpressClient) -> Check:
 async def _check_source(client: TestpressClient, wanted: str) -> Check:
     """Which API a run would read with this login, and why."""
     try:
-        source, reason = await choose_source(client, wanted)
+        chosen = await choose_source(client, wanted)
     except AuthError as exc:
         return Check("source", False, str(exc), "use an institute staff login, or [testpress] source = auto",
                      failure=AuthError)  # fmt: skip
-    if source == "student":
-        return Check("source", True, f"student API: {reason}; this login sees its own attempts only "
+    if chosen.source == "student":
+        return Check("source", True, f"student API: {chosen.reason}; this login sees its own attempts only "
                      "(an institute staff login syncs every student)")  # fmt: skip
-    return Check("source", True, f"admin API: {reason}; the whole institute is synced")
+    return Check("source", True, f"admin API: {chosen.reason}; the whole institute is synced")
 
 
 async def _check_database(settings: Settings) -> Check:

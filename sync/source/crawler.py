@@ -120,6 +120,7 @@ class Crawler:
         partial: bool = False,
         child_filter: ChildFilter | None = None,
         references: ReferencedItems | None = None,
+        read_already: tuple[str, Any] | None = None,
     ) -> None:
         self._client = client
         self._out = out
@@ -135,6 +136,9 @@ class Crawler:
         self._partial = partial
         self._child_filter = child_filter
         self._references = references
+        # (url, document): a page read before this walk (the source check's), used the
+        # first time the walk asks for that URL instead of asking the server again.
+        self._read_already = read_already
         self.shown_unkeyed = False  # the listing showed items without any id (read_when_referenced)
         # Child listings waiting for a worker. The root listing runs this far ahead of them
         # (a few hundred bytes each): the users listing is read whole early, not held back
@@ -410,7 +414,7 @@ class Crawler:
         is recorded as a Failure and marks the walk failed."""
         walk = _Walk() if ids is None else _Walk(ids=ids)
         try:
-            first = read_page(await self._client.get_json(first_url, route), first_url)
+            first = read_page(await self._first_document(first_url, route), first_url)
         except SkippableError:
             raise
         except ApiError as exc:
@@ -436,6 +440,12 @@ class Crawler:
                 await self._page_failed(outcome)
                 walk.failed = True
         return walk
+
+    async def _first_document(self, url: str, route: str | None) -> Any:
+        if self._read_already is not None and self._read_already[0] == url:
+            document, self._read_already = self._read_already[1], None  # once: a walk again asks again
+            return document
+        return await self._client.get_json(url, route)
 
     async def _follow_next(self, page: Page, handle: PageHandler, walk: _Walk, route: str | None) -> None:
         """A listing without `count`: one page after another, as `next` says."""
