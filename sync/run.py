@@ -38,7 +38,7 @@ from sync.ops.logs import Redactor
 from sync.sink import store
 from sync.sink.faults import in_own_transaction
 from sync.sink.writer import Writer
-from sync.source.access import ADMIN_PROBE, SourceChoice, choose_source
+from sync.source.access import SourceChoice, choose_source
 from sync.source.client import TestpressClient
 from sync.source.crawler import Crawler, ReferencedItems
 
@@ -174,8 +174,7 @@ class _Walks:
             resources["users"], children=(resources["memberships"],), partial=partial, limit=limit,
             child_filter=None if plan.full else known.changed_user(resources["users"]),
         )  # fmt: skip
-        probe = (self.client.url(ADMIN_PROBE), chosen.probe_page) if chosen.probe_page is not None else None
-        batches = self.crawler(resources["batches"], partial=partial, limit=limit, read_already=probe)
+        batches = self.crawler(resources["batches"], partial=partial, limit=limit, read_already=chosen.probe)
         self.main = exams = self.crawler(resources["exams"], partial=partial, limit=limit)
         # An exam the listing did not show (created since, or shown without an id) is read
         # by the id an attempt names it by.
@@ -188,9 +187,12 @@ class _Walks:
                 for crawler in (users, batches):
                     group.create_task(crawler.crawl())
                 await exams.crawl()
+                # Under --limit, the attempts of the sampled exams only: a sample, from which
+                # nothing may be marked deleted.
                 self.attempts = attempts = self.crawler(
-                    resources["attempts"], partial=partial, variants=self._attempt_slices(plan, exams), references=named
-                )
+                    resources["attempts"], partial=partial or limit is not None,
+                    variants=self._attempt_slices(plan, exams), references=named,
+                )  # fmt: skip
                 group.create_task(attempts.crawl())
         if not plan.full and limit is None:
             await self._open_attempts_again(resources["attempts"], known, attempts.present, named)

@@ -310,9 +310,15 @@ async def test_a_run_that_fails_or_samples_does_not_move_the_watermark(
         await sync_with(replace(settings, http=replace(settings.http, max_attempts=1)))
     institute.state.faults.server_error_rate = 0.0
     assert await one_value(engine, select(sync_state.c.watermark)) == first
-    # A --limit run is a sample: it records neither a full walk nor a watermark.
+    # A --limit run is a sample: it records neither a full walk nor a watermark, marks no
+    # attempt of the exams it left out deleted, and says of those exams nothing.
+    async with engine.begin() as connection:
+        await connection.execute(exams.update().values(attempts_status="error"))
     sampled = await sync_with(settings, RunOptions(full=True, limit=2))
-    assert sampled.status == "succeeded"
+    assert (sampled.status, sampled.rows.deleted) == ("succeeded", 0)
+    assert await one_value(engine, select(func.count()).select_from(attempts).where(attempts.c.deleted_at.is_not(None))) == 0
+    statuses = [row["attempts_status"] for row in (await stored(engine, exams)).values()]
+    assert (statuses.count("ok"), statuses.count("error")) == (2, len(statuses) - 2)
     async with engine.connect() as connection:
         assert tuple((await connection.execute(select(sync_state.c.watermark, sync_state.c.last_full_at))).one()) == (first, first)
     # A field stored null costs no row: the run ends partial, and its watermark moves all

@@ -219,7 +219,7 @@ async def test_a_student_login_answered_401_on_admin_routes_reads_the_student_ap
     async with student_client(sleep, admin_status=401) as (client, server):
         chosen = await choose_source(client, "auto")
         assert (await client.get_json(exams_url(server)))["results"]  # the student API answers
-        assert (chosen.source, "HTTP 401" in chosen.reason, chosen.probe_page) == ("student", True, None)
+        assert (chosen.source, "HTTP 401" in chosen.reason, chosen.probe) == ("student", True, None)
         assert server.state.logins == 2
 
 

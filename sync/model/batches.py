@@ -56,6 +56,10 @@ class ResourceDone:
     # Walked in slices on purpose (an incremental run, --exam, --limit): never complete,
     # and nothing is wrong with that.
     sliced: bool = False
+    # A listing of every parent's items (admin attempts) walked for some parents only (by
+    # its parent filter: --limit's exams, a nightly's exams of finished attempts): those
+    # parents. None: not narrowed to parents.
+    parents: frozenset[int] | None = None
 
 
 Message = Batch | Failure | ResourceDone

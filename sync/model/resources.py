@@ -68,10 +68,12 @@ class Resource:
     listing_url_field: str | None = None
     # The column of a row naming its parent, the parent's table, and the column of the
     # parent's row that records how fetching this listing ended. A root listing with a
-    # status column covers every parent at once (admin attempts: every exam's).
+    # status column holds every parent's items (admin attempts: every exam's), unless
+    # walked with `parent_filter`, the listing filter that narrows it to one parent.
     parent_column: str | None = None
     parent_table: str | None = None
     parent_status_column: str | None = None
+    parent_filter: str | None = None
     # Where one item is read by its key (`--exam SLUG`), and the field naming an item in
     # sync_errors.
     detail_path: str | None = None
@@ -213,7 +215,7 @@ def admin_resources(policy: PiiPolicy) -> dict[str, Resource]:
         Resource("attempts", "attempt", "v2.5", "admin/attempts/", "attempts", ATTEMPT_CONTENT_COLUMNS, attempt,
                  fingerprint=policy.fingerprint, keeps_webhook_completions=True, references=("exam_id", "exams"),
                  username_from_users=True, kept_when_unserved=ADMIN_ATTEMPT_UNSERVED,
-                 parent_table="exams", parent_status_column="attempts_status",
+                 parent_table="exams", parent_status_column="attempts_status", parent_filter="exams",
                  personal=lambda payload: policy.payload(payload, ATTEMPT_PERSONAL_KEYS)),
         Resource("memberships", "membership", "v2.5", "admin/users/{parent}/batches/", "user_batches",
                  ("user_id", "batch_id", "expires"), membership, key_column="batch_id", write="link",

@@ -449,16 +449,28 @@ class Writer:
             self._add(await self._in_transaction(mark))
 
     async def _record_root_listing_status(self) -> None:
-        """A listing of every parent's items (admin attempts) read without a failed page:
-        each parent's status says its items were read. After a failure they stay as they
-        were: which parents' items the failed pages held is not known."""
+        """The listings of every parent's items (admin attempts), all read without a failed
+        page: each parent whose items they read is `ok` (every parent, unless each walk was
+        narrowed to some). After a failed page they all stay as they were: which parents'
+        items the failed pages held is not known."""
+        by_resource: dict[str, list[ResourceDone]] = {}
         for listing in self._listings:
-            resource = self._resources[listing.resource]
-            if resource.parent_status_column is None or listing.status != "ok" or not self._write:
+            if self._resources[listing.resource].parent_status_column is not None:
+                by_resource.setdefault(listing.resource, []).append(listing)
+        for name, listings in by_resource.items():
+            if not self._write or any(listing.status != "ok" for listing in listings):
                 continue
+            resource = self._resources[name]
+            read: set[int] | None = set()  # None: every parent
+            for listing in listings:
+                read = None if read is None or listing.parents is None else read | listing.parents
 
-            async def record(connection: AsyncConnection, _tally: _Tally, resource: Resource = resource) -> None:
-                await store.set_status_of_every_parent(connection, resource, "ok")
+            async def record(connection: AsyncConnection, _tally: _Tally, resource: Resource = resource,
+                             read: set[int] | None = read) -> None:  # fmt: skip
+                if read is None:
+                    await store.set_status_of_every_parent(connection, resource, "ok")
+                else:
+                    await store.set_listing_status(connection, resource, dict.fromkeys(read, "ok"))
 
             await self._in_transaction(record)
 

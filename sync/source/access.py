@@ -18,9 +18,9 @@ ADMIN_PROBE = "/api/v2.5/admin/batches/"
 class SourceChoice:
     source: str  # "admin" | "student"
     reason: str
-    # What ADMIN_PROBE answered (None: not asked, or refused): the admin batches
-    # listing's first page, which the run's walk of that listing need not ask for again.
-    probe_page: Any = None
+    # What ADMIN_PROBE answered, and where (None: not asked, or refused): the admin
+    # batches listing's first page, which the run's walk of that listing need not ask for.
+    probe: tuple[str, Any] | None = None
 
 
 async def choose_source(client: TestpressClient, wanted: str) -> SourceChoice:
@@ -28,7 +28,8 @@ async def choose_source(client: TestpressClient, wanted: str) -> SourceChoice:
     if wanted == "student":
         return SourceChoice("student", "[testpress] source is student")
     try:
-        page = await client.get_json(client.url(ADMIN_PROBE))
+        url = client.url(ADMIN_PROBE)
+        page = await client.get_json(url)
     except SkippableError as exc:
         if wanted == "admin":
             raise AuthError(
@@ -38,5 +39,5 @@ async def choose_source(client: TestpressClient, wanted: str) -> SourceChoice:
             ) from None
         return SourceChoice("student", f"the login may not read the admin API (HTTP {exc.status} from {ADMIN_PROBE})")
     if wanted == "admin":
-        return SourceChoice("admin", "[testpress] source is admin", page)
-    return SourceChoice("admin", "the login may read the admin API", page)
+        return SourceChoice("admin", "[testpress] source is admin", (url, page))
+    return SourceChoice("admin", "the login may read the admin API", (url, page))

@@ -125,8 +125,8 @@ class TokenAuth:
             return self._token, self.generation
 
     async def _replace(self) -> None:
-        if self._refused is not None:
-            raise self._refused
+        if self._refused is not None:  # a new error each time: one raised in many tasks collects their tracebacks
+            raise AuthError(str(self._refused), hint=self._refused.hint)
         try:
             token = await self._login()
         except AuthError as refused:

@@ -173,26 +173,37 @@ class Crawler:
         await self._close_child_queue()
         status = "error" if failed else "ok"
         whole = complete and not failed and not self._partial
-        if whole:
-            self._forget_vanished(walks)
+        if whole and len(walks) == 1:
+            # Beside other variants (the student API's exam states), an item a later walk
+            # no longer shows may have moved to a variant walked before (an exam that
+            # started): it stays.
+            self._forget_vanished(walks[0])
         # `present` itself, not a copy: only ReferencedItems adds to it after this (an exam
         # read by id exists: the writer, which reads it once everything is stored, must not
         # mark it deleted).
         # A listing that showed items without an id is never complete, and nothing is
         # wrong with that: said once, when the first such item came.
         sliced = self._partial or self._limit is not None or self.shown_unkeyed
-        await self._out.put(ResourceDone(self._root.name, status, whole, self.present, scope=self._filters, sliced=sliced))
+        await self._out.put(ResourceDone(self._root.name, status, whole, self.present, scope=self._filters,
+                                         sliced=sliced, parents=self._parents_walked()))  # fmt: skip
+
+    def _parents_walked(self) -> frozenset[int] | None:
+        """The parents the walks were narrowed to by the root's parent filter, if every
+        walk was (admin attempts by exam); None otherwise."""
+        key = self._root.parent_filter
+        queries = [{**self._filters, **variant} for variant in self._variants]
+        if key is None or not all(key in query for query in queries):
+            return None
+        return frozenset(int(query[key]) for query in queries)
 
     async def _walk_variant(self, variant: Mapping[str, str]) -> _VariantWalk:
         """One listing, walked again while it shifts."""
         present = self.present  # every id the listings showed: the items handed over
         earlier = IdSet()  # the ids the walks that did not add up showed
-        # Alone, the usual walk (one pass) counts its ids in `present` itself (the page
-        # handler adds every item it hands over to `present`); beside other variants,
-        # each walk keeps its own, to tell which items a consistent walk no longer shows.
-        alone = len(self._variants) == 1
         for number in range(1, self._max_passes + 1):
-            ids = present if alone and not present else IdSet()
+            # The usual walk, one pass of one listing, counts its ids in `present` itself
+            # (the page handler adds every item it hands over to `present`).
+            ids = present if not present else IdSet()
             try:
                 walk = await self._walk(self.listing_url(variant), self._root_page_handler(), self._limit, self._root.name, ids=ids)
             except SkippableError as exc:  # the listing itself refused (after a new login): the other listings go on
@@ -207,20 +218,17 @@ class Crawler:
             log.info("listing_shifted_walking_again", entity=self._root.entity, walk=number, **variant)
         return _VariantWalk(complete=False, failed=False)
 
-    def _forget_vanished(self, walks: Sequence[_VariantWalk]) -> None:
-        """Once every listing was walked consistently, the items that only a walk that
-        did not add up showed are gone upstream (deleted while the pages were read): out
-        of `present`, so that they are marked deleted like any other."""
-        vanished = [
-            ident
-            for walked in walks
-            for ident in walked.earlier
-            if not any(ident in other.shown for other in walks)
-        ]
+    def _forget_vanished(self, walked: _VariantWalk) -> None:
+        """Once the listing was walked consistently, the items that only a walk that did
+        not add up showed are gone upstream (deleted while the pages were read): out of
+        `present`, so that they are marked deleted like any other. (A consistent walk is
+        one whose count held and whose distinct ids match it; the same check a walk that
+        never shifted passes.)"""
+        vanished = [ident for ident in walked.earlier if ident not in walked.shown]
         for ident in vanished:
             self.present.discard(ident)
         if vanished:
-            log.info("listing_items_vanished", entity=self._root.entity, count=len(vanished),
+            log.info("listing_items_vanished", entity=self._root.entity, count=len(vanished), ids=vanished[:20],
                      hint="shown by an earlier walk of the listing, not by the one that added up: marked deleted")  # fmt: skip
 
     async def _fetch_named_items(self) -> None:
