@@ -371,7 +371,8 @@ async def mark_missing_deleted(
 _KEYS_AT_ONCE = 20_000
 
 
-_USER_PERSONAL_COLUMNS = ("email", "phone", "city", "state", "birth_date", "custom_fields")
+# The users columns that hold personal data: those named like a personal key of the payload.
+_USER_PERSONAL_COLUMNS = tuple(column.name for column in users.c if column.name in PERSONAL_KEYS)
 
 
 async def drop_personal_data_of_deleted_rows(connection: AsyncConnection) -> int:
@@ -620,30 +621,31 @@ async def replace_attempt_details(
 async def set_listing_status(connection: AsyncConnection, resource: Resource, statuses: Mapping[int, str]) -> None:
     """How fetching each parent's listing of `resource` ended, on the parent's row (for
     attempts: exams.attempts_status); rows already holding the status are untouched."""
-    assert resource.parent_table is not None and resource.parent_status_column is not None
-    table, column = resource.parent_table, resource.parent_status_column
     by_status: dict[str, list[int]] = {}
     for parent_id, status in statuses.items():
         by_status.setdefault(status, []).append(parent_id)
-    dialect = dialect_of(connection)
     for status, parent_ids in by_status.items():
         for chunk in _chunks(parent_ids):
-            first, *ids, last = dialect.placeholders(len(chunk) + 2)
-            sql = (
-                f"UPDATE {table} SET {column} = {first} WHERE id IN ({', '.join(ids)}) "
-                f"AND ({column} IS NULL OR {column} <> {last})"
-            )
-            await dialect.run(connection, "execute", sql, (status, *chunk, status))
+            await _set_parent_status(connection, resource, status, chunk)
 
 
 async def set_status_of_every_parent(connection: AsyncConnection, resource: Resource, status: str) -> None:
-    """How fetching a listing that covers every parent at once ended, on every parent's
-    row (the admin attempt listing: each exam's attempts_status)."""
+    """How fetching a listing that holds every parent's items ended (the admin attempt
+    listing: every exam's attempts_status)."""
+    await _set_parent_status(connection, resource, status, None)
+
+
+async def _set_parent_status(
+    connection: AsyncConnection, resource: Resource, status: str, parent_ids: Sequence[int] | None
+) -> None:
+    """`status` on the parents among `parent_ids` (None: every parent) that do not hold it."""
     assert resource.parent_table is not None and resource.parent_status_column is not None
     table, column = resource.parent_table, resource.parent_status_column
-    first, second = dialect_of(connection).placeholders(2)
-    sql = f"UPDATE {table} SET {column} = {first} WHERE {column} IS NULL OR {column} <> {second}"
-    await dialect_of(connection).run(connection, "execute", sql, (status, status))
+    dialect = dialect_of(connection)
+    first, *ids, last = dialect.placeholders(len(parent_ids or ()) + 2)
+    among = f"id IN ({', '.join(ids)}) AND " if parent_ids is not None else ""
+    sql = f"UPDATE {table} SET {column} = {first} WHERE {among}({column} IS NULL OR {column} <> {last})"
+    await dialect.run(connection, "execute", sql, (status, *(parent_ids or ()), status))
 
 
 # --- runs, progress, errors --------------------------------------------------------------

@@ -461,12 +461,11 @@ class Writer:
             if not self._write or any(listing.status != "ok" for listing in listings):
                 continue
             resource = self._resources[name]
-            read: set[int] | None = set()  # None: every parent
-            for listing in listings:
-                read = None if read is None or listing.parents is None else read | listing.parents
+            narrowed = [listing.parents for listing in listings if listing.parents is not None]
+            read = frozenset[int]().union(*narrowed) if len(narrowed) == len(listings) else None  # None: every parent
 
             async def record(connection: AsyncConnection, _tally: _Tally, resource: Resource = resource,
-                             read: set[int] | None = read) -> None:  # fmt: skip
+                             read: frozenset[int] | None = read) -> None:  # fmt: skip
                 if read is None:
                     await store.set_status_of_every_parent(connection, resource, "ok")
                 else:
